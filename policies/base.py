@@ -1,0 +1,185 @@
+"""The Policy interface: what a controller sees and what it answers.
+
+A policy is pure decision logic (sans-IO): it receives an `Observation` and returns a `Decision` (or
+`None`). It never sleeps, reads sockets, or touches SimPy or asyncio; the same policy object runs in
+virtual time (SimPy link) and in real time (aiohttp link).
+
+The execution model that observations describe (the engine in `streamer/` implements it):
+
+* A context is split into chunks ``0..n-1``. Each chunk has a `ChunkMenu`: for every codec level its
+  encoded size, GPU decode time and quality loss, plus the time to recompute the chunk's KV from text.
+* Three resources work concurrently:
+    - the **link** transfers loaded chunks (one request per chunk, in decision order);
+    - the **decoder** decodes a transferred chunk (FIFO), so the transfer of chunk ``j`` overlaps the
+      decoding of the chunk before it;
+    - the **compute** unit recomputes text chunks (FIFO). Recomputing chunk ``i`` needs the KV of every
+      chunk before it, so it starts only once chunks ``0..i-1`` are ready (loaded and decoded, or
+      recomputed). Loaded chunks need nothing before them.
+* A chunk is *ready* when its KV is on the GPU. The session's time to first token (TTFT) is the time when
+  every chunk is ready, plus the (policy-independent) prefill of the query.
+* The engine asks the policy for a decision whenever some chunk is still undecided and the link or the
+  compute unit is idle with an empty queue. A decision assigns one undecided chunk (any of them: a
+  Cake-style policy loads from the back and computes from the front) either a codec level, which queues it
+  on the link, or `TEXT`, which queues it on compute. Returning ``None`` leaves the resources as they are
+  until the next event (a transfer, decode or recompute finishing).
+
+A policy author subclasses `Policy`, implements `decide`, and registers it with
+`policies.registry.register` (or a ``kvcast.policies`` entry point in a third-party package).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Sequence
+
+TEXT = "text"
+"""Action name: recompute the chunk's KV from its text on the compute unit."""
+
+
+@dataclass(frozen=True, slots=True)
+class LevelOption:
+    """One way to load a chunk: a codec level and what it costs."""
+
+    level: str
+    """Codec level name, for example ``"cachegen-2"`` or ``"raw"``."""
+    nbytes: int
+    """Encoded size of this chunk at this level, all side information included."""
+    decode_s: float
+    """GPU time to decode this chunk at this level."""
+    quality_loss: float
+    """Quality loss of this level (lower is better; 0 for lossless). The profile says which metric."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkMenu:
+    """Everything a policy may do with one chunk."""
+
+    index: int
+    start_token: int
+    tokens: int
+    levels: tuple[LevelOption, ...]
+    """Loading options, best quality first (the order of `codec.levels()`)."""
+    recompute_s: float
+    """Time to recompute this chunk from text, given the chunks before it are ready (grows with position)."""
+
+    def option(self, level: str) -> LevelOption:
+        """The menu row of `level`; KeyError if this chunk has no such level."""
+        for opt in self.levels:
+            if opt.level == level:
+                return opt
+        raise KeyError(f"chunk {self.index} has no level {level!r}; it has {[o.level for o in self.levels]}")
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """What a policy learns when a session starts (`Policy.reset`)."""
+
+    menus: tuple[ChunkMenu, ...]
+    slo_s: float
+    """Target time to first token, seconds from the session start."""
+    rtt_s: float = 0.0
+    """Round-trip time per request, as configured for the link (a policy may also learn it from samples)."""
+    prior_throughput_bps: float | None = None
+    """Historical throughput estimate (bits/s) for the first decision, if the deployment has one."""
+    future_bandwidth_bps: Callable[[float], float] | None = None
+    """Oracle only: bandwidth (bits/s) of the link at session time t. ``None`` unless the policy sets
+    ``needs_future = True`` and the link can tell the future (the simulator can, a real network cannot)."""
+    future_transfer_end_s: Callable[[float, int], float] | None = None
+    """Oracle only: time at which a transfer of ``nbytes`` started alone at time ``t`` completes."""
+
+
+@dataclass(frozen=True, slots=True)
+class ThroughputSample:
+    """One completed transfer, as measured by the engine."""
+
+    chunk: int
+    nbytes: int
+    start_s: float
+    end_s: float
+
+    @property
+    def throughput_bps(self) -> float:
+        """Goodput of this transfer in bits/s (RTT included in the duration, as a client measures it)."""
+        return self.nbytes * 8.0 / max(self.end_s - self.start_s, 1e-12)
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """The engine's state when it asks for a decision. Times are seconds since the session start."""
+
+    now_s: float
+    session: Session
+    pending: tuple[int, ...]
+    """Undecided chunks, ascending."""
+    actions: tuple[str | None, ...]
+    """Per chunk: the action already decided (a level name or `TEXT`), or ``None`` if undecided."""
+    ready: tuple[bool, ...]
+    """Per chunk: is its KV on the GPU already?"""
+    link_idle: bool
+    """True when the link has nothing to transfer (the engine would start a transfer now)."""
+    compute_idle: bool
+    """True when the compute unit has nothing queued or running."""
+    link_busy_until_s: float
+    """Engine's estimate of when queued transfers end (``now_s`` when idle), from the last throughput."""
+    decoder_free_at_s: float
+    """When the decoder finishes the work queued on it (known exactly: decode times are on the menu)."""
+    compute_free_at_s: float
+    """When the compute unit finishes the text chunks queued on it, if their prefixes are ready in time."""
+    samples: tuple[ThroughputSample, ...] = field(default=())
+    """Completed transfers of this session, oldest first."""
+
+    @property
+    def menus(self) -> tuple[ChunkMenu, ...]:
+        return self.session.menus
+
+    @property
+    def slo_s(self) -> float:
+        return self.session.slo_s
+
+    @property
+    def remaining_s(self) -> float:
+        """Time left before the SLO (negative once it is missed)."""
+        return self.session.slo_s - self.now_s
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Assign one undecided chunk an action: a codec level (load it) or `TEXT` (recompute it)."""
+
+    chunk: int
+    action: str
+
+
+class Policy(abc.ABC):
+    """Base class of every controller. Subclass it, implement `decide`, and register a name.
+
+    Life cycle, one object per session (like Gymnasium's ``reset``/``step``): the engine calls
+    ``reset(session)`` once, then ``decide(obs)`` at every decision point until all chunks are decided.
+    """
+
+    name: ClassVar[str] = ""
+    needs_future: ClassVar[bool] = False
+    """True for oracles: the simulator then fills `Session.future_*`; real links refuse such policies."""
+
+    def reset(self, session: Session) -> None:
+        """Start a new session. The default keeps the session as ``self.session``."""
+        self.session = session
+
+    @abc.abstractmethod
+    def decide(self, obs: Observation) -> Decision | None:
+        """Return a decision for one pending chunk, or ``None`` to wait for the next event."""
+
+
+def validate_decision(obs: Observation, decision: Decision) -> None:
+    """Raise ValueError if `decision` is not allowed in `obs` (used by the engine on every decision)."""
+    if decision.chunk not in obs.pending:
+        raise ValueError(f"decision for chunk {decision.chunk}, which is not pending (pending: {obs.pending})")
+    if decision.action != TEXT:
+        obs.menus[decision.chunk].option(decision.action)  # KeyError -> bad level
+    return None
+
+
+def level_names(menus: Sequence[ChunkMenu]) -> tuple[str, ...]:
+    """Level names of the first chunk's menu, best quality first."""
+    return tuple(o.level for o in menus[0].levels) if menus else ()
