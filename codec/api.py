@@ -1,0 +1,339 @@
+"""KV cache <-> bitstream: the codec's pipeline (layout, quantizer, transform, coder) driven by level specs.
+
+KV layout everywhere: a list with one ``(key, value)`` pair per layer, each a tensor
+``[1, kv_heads, tokens, head_dim]`` as transformers holds them (fp16, bf16 or fp32).
+
+Header fields (JSON, see `codec.container` for the binary layout)::
+
+    codec      "kvcast"
+    level      the full LevelSpec of the level used (the decoder reads it, not its own tables)
+    model      fingerprint: name, layers, kv_heads, head_dim, dtype, rope (or null)
+    tokens     {"start": first token position, "count": tokens}
+    dtype      the input dtype, restored by decode() unless told otherwise
+    bins       {"key": [bins per layer], "value": [...]} (quantized levels)
+    streams    {"count", "tokens_per_stream", "channels_per_stream", "order"} (entropy-coded levels)
+    sections   the body's sections (container)
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from codec.container import Section, Unpacked, pack, unpack
+from codec.entropy import CoderPool
+from codec.pipeline import dequantize_absmax, pack_parts, quantize_absmax, unpack_parts
+from codec.errors import CodecError
+from codec.levels import LevelRegistry, LevelSpec
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+from codec.pipeline import FP16_MAX as _FP16_MAX  # noqa: E402
+STREAM_ORDER = "kv,layer,token_block,channel_group"
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What a KV object must match to be used with a model."""
+
+    name: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    rope: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelFingerprint":
+        try:
+            return cls(name=str(d["name"]), layers=int(d["layers"]), kv_heads=int(d["kv_heads"]),
+                       head_dim=int(d["head_dim"]), dtype=str(d["dtype"]), rope=d.get("rope"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CodecError(f"malformed model fingerprint in header: {exc}") from None
+
+    def same_shape(self, other: "ModelFingerprint") -> bool:
+        return (self.layers, self.kv_heads, self.head_dim) == (other.layers, other.kv_heads, other.head_dim)
+
+
+# ----------------------------------------------------------------------------------------------- layout
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    for name, dt in _DTYPES.items():
+        if dt == dtype:
+            return name
+    raise CodecError(f"unsupported KV dtype {dtype}; use float16, bfloat16 or float32")
+
+
+def check_kv(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, int, int, int, str]:
+    """Check the structure of `kv`; return (layers, kv_heads, tokens, head_dim, dtype name)."""
+    if not isinstance(kv, (list, tuple)) or not kv:
+        raise CodecError("kv must be a non-empty list of (key, value) pairs, one per layer")
+    shape = dtype = None
+    for i, pair in enumerate(kv):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise CodecError(f"layer {i}: expected a (key, value) pair")
+        for name, t in zip(("key", "value"), pair):
+            if not isinstance(t, torch.Tensor):
+                raise CodecError(f"layer {i} {name}: expected a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 4 or t.shape[0] != 1:
+                raise CodecError(f"layer {i} {name}: shape {tuple(t.shape)}, expected [1, kv_heads, tokens, head_dim]")
+            shape = shape or tuple(t.shape)
+            dtype = dtype or t.dtype
+            if tuple(t.shape) != shape:
+                raise CodecError(f"layer {i} {name}: shape {tuple(t.shape)} differs from layer 0's {shape}")
+            if t.dtype != dtype:
+                raise CodecError(f"layer {i} {name}: dtype {t.dtype} differs from {dtype}")
+    name = _dtype_name(dtype)
+    if shape[2] < 1 or shape[1] < 1 or shape[3] < 1:
+        raise CodecError(f"empty KV tensors of shape {shape}")
+    return len(kv), shape[1], shape[2], shape[3], name
+
+
+def stack_kv(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, str]:
+    """Check `kv` and stack it to float32 ``[2, layers, tokens, kv_heads * head_dim]`` (K first)."""
+    name = check_kv(kv)[4]
+    rows = [torch.stack([k[0], v[0]]) for k, v in kv]
+    x = torch.stack(rows, dim=1).to(device="cpu", dtype=torch.float32)  # [2, L, H, T, D]
+    if not torch.isfinite(x).all():
+        raise CodecError("KV contains NaN or infinite values")
+    two, layers, heads, tokens, dim = x.shape
+    return x.permute(0, 1, 3, 2, 4).reshape(2, layers, tokens, heads * dim).contiguous(), name
+
+
+def unstack_kv(x: torch.Tensor, heads: int, dtype: torch.dtype, device: str | torch.device) -> KV:
+    """Inverse of `stack_kv`: ``[2, L, T, H*D]`` -> list of ``([1,H,T,D], [1,H,T,D])``."""
+    two, layers, tokens, channels = x.shape
+    y = x.reshape(2, layers, tokens, heads, channels // heads).permute(0, 1, 3, 2, 4).to(dtype)
+    y = y.to(device)
+    return [(y[0, i].unsqueeze(0).contiguous(), y[1, i].unsqueeze(0).contiguous()) for i in range(layers)]
+
+
+# ------------------------------------------------------------------------------------------------ codec
+
+
+class Codec:
+    """Encodes and decodes KV caches with the levels of a registry, coding streams on a `CoderPool`."""
+
+    def __init__(self, registry: LevelRegistry | None = None, pool: CoderPool | None = None) -> None:
+        self.registry = registry or LevelRegistry.default()
+        self.pool = pool or CoderPool()
+
+    def levels(self) -> list[str]:
+        return self.registry.names()
+
+    def describe(self, level: str) -> dict[str, Any]:
+        return self.registry.get(level).to_dict()
+
+    # -- encode --------------------------------------------------------------------------------------
+
+    def encode(self, kv: Sequence[tuple[torch.Tensor, torch.Tensor]], level: str | LevelSpec, *,
+               model: ModelFingerprint | None = None, token_start: int = 0) -> bytes:
+        """Encode `kv` at `level` into one self-describing object."""
+        spec = level if isinstance(level, LevelSpec) else self.registry.get(level)
+        layers, heads, tokens, head_dim, dtype_name = check_kv(kv)
+        if model is None:
+            model = ModelFingerprint(name="", layers=layers, kv_heads=heads, head_dim=head_dim, dtype=dtype_name)
+        elif (model.layers, model.kv_heads, model.head_dim) != (layers, heads, head_dim):
+            raise CodecError(f"KV shape (layers={layers}, kv_heads={heads}, head_dim={head_dim}) does not match "
+                             f"model {model.name!r} ({model.layers}, {model.kv_heads}, {model.head_dim})")
+        if not isinstance(token_start, int) or token_start < 0:
+            raise CodecError(f"token_start must be a non-negative int, got {token_start!r}")
+        header: dict[str, Any] = {"codec": "kvcast", "level": spec.to_dict(), "model": model.to_dict(),
+                                  "tokens": {"start": token_start, "count": tokens}, "dtype": dtype_name}
+        if spec.quantizer == "fp16":
+            x, _ = stack_kv(kv)
+            if (x.abs() > _FP16_MAX).any():
+                raise CodecError("KV values exceed the fp16 range; level 'raw' stores fp16")
+            values = x.reshape(2, layers, tokens, heads, head_dim).permute(0, 1, 3, 2, 4).to(torch.float16)
+            return pack(header, [Section("values", values.contiguous().numpy(), role="payload")])
+        kbins, vbins = spec.bins_per_layer(layers)
+        header["bins"] = {"key": list(kbins), "value": list(vbins)}
+        half = torch.tensor([kbins, vbins], dtype=torch.float32).div(2).sub(1).view(2, layers, 1, 1)
+        if spec.coder == "none":
+            q, s16 = quantize_absmax(stack_kv(kv)[0], half)
+            payload = (q - half.to(torch.int16)).to(torch.int8)
+            return pack(header, [Section("scales", s16.numpy()), Section("values", payload.numpy(), "payload")])
+        return self._encode_coded(kv, spec, header, (kbins, vbins), tokens, heads * head_dim)
+
+    def _group_params(self, spec: LevelSpec, bins: tuple[Sequence[int], Sequence[int]]):
+        common = {"delta_group": spec.delta_group, "anchor_bins": spec.anchor_bins,
+                  "tokens_per_stream": spec.tokens_per_stream, "channels_per_stream": spec.channels_per_stream}
+        for kv in range(2):
+            slots = max(bins[kv])  # CacheGen: Lp = B_max + 1 for every layer of K (resp. V)
+            for layer, b in enumerate(bins[kv]):
+                yield kv, layer, dict(common, bins=b, slots=slots)
+
+    def _encode_coded(self, kv, spec: LevelSpec, header: dict[str, Any], bins, tokens: int, channels: int) -> bytes:
+        calls = []
+        for i, layer, params in self._group_params(spec, bins):
+            parts_meta, blob = pack_parts({"x": kv[layer][i][0]})
+            calls.append(({"op": "encode_layer", "parts": parts_meta, "params": params}, blob))
+        results = self.pool.run(calls, total_symbols=2 * len(kv) * tokens * channels)
+        layers = len(kv)
+        scales, cdfs, anchors, streams = [], ([], []), [], []
+        for (reply, data), (i, _, _) in zip(results, self._group_params(spec, bins)):
+            parts = unpack_parts(reply["parts"], data)
+            scales.append(parts["scales"])
+            cdfs[i].append(parts["cdf"])
+            if spec.delta_group:
+                anchors.append(parts["anchors"])
+            pos = 0
+            for n in reply["lengths"]:
+                streams.append(parts["streams"][pos:pos + n])
+                pos += n
+        header["streams"] = {"count": len(streams), "tokens_per_stream": spec.tokens_per_stream,
+                             "channels_per_stream": spec.channels_per_stream, "order": STREAM_ORDER}
+        sections = [Section("scales", torch.stack(scales).view(2, layers, tokens).numpy()),
+                    Section("cdf_key", np.stack(cdfs[0])), Section("cdf_value", np.stack(cdfs[1])),
+                    Section("stream_lengths", np.array([len(s) for s in streams], dtype=np.uint32))]
+        if spec.delta_group:
+            sections.append(Section("anchors", np.stack(anchors).reshape(2, layers, *anchors[0].shape), "payload"))
+        sections.append(Section("streams", b"".join(streams), role="payload"))
+        return pack(header, sections)
+
+    # -- decode --------------------------------------------------------------------------------------
+
+    def decode(self, data: bytes | memoryview, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               *, expect_model: ModelFingerprint | None = None) -> KV:
+        """Decode an object to a KV list; `CodecError` for anything corrupt, truncated or mismatched."""
+        obj = unpack(data)
+        h = obj.header
+        spec, model, tokens = _header_basics(h)
+        if expect_model is not None and not expect_model.same_shape(model):
+            raise CodecError(f"object is for model shape {model} but {expect_model} was expected")
+        if expect_model is not None and expect_model.rope and model.rope and expect_model.rope != model.rope:
+            raise CodecError(f"object's RoPE parameters {model.rope} differ from the model's {expect_model.rope}")
+        out_dtype = dtype or _DTYPES.get(h.get("dtype"), None)
+        if out_dtype is None:
+            raise CodecError(f"unknown dtype {h.get('dtype')!r} in header")
+        layers, heads, dim = model.layers, model.kv_heads, model.head_dim
+        channels = heads * dim
+        sec = obj.sections
+        if spec.quantizer == "fp16":
+            values = _section(sec, "values", "float16", (2, layers, heads, tokens, dim))
+            x = torch.from_numpy(values.copy()).permute(0, 1, 3, 2, 4).reshape(2, layers, tokens, channels)
+            return unstack_kv(x.to(torch.float32), heads, out_dtype, device)
+        kbins, vbins = _header_bins(h, spec, layers)
+        half = torch.tensor([kbins, vbins], dtype=torch.float32).div(2).sub(1).view(2, layers, 1, 1)
+        scales = torch.from_numpy(_section(sec, "scales", "float16", (2, layers, tokens)).copy())
+        if spec.coder == "none":
+            vals = torch.from_numpy(_section(sec, "values", "int8", (2, layers, tokens, channels)).copy())
+            x = dequantize_absmax(vals.to(torch.int16) + half.to(torch.int16), scales, half)
+            return unstack_kv(x, heads, out_dtype, device)
+        return self._decode_coded(h, sec, spec, (kbins, vbins), model, tokens, scales, out_dtype, device)
+
+    def _decode_coded(self, h, sec, spec: LevelSpec, bins, model: ModelFingerprint, tokens: int,
+                      scales: torch.Tensor, out_dtype: torch.dtype, device) -> KV:
+        layers, heads, dim = model.layers, model.kv_heads, model.head_dim
+        channels = heads * dim
+        st = h.get("streams")
+        if not isinstance(st, dict):
+            raise CodecError("header lacks the 'streams' table of an entropy-coded level")
+        if (st.get("tokens_per_stream"), st.get("channels_per_stream")) != (spec.tokens_per_stream,
+                                                                           spec.channels_per_stream):
+            raise CodecError("stream geometry in header disagrees with the level spec")
+        n_anchor = -(-tokens // spec.delta_group) if spec.delta_group else 0
+        coded_tokens = tokens - n_anchor
+        blocks = -(-tokens // spec.tokens_per_stream)
+        per_group = blocks * -(-channels // spec.channels_per_stream)
+        n_streams = 2 * layers * per_group
+        if st.get("count") != n_streams:
+            raise CodecError(f"header announces {st.get('count')} streams, the geometry needs {n_streams}")
+        lengths = _section(sec, "stream_lengths", "uint32", (n_streams,)).astype(np.int64)
+        payload = sec.get("streams")
+        if not isinstance(payload, memoryview):
+            raise CodecError("missing section 'streams'")
+        if int(lengths.sum()) != len(payload):
+            raise CodecError(f"stream lengths sum to {int(lengths.sum())} bytes, the payload has {len(payload)}")
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        cdfs = [_section(sec, name, "int16", (layers, channels, max(bins[i]) + 1))
+                for i, name in enumerate(("cdf_key", "cdf_value"))]
+        anchors = (_section(sec, "anchors", "int8", (2, layers, n_anchor, channels)) if spec.delta_group else None)
+        dtype_name = str(out_dtype).removeprefix("torch.")
+        calls = []
+        for g, (i, layer, params) in enumerate(self._group_params(spec, bins)):
+            lo, hi = offsets[g * per_group], offsets[(g + 1) * per_group]
+            parts = {"scales": scales[i, layer], "cdf": cdfs[i][layer], "streams": payload[lo:hi]}
+            if anchors is not None:
+                parts["anchors"] = anchors[i, layer]
+            parts_meta, blob = pack_parts(parts)
+            params = dict(params, heads=heads, tokens=tokens, head_dim=dim, out_dtype=dtype_name)
+            calls.append(({"op": "decode_layer", "parts": parts_meta, "params": params,
+                           "lengths": [int(n) for n in lengths[g * per_group:(g + 1) * per_group]]}, blob))
+        results = self.pool.run(calls, total_symbols=2 * layers * coded_tokens * channels)
+        ys = [unpack_parts(reply["parts"], data)["y"] for reply, data in results]
+        return [(ys[layer].unsqueeze(0).to(device), ys[layers + layer].unsqueeze(0).to(device))
+                for layer in range(layers)]
+
+    # -- inspect -------------------------------------------------------------------------------------
+
+    def inspect(self, data: bytes | memoryview) -> dict[str, Any]:
+        """The object's header (checked), plus sizes by role, value count and bits per value."""
+        obj = unpack(data)
+        spec, model, tokens = _header_basics(obj.header)
+        return inspect_unpacked(obj, model, tokens)
+
+
+def inspect_unpacked(obj: Unpacked, model: ModelFingerprint, tokens: int) -> dict[str, Any]:
+    values = 2 * model.layers * model.kv_heads * model.head_dim * tokens
+    info = {k: v for k, v in obj.header.items()}
+    info["sizes"] = {"header": obj.header_bytes, "side": obj.side_bytes, "payload": obj.payload_bytes,
+                     "total": obj.total_bytes}
+    info["values"] = values
+    info["bits_per_value"] = 8 * obj.total_bytes / values
+    info["bits_per_value_payload"] = 8 * obj.payload_bytes / values
+    return info
+
+
+def _header_basics(h: dict[str, Any]) -> tuple[LevelSpec, ModelFingerprint, int]:
+    if h.get("codec") != "kvcast":
+        raise CodecError(f"header codec is {h.get('codec')!r}, not 'kvcast'")
+    if not isinstance(h.get("level"), dict):
+        raise CodecError("header lacks the level spec")
+    spec = LevelSpec.from_dict(h["level"])
+    if not isinstance(h.get("model"), dict):
+        raise CodecError("header lacks the model fingerprint")
+    model = ModelFingerprint.from_dict(h["model"])
+    try:
+        tokens = int(h["tokens"]["count"])
+        start = int(h["tokens"]["start"])
+    except (KeyError, TypeError, ValueError):
+        raise CodecError("header lacks a valid token range") from None
+    if min(model.layers, model.kv_heads, model.head_dim, tokens) < 1 or start < 0:
+        raise CodecError(f"header has impossible sizes: {model}, tokens={tokens}, start={start}")
+    return spec, model, tokens
+
+
+def _header_bins(h: dict[str, Any], spec: LevelSpec, layers: int) -> tuple[list[int], list[int]]:
+    bins = h.get("bins")
+    try:
+        kb, vb = [int(b) for b in bins["key"]], [int(b) for b in bins["value"]]
+    except (KeyError, TypeError, ValueError):
+        raise CodecError("header lacks valid per-layer bins") from None
+    if len(kb) != layers or len(vb) != layers or any(not (4 <= b <= 256) or b % 2 for b in kb + vb):
+        raise CodecError(f"per-layer bins in header are invalid for {layers} layers")
+    if (tuple(kb), tuple(vb)) != spec.bins_per_layer(layers):
+        raise CodecError("per-layer bins in header disagree with the level spec")
+    return kb, vb
+
+
+def _section(sec: dict[str, Any], name: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    arr = sec.get(name)
+    if not isinstance(arr, np.ndarray) or arr.dtype.name != dtype or tuple(arr.shape) != tuple(shape):
+        got = "missing" if arr is None else f"{getattr(arr, 'dtype', 'bytes')} {getattr(arr, 'shape', '')}"
+        raise CodecError(f"section {name!r}: expected {dtype} {list(shape)}, found {got}")
+    return arr
+
+
+@functools.cache
+def default_codec() -> Codec:
+    """The process-wide codec behind `codec.encode`/`decode` (built-in levels, one coder process per core)."""
+    return Codec()

@@ -1,0 +1,183 @@
+"""Encoding levels: each level is data (a `LevelSpec`) that the codec's pipeline interprets.
+
+A spec names a quantizer, its bit allocation per layer group, an optional anchor/delta transform and an
+entropy coder. Adding a level is adding one `LevelSpec` to a `LevelRegistry` (see `builtin_levels`).
+
+Bins per layer are given as groups over the model's depth, as fractions of a reference depth, so a table
+tuned for one depth maps proportionally to any other: a group ``(end, bins)`` covers the layers
+``l < round(end * layers)`` not covered by an earlier group. CacheGen's tables are given for Mistral-7B's 32
+layers (`../shared/reference/codec.md` §2.3); their boundaries are stored as ``n/32``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+from codec.errors import CodecError
+
+QUANTIZERS = ("fp16", "absmax_token")
+CODERS = ("none", "torchac")
+
+
+@dataclass(frozen=True)
+class LevelSpec:
+    """A codec level, fully described by data; stored whole in every object's header."""
+
+    name: str
+    quantizer: str
+    """``fp16``: values stored as IEEE half floats (lossless for fp16 input).
+    ``absmax_token``: CacheGen's symmetric uniform quantizer, one absmax scale per (K/V, layer, token) over
+    all channels of all heads, ``b`` bins -> ``b - 1`` symbols ``round(x * M / s + M)``, ``M = b/2 - 1``."""
+    coder: str = "none"
+    """``none``: fixed width (fp16, or int8 for 256 bins); ``torchac``: range coding with CDFs."""
+    key_bins: tuple[tuple[float, int], ...] = ()
+    """(end fraction of depth, bins) groups for keys."""
+    value_bins: tuple[tuple[float, int], ...] = ()
+    """(end fraction of depth, bins) groups for values."""
+    delta_group: int = 0
+    """0: no transform. n > 0: groups of n tokens; the first (anchor) token of a group is quantized on its own
+    with `anchor_bins` at fixed width, the others store their delta to the anchor's reconstruction, quantized
+    with the layer's bins and entropy-coded (CacheGen paper, §5.2)."""
+    anchor_bins: int = 256
+    tokens_per_stream: int = 256
+    """Independent streams restart every this many tokens (CacheGen's GPU coder uses 256)."""
+    channels_per_stream: int = 64
+    """Channels per stream (64 = one SmolLM2 head); a stream is (K/V, layer, channel group, token block)."""
+    cdf: str = "per_object"
+    """Where the CDFs come from: ``per_object`` = estimated from the object's symbols and shipped in it."""
+    description: str = ""
+    family: str = "kvcast"
+    """``baseline``, ``cachegen-code`` (faithful to CacheGen's public code), ``cachegen-paper``, ``kvcast``."""
+    error_bound: str = ""
+
+    def __post_init__(self) -> None:
+        if self.quantizer not in QUANTIZERS:
+            raise CodecError(f"level {self.name!r}: unknown quantizer {self.quantizer!r} (known: {QUANTIZERS})")
+        if self.coder not in CODERS:
+            raise CodecError(f"level {self.name!r}: unknown coder {self.coder!r} (known: {CODERS})")
+        if self.quantizer == "absmax_token":
+            if not self.key_bins or not self.value_bins:
+                raise CodecError(f"level {self.name!r}: absmax_token needs key_bins and value_bins")
+            for end, bins in (*self.key_bins, *self.value_bins):
+                if not (0 < end <= 1.0) or not (4 <= bins <= 256) or bins % 2:
+                    raise CodecError(f"level {self.name!r}: bad bin group ({end}, {bins})")
+            if self.key_bins[-1][0] != 1.0 or self.value_bins[-1][0] != 1.0:
+                raise CodecError(f"level {self.name!r}: the last bin group must end at 1.0")
+            if self.coder == "none" and any(b != 256 for _, b in (*self.key_bins, *self.value_bins)):
+                raise CodecError(f"level {self.name!r}: fixed-width coding supports 256 bins only")
+        if self.delta_group < 0 or (self.delta_group and self.coder != "torchac"):
+            raise CodecError(f"level {self.name!r}: delta coding needs the torchac coder")
+        if self.tokens_per_stream < 1 or self.channels_per_stream < 1:
+            raise CodecError(f"level {self.name!r}: stream sizes must be positive")
+
+    def bins_per_layer(self, layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Resolve the bin groups to one bin count per layer, for keys and for values."""
+        return _resolve(self.key_bins, layers), _resolve(self.value_bins, layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["key_bins"] = [list(g) for g in self.key_bins]
+        d["value_bins"] = [list(g) for g in self.value_bins]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LevelSpec":
+        try:
+            kw = dict(d)
+            kw["key_bins"] = tuple((float(e), int(b)) for e, b in kw.get("key_bins", ()))
+            kw["value_bins"] = tuple((float(e), int(b)) for e, b in kw.get("value_bins", ()))
+            return cls(**kw)
+        except CodecError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise CodecError(f"bad level spec in header: {exc}") from None
+
+
+def _resolve(groups: tuple[tuple[float, int], ...], layers: int) -> tuple[int, ...]:
+    out: list[int] = []
+    for end, bins in groups:
+        stop = layers if end >= 1.0 else min(layers, int(round(end * layers)))
+        out.extend([bins] * max(0, stop - len(out)))
+    return tuple(out[:layers])
+
+
+def _cg(*pairs: tuple[int, int]) -> tuple[tuple[float, int], ...]:
+    """CacheGen bin groups given as (end layer of 32, bins)."""
+    return tuple((end / 32, bins) for end, bins in pairs)
+
+
+# CacheGen's three levels (codec.md §2.3), Mistral-7B boundaries: K layers 0-9 / 10-19 / 20-31, V 0-1 / 2-31.
+_CACHEGEN_TABLES = {
+    3: (_cg((10, 32), (20, 32), (32, 32)), _cg((2, 32), (32, 32))),
+    2: (_cg((10, 32), (20, 16), (32, 16)), _cg((2, 32), (32, 16))),
+    1: (_cg((10, 16), (20, 16), (32, 12)), _cg((2, 16), (32, 12))),
+}
+
+_ABSMAX_BOUND = ("|x - x'| <= s / (2M) + 2^-10 s per value, s = the token's absmax over its K (or V) channels "
+                 "in that layer (rounded up to fp16), M = bins/2 - 1")
+
+
+def builtin_levels() -> list[LevelSpec]:
+    """kvcast's built-in levels, best quality first."""
+    levels = [
+        LevelSpec("raw", "fp16", description="IEEE fp16 values, no compression.", family="baseline",
+                  error_bound="bit-exact for fp16 input; fp32/bf16 input is rounded to the nearest fp16"),
+        LevelSpec("int8", "absmax_token", coder="none", key_bins=((1.0, 256),), value_bins=((1.0, 256),),
+                  description="CacheGen's 8-bit baseline: per-token absmax over all channels, 256 bins, int8.",
+                  family="baseline", error_bound=_ABSMAX_BOUND + " (M = 127)"),
+    ]
+    for n in (3, 2, 1):
+        keys, values = _CACHEGEN_TABLES[n]
+        levels.append(LevelSpec(
+            f"cachegen-delta-{n}", "absmax_token", coder="torchac", key_bins=keys, value_bins=values,
+            delta_group=10, anchor_bins=256, family="cachegen-paper",
+            description=(f"CacheGen paper's change-based coding with level-{n} bins: groups of 10 tokens, an 8-bit "
+                         "anchor, deltas to the anchor quantized per token and range-coded with per-object "
+                         "per-(layer, channel) CDFs."),
+            error_bound=("anchors: " + _ABSMAX_BOUND + " (M = 127); other tokens: the same bound with s = the "
+                         "absmax of the token's delta to the reconstructed anchor")))
+        levels.append(LevelSpec(
+            f"cachegen-{n}", "absmax_token", coder="torchac", key_bins=keys, value_bins=values,
+            family="cachegen-code",
+            description=(f"CacheGen's public code, level {n}: per-token absmax quantization, its bins-per-layer-"
+                         "group table mapped to the model's depth, one CDF per (layer, channel) estimated per "
+                         "object and shipped with it, torchac range coding, streams restart every 256 tokens."),
+            error_bound=_ABSMAX_BOUND))
+    order = ["raw", "int8", "cachegen-delta-3", "cachegen-3", "cachegen-delta-2", "cachegen-2",
+             "cachegen-delta-1", "cachegen-1"]
+    by_name = {lv.name: lv for lv in levels}
+    return [by_name[n] for n in order]
+
+
+@dataclass
+class LevelRegistry:
+    """Level specs by name, in quality order (best first)."""
+
+    specs: dict[str, LevelSpec] = field(default_factory=dict)
+
+    def add(self, spec: LevelSpec) -> None:
+        if spec.name in self.specs:
+            raise ValueError(f"level {spec.name!r} already exists")
+        self.specs[spec.name] = spec
+
+    def get(self, name: str) -> LevelSpec:
+        try:
+            return self.specs[name]
+        except KeyError:
+            raise CodecError(f"unknown level {name!r}; known levels: {', '.join(self.specs)}") from None
+
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    @classmethod
+    def default(cls) -> "LevelRegistry":
+        reg = cls()
+        for spec in builtin_levels():
+            reg.add(spec)
+        return reg
+
+
+def spec_json(spec: LevelSpec) -> str:
+    return json.dumps(spec.to_dict(), sort_keys=True)
