@@ -110,7 +110,7 @@ def encode_group(group: StreamGroup) -> list[bytes]:
         if n == 0:
             out.append(b"")
             continue
-        block = np.ascontiguousarray(sym[r0:r0 + n, c0:c1]).reshape(-1)
+        block = np.require(sym[r0:r0 + n, c0:c1], requirements=['C', 'W']).reshape(-1)
         rows = np.broadcast_to(cdf[c0:c1], (n, c1 - c0, lp)).reshape(-1, lp)
         out.append(backend.encode_cdf(torch.from_numpy(np.ascontiguousarray(rows)), torch.from_numpy(block)))
     return out

@@ -5,13 +5,14 @@ entropy coder. Adding a level is adding one `LevelSpec` to a `LevelRegistry` (se
 
 Bins per layer are given as groups over the model's depth, as fractions of a reference depth, so a table
 tuned for one depth maps proportionally to any other: a group ``(end, bins)`` covers the layers
-``l < round(end * layers)`` not covered by an earlier group. CacheGen's tables are given for Mistral-7B's 32
+``l < ceil(end * layers)`` not covered by an earlier group. CacheGen's tables are given for Mistral-7B's 32
 layers (`../shared/reference/codec.md` §2.3); their boundaries are stored as ``n/32``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
@@ -98,7 +99,7 @@ class LevelSpec:
 def _resolve(groups: tuple[tuple[float, int], ...], layers: int) -> tuple[int, ...]:
     out: list[int] = []
     for end, bins in groups:
-        stop = layers if end >= 1.0 else min(layers, int(round(end * layers)))
+        stop = layers if end >= 1.0 else min(layers, math.ceil(end * layers - 1e-9))
         out.extend([bins] * max(0, stop - len(out)))
     return tuple(out[:layers])
 
