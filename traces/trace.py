@@ -26,7 +26,26 @@ JSON_FORMAT_VERSION = 1
 
 
 class TraceError(ValueError):
-    """A trace is invalid, or a trace file cannot be read (the message names the file and line)."""
+    """A trace is invalid, or a trace file cannot be read.
+
+    For files, ``path`` and ``line`` (1-based, ``None`` when the problem is the whole file) are set and the
+    message starts with ``"<path>, line <n>: "``.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None) -> None:
+        self.path = path
+        self.line = line
+        self.reason = message
+        if path is not None:
+            message = f"{path}, line {line}: {message}" if line is not None else f"{path}: {message}"
+        super().__init__(message)
+
+    def __reduce__(self):  # keep path/line across pickling (multiprocessing)
+        return (_rebuild_trace_error, (type(self), self.reason, self.path, self.line))
+
+
+def _rebuild_trace_error(cls: type, reason: str, path: str | None, line: int | None) -> TraceError:
+    return cls(reason, path=path, line=line)
 
 
 def _as_readonly_f64(values: Any, what: str) -> np.ndarray:
@@ -148,7 +167,7 @@ class Trace:
         return self.num_segments
 
     def __repr__(self) -> str:
-        return (f"Trace(name={self.name!r}, segments={self.num_segments}, duration_s={self._duration:.6g}, "
+        return (f"{type(self).__name__}(name={self.name!r}, segments={self.num_segments}, duration_s={self._duration:.6g}, "
                 f"mean_mbps={self.mean_bps / 1e6:.6g}, wrap={self.wrap})")
 
     def __eq__(self, other: object) -> bool:

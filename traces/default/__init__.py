@@ -1,0 +1,1 @@
+"""Data: kvcast's default traces (JSON), written by `python -m traces.defaults`."""
