@@ -12,16 +12,17 @@ The execution model that observations describe (the engine in `streamer/` implem
     - the **link** transfers loaded chunks (one request per chunk, in decision order);
     - the **decoder** decodes a transferred chunk (FIFO), so the transfer of chunk ``j`` overlaps the
       decoding of the chunk before it;
-    - the **compute** unit recomputes text chunks (FIFO). Recomputing chunk ``i`` needs the KV of every
-      chunk before it, so it starts only once chunks ``0..i-1`` are ready (loaded and decoded, or
-      recomputed). Loaded chunks need nothing before them.
+    - the **compute** unit recomputes text chunks, lowest chunk index first. Recomputing chunk ``i`` needs
+      the KV of every chunk before it, so it starts only once chunks ``0..i-1`` are ready (loaded and
+      decoded, or recomputed). Loaded chunks need nothing before them.
 * A chunk is *ready* when its KV is on the GPU. The session's time to first token (TTFT) is the time when
   every chunk is ready, plus the (policy-independent) prefill of the query.
 * The engine asks the policy for a decision whenever some chunk is still undecided and the link or the
   compute unit is idle with an empty queue. A decision assigns one undecided chunk (any of them: a
   Cake-style policy loads from the back and computes from the front) either a codec level, which queues it
   on the link, or `TEXT`, which queues it on compute. Returning ``None`` leaves the resources as they are
-  until the next event (a transfer, decode or recompute finishing).
+  until the next event: a transfer or a recompute finishing or, when neither is in flight, the decoder
+  finishing a chunk. Returning ``None`` when nothing at all is in flight is an error (it would wait forever).
 
 A policy author subclasses `Policy`, implements `decide`, and registers it with
 `policies.registry.register` (or a ``kvcast.policies`` entry point in a third-party package).
@@ -149,6 +150,9 @@ class Decision:
 
     chunk: int
     action: str
+    predicted_bps: float | None = None
+    """Optional: the throughput (bits/s) the policy expects for this chunk's transfer; the engine records it
+    next to the measured one."""
 
 
 class Policy(abc.ABC):
