@@ -7,3 +7,14 @@ from policies.registry import PolicyRegistry
 
 def register_all(registry: PolicyRegistry) -> None:
     """Add every built-in policy to `registry` (each module adds its own)."""
+    from policies.cachegen import CacheGenPolicy
+    from policies.cachegen_code import CacheGenCodePolicy
+    from policies.fixed import FixedLevelPolicy
+    from policies.raw import RawPolicy
+    from policies.text import TextPolicy
+
+    registry.register("fixed", FixedLevelPolicy)
+    registry.register("raw", RawPolicy)
+    registry.register("text", TextPolicy)
+    registry.register("cachegen", CacheGenPolicy)
+    registry.register("cachegen-code", CacheGenCodePolicy)
