@@ -99,20 +99,35 @@ def _iter_streams(rows_per_block: Sequence[int], channels: int, channels_per_str
         start += n
 
 
+class _ExpandedCdf:
+    """One CDF row per symbol, as torchac needs, built once per channel group and sliced per token block."""
+
+    def __init__(self, cdf: np.ndarray, rows_per_block: Sequence[int]) -> None:
+        self.cdf = cdf
+        self.max_rows = max(rows_per_block, default=0)
+        self.cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    def rows(self, n: int, c0: int, c1: int) -> torch.Tensor:
+        full = self.cache.get((c0, c1))
+        if full is None:
+            lp = self.cdf.shape[1]
+            block = np.broadcast_to(self.cdf[c0:c1], (self.max_rows, c1 - c0, lp)).reshape(-1, lp)
+            full = self.cache[(c0, c1)] = torch.from_numpy(np.ascontiguousarray(block))
+        return full[:n * (c1 - c0)]
+
+
 def encode_group(group: StreamGroup) -> list[bytes]:
     """Encode every stream of `group` (block-major, then channel group); one bytes object per stream."""
     backend = torchac_backend()
     sym = group.symbols
-    cdf = group.cdf
-    lp = cdf.shape[1]
+    expanded = _ExpandedCdf(group.cdf, group.block_rows)
     out: list[bytes] = []
     for r0, n, c0, c1 in _iter_streams(group.block_rows, sym.shape[1], group.channels_per_stream):
         if n == 0:
             out.append(b"")
             continue
-        block = np.require(sym[r0:r0 + n, c0:c1], requirements=['C', 'W']).reshape(-1)
-        rows = np.broadcast_to(cdf[c0:c1], (n, c1 - c0, lp)).reshape(-1, lp)
-        out.append(backend.encode_cdf(torch.from_numpy(np.ascontiguousarray(rows)), torch.from_numpy(block)))
+        block = np.require(sym[r0:r0 + n, c0:c1], requirements=["C", "W"]).reshape(-1)
+        out.append(backend.encode_cdf(expanded.rows(n, c0, c1), torch.from_numpy(block)))
     return out
 
 
@@ -120,13 +135,13 @@ def decode_group(cdf: np.ndarray, block_rows: Sequence[int], channels_per_stream
                  streams: Sequence[bytes]) -> np.ndarray:
     """Decode the streams of one group back to int16 ``[sum(block_rows), channels]``."""
     backend = torchac_backend()
-    channels, lp = cdf.shape
+    channels = cdf.shape[0]
+    expanded = _ExpandedCdf(cdf, block_rows)
     out = np.empty((int(sum(block_rows)), channels), dtype=np.int16)
     for i, (r0, n, c0, c1) in enumerate(_iter_streams(block_rows, channels, channels_per_stream)):
         if n == 0:
             continue
-        rows = np.broadcast_to(cdf[c0:c1], (n, c1 - c0, lp)).reshape(-1, lp)
-        sym = backend.decode_cdf(torch.from_numpy(np.ascontiguousarray(rows)), streams[i])
+        sym = backend.decode_cdf(expanded.rows(n, c0, c1), bytes(streams[i]))
         out[r0:r0 + n, c0:c1] = sym.numpy().reshape(n, c1 - c0)
     return out
 

@@ -81,18 +81,24 @@ def fp16_scale(absmax: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def quantize_absmax(x: torch.Tensor, half_levels: float) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_absmax(x: torch.Tensor, half_levels: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """CacheGen's per-token absmax quantizer on float32 ``[..., T, C]``.
 
-    Returns int16 symbols ``round(x * M / s + M)`` in ``[0, 2M]`` (M = `half_levels`) and fp16 scales ``s``
-    ``[..., T]``. An all-zero token gets scale 0 and symbols M (no division by zero).
+    Returns int16 symbols ``round(x * M / s + M)`` in ``[0, 2M]`` (M = `half_levels`, a number or a tensor
+    broadcastable to ``[..., 1, 1]``) and fp16 scales ``s`` ``[..., T]``. An all-zero token gets scale 0 and
+    symbols M (no division by zero). NaN or infinite input raises `CodecError`.
     """
-    s16 = fp16_scale(x.abs().amax(dim=-1))
+    absmax = x.abs().amax(dim=-1)
+    if not torch.isfinite(absmax).all():  # NaN and inf propagate into the absmax
+        raise CodecError("KV contains NaN or infinite values")
+    s16 = fp16_scale(absmax)
     s = s16.to(torch.float32).unsqueeze(-1)
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    q = torch.round(x * (half_levels / safe)).add_(half_levels)
-    q.clamp_(min=0)
-    q = torch.minimum(q, torch.as_tensor(2 * half_levels, dtype=q.dtype))
+    ratio = torch.where(s > 0, half_levels / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
+    q = torch.addcmul(torch.as_tensor(half_levels, dtype=torch.float32), x, ratio).round_()
+    if isinstance(half_levels, torch.Tensor):
+        q = torch.minimum(q.clamp_(min=0), 2 * half_levels)
+    else:
+        q.clamp_(0, 2 * half_levels)
     return q.to(torch.int16), s16
 
 
@@ -129,8 +135,6 @@ def encode_layer(x: torch.Tensor, *, bins: int, slots: int, delta_group: int, an
     """
     heads, tokens, dim = x.shape
     x = x.to(torch.float32).permute(1, 0, 2).reshape(tokens, heads * dim)
-    if not torch.isfinite(x).all():
-        raise CodecError("KV contains NaN or infinite values")
     half = bins / 2 - 1
     out: dict[str, Any] = {}
     is_anchor = anchor_mask(tokens, delta_group)
@@ -146,7 +150,7 @@ def encode_layer(x: torch.Tensor, *, bins: int, slots: int, delta_group: int, an
     else:
         q, s16 = quantize_absmax(x, half)
     channels = q.shape[1]
-    idx = torch.arange(channels, dtype=torch.int64) * slots + q.to(torch.int64)
+    idx = q.to(torch.int32) + torch.arange(0, channels * slots, slots, dtype=torch.int32)
     counts = torch.bincount(idx.reshape(-1), minlength=channels * slots).view(channels, slots)
     cdf = cachegen_cdf(counts).numpy()
     rows = block_rows(~is_anchor, tokens_per_stream)
