@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -53,7 +54,7 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
 
         if threads:
             torch.set_num_threads(threads)
-        console = Console()
+        console = Console() if sys.stdout.isatty() else Console(width=160)
         try:
             settings = EvalSettings(
                 context_tokens=context_tokens, continuation_tokens=continuation_tokens, passages=passages,
@@ -86,7 +87,7 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         from codec.evaluate import EvalError
         from codec.model import ModelUnavailable
 
-        console = Console()
+        console = Console() if sys.stdout.isatty() else Console(width=160)
         try:
             run_demo(out=out, context_tokens=tokens, next_tokens=next_tokens,
                      levels=[x.strip() for x in levels.split(",") if x.strip()] or None, text_file=text_file,
