@@ -24,6 +24,9 @@ __all__ = ["Trace", "ChunkTrace", "TraceError", "JSON_FORMAT_ID", "JSON_FORMAT_V
 JSON_FORMAT_ID = "kvcast-trace"
 JSON_FORMAT_VERSION = 1
 
+_PY_SCALARS = frozenset({float, int})  # fast scalar check; np.ndim costs ~1 us per call
+_REL_TOL = 1e-12  # relative bit tolerance of transfer_end_s (absorbs rounding at zero-bandwidth stretches)
+
 
 class TraceError(ValueError):
     """A trace is invalid, or a trace file cannot be read.
@@ -183,6 +186,10 @@ class Trace:
     __hash__ = None  # type: ignore[assignment]
 
     # ------------------------------------------------------------------ scalar fast path
+    # Positions are split into (period index k, offset r within the period) and bits are counted from the
+    # start of the starting period, so large times lose no precision to big cumulative sums. Inverting
+    # snaps within a relative tolerance of _REL_TOL bits, so that a rounding excess of an ulp never jumps
+    # over a zero-bandwidth stretch.
     def _py(self) -> tuple[list[float], list[float], list[float]]:
         lists = self._lists
         if lists is None:
@@ -190,161 +197,214 @@ class Trace:
             self._lists = lists
         return lists
 
-    def _cum_at_scalar(self, t: float) -> float:
-        """Bits delivered on [0, t] (t >= 0), wrap-aware."""
-        b, bw, cum = self._py()
+    def _split(self, t: float) -> tuple[int, float]:
         d = self._duration
-        if t >= d:
-            if not self.wrap:
-                return self._total + bw[-1] * (t - d)
-            k = math.floor(t / d)
-            r = t - k * d
-            if r < 0.0:
-                k -= 1
-                r += d
-            elif r >= d:
-                k += 1
-                r -= d
-            base = k * self._total
-        else:
-            r = t
-            base = 0.0
-        i = bisect_right(b, r) - 1
-        return base + cum[i] + bw[i] * (r - b[i])
+        if t < d:
+            return 0, t
+        k = math.floor(t / d)
+        r = t - k * d
+        if r < 0.0:
+            k -= 1
+            r += d
+        elif r >= d:
+            k += 1
+            r -= d
+        return k, r
 
-    def _time_of_cum_scalar(self, target: float) -> float:
-        """Earliest time t with cumulative bits F(t) >= target (target > 0)."""
+    def _within(self, r: float) -> float:
+        """Bits delivered on [0, r] within one pass, 0 <= r <= duration."""
         b, bw, cum = self._py()
+        i = bisect_right(b, r) - 1
+        if i >= len(bw):
+            i = len(bw) - 1
+        return cum[i] + bw[i] * (r - b[i])
+
+    def _solve(self, rem: float, tol: float) -> float:
+        """Earliest r in [0, duration] with _within(r) >= rem - tol (0 <= rem <= total)."""
+        b, bw, cum = self._py()
+        j = bisect_left(cum, rem - tol)
+        if j == 0:
+            return 0.0
+        if j >= len(cum):
+            j = len(cum) - 1
+        i = j - 1
+        rate = bw[i]
+        if rate <= 0.0:
+            return b[j]
+        t = b[i] + (rem - cum[i]) / rate
+        return t if t < b[j] else b[j]
+
+    def _transfer_scalar(self, start: float, bits: float) -> float:
         total = self._total
-        if target <= total:
-            k = 0
-            rem = target
-        elif not self.wrap:
-            last = bw[-1]
-            if last <= 0.0:
+        d = self._duration
+        if not self.wrap:
+            last = self._py()[1][-1]
+            if start >= d:
+                return start + bits / last if last > 0.0 else math.inf
+            target = self._within(start) + bits
+            tol = _REL_TOL * target
+            if target <= total + tol:
+                end = self._solve(target if target < total else total, tol)
+            elif last > 0.0:
+                end = d + (target - total) / last
+            else:
                 return math.inf
-            return self._duration + (target - total) / last
+            return end if end > start else start
+        k0, r0 = self._split(start)
+        target = self._within(r0) + bits
+        tol = _REL_TOL * target
+        if target <= total + tol:
+            k = 0
+            rem = target if target < total else total
         elif total <= 0.0:
             return math.inf
         else:
             k = math.floor(target / total)
             rem = target - k * total
-            if rem <= 0.0:  # lands at (or rounds to) a period end: the earliest time is in the period before
+            if rem <= tol:  # reached at (or within rounding of) a period's end
                 k -= 1
                 rem += total
+                if rem > total:
+                    rem = total
             elif rem > total:
                 k += 1
                 rem -= total
-        j = bisect_left(cum, rem)
-        if j >= len(cum):  # rounding: rem a hair above the period's total
-            j = len(cum) - 1
-        i = j - 1
-        rate = bw[i]
-        t = b[i] + (rem - cum[i]) / rate if rate > 0.0 else b[j]
-        return k * self._duration + min(t, b[i + 1])
+        end = (k0 + k) * d + self._solve(rem, tol)
+        return end if end > start else start
 
     # ------------------------------------------------------------------ vectorised path
-    def _cum_at_array(self, t: np.ndarray) -> np.ndarray:
+    def _split_array(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         d = self._duration
-        if self.wrap:
-            k = np.floor(t / d)
-            r = t - k * d
-            low = r < 0
-            k[low] -= 1
-            r[low] += d
-            high = r >= d
-            k[high] += 1
-            r[high] -= d
-            base = k * self._total
-        else:
-            r = np.minimum(t, d)
-            base = np.where(t > d, self._bw[-1] * (t - d), 0.0)
-        i = np.clip(np.searchsorted(self._b, r, side="right") - 1, 0, self._bw.size - 1)
-        return base + self._cum[i] + self._bw[i] * (r - self._b[i])
+        k = np.floor(t / d)
+        r = t - k * d
+        low = r < 0
+        k[low] -= 1
+        r[low] += d
+        high = r >= d
+        k[high] += 1
+        r[high] -= d
+        return k, r
 
-    def _time_of_cum_array(self, target: np.ndarray) -> np.ndarray:
-        total = self._total
-        out = np.empty_like(target)
-        if self.wrap:
-            if total <= 0.0:
-                out.fill(math.inf)
-                return out
-            k = np.floor(target / total)
-            rem = target - k * total
-            low = rem <= 0
-            k[low] -= 1
-            rem[low] += total
-            high = rem > total
-            k[high] += 1
-            rem[high] -= total
-            tail = np.zeros(target.shape, dtype=bool)
-        else:
-            k = np.zeros_like(target)
-            tail = target > total
-            rem = np.where(tail, total, target)
-        j = np.clip(np.searchsorted(self._cum, rem, side="left"), 1, self._cum.size - 1)
+    def _within_array(self, r: np.ndarray) -> np.ndarray:
+        i = np.clip(np.searchsorted(self._b, r, side="right") - 1, 0, self._bw.size - 1)
+        return self._cum[i] + self._bw[i] * (r - self._b[i])
+
+    def _solve_array(self, rem: np.ndarray, tol: np.ndarray) -> np.ndarray:
+        j = np.searchsorted(self._cum, rem - tol, side="left")
+        at_zero = j == 0
+        j = np.clip(j, 1, self._cum.size - 1)
         i = j - 1
         rate = self._bw[i]
         with np.errstate(divide="ignore", invalid="ignore"):
             t = np.where(rate > 0, self._b[i] + (rem - self._cum[i]) / rate, self._b[j])
         t = np.minimum(t, self._b[j])
-        out[...] = k * self._duration + t
-        if np.any(tail):
+        t[at_zero] = 0.0
+        return t
+
+    def _fill_array(self, t: np.ndarray) -> np.ndarray:
+        """Non-wrapping cumulative bits F(t) from time 0."""
+        d = self._duration
+        return self._within_array(np.minimum(t, d)) + float(self._bw[-1]) * np.maximum(t - d, 0.0)
+
+    def _transfer_array(self, s: np.ndarray, x: np.ndarray) -> np.ndarray:
+        total = self._total
+        d = self._duration
+        if not self.wrap:
             last = float(self._bw[-1])
-            with np.errstate(divide="ignore"):
-                extra = (target[tail] - total) / last if last > 0 else np.full(int(tail.sum()), math.inf)
-            out[tail] = self._duration + extra
-        return out
+            target = self._within_array(np.minimum(s, d)) + x
+            tol = _REL_TOL * target
+            inside = (target <= total + tol) & (s < d)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                beyond = np.where(s >= d, s + x / last, d + (target - total) / last) if last > 0 \
+                    else np.full(s.shape, math.inf)
+            end = np.where(inside, self._solve_array(np.minimum(target, total), tol), beyond)
+            return np.maximum(end, s)
+        if total <= 0.0:
+            return np.full(s.shape, math.inf)
+        k0, r0 = self._split_array(s)
+        target = self._within_array(r0) + x
+        tol = _REL_TOL * target
+        k = np.zeros_like(target)
+        rem = target.copy()
+        over = target > total + tol
+        if np.any(over):
+            kk = np.floor(target[over] / total)
+            rr = target[over] - kk * total
+            low = rr <= tol[over]
+            kk[low] -= 1
+            rr[low] += total
+            high = rr > total
+            kk[high] += 1
+            rr[high] -= total
+            k[over] = kk
+            rem[over] = rr
+        rem = np.minimum(rem, total)
+        end = (k0 + k) * d + self._solve_array(rem, tol)
+        return np.maximum(end, s)
 
     # ------------------------------------------------------------------ public integration API
     def bandwidth_at(self, t: Any) -> Any:
         """Bandwidth (bps) at time ``t`` (scalar or array; segments are closed on the left)."""
-        if np.ndim(t) == 0:
+        if type(t) in _PY_SCALARS or np.ndim(t) == 0:
             t = float(t)
-            if not t >= 0.0:
-                raise ValueError(f"time must be >= 0, got {t}")
+            if not 0.0 <= t < math.inf:
+                raise ValueError(f"time must be finite and >= 0, got {t}")
             b, bw, _ = self._py()
-            d = self._duration
-            if t >= d:
+            if t >= self._duration:
                 if not self.wrap:
                     return bw[-1]
-                t = math.fmod(t, d)
+                t = self._split(t)[1]
             return bw[bisect_right(b, t) - 1]
         arr = np.asarray(t, dtype=np.float64)
-        if np.any(~(arr >= 0)):
-            raise ValueError("times must be >= 0")
-        if self.wrap:
-            arr = np.mod(arr, self._duration)
+        if np.any(~((arr >= 0) & np.isfinite(arr))):
+            raise ValueError("times must be finite and >= 0")
+        arr = self._split_array(arr.copy())[1] if self.wrap else np.minimum(arr, self._duration)
         i = np.clip(np.searchsorted(self._b, arr, side="right") - 1, 0, self._bw.size - 1)
         return self._bw[i]
 
     def delivered_bits(self, t0: Any, t1: Any) -> Any:
         """Exact integral of the bandwidth over ``[t0, t1]`` (bits); ``0 <= t0 <= t1``; scalars or arrays."""
-        if np.ndim(t0) == 0 and np.ndim(t1) == 0:
+        if (type(t0) in _PY_SCALARS and type(t1) in _PY_SCALARS) or (np.ndim(t0) == 0 and np.ndim(t1) == 0):
             t0 = float(t0)
             t1 = float(t1)
-            if not 0.0 <= t0 <= t1 or t1 == math.inf:
+            if not 0.0 <= t0 <= t1 < math.inf:
                 raise ValueError(f"need 0 <= t0 <= t1 < inf, got t0={t0}, t1={t1}")
             if t0 == t1:
                 return 0.0
-            return max(self._cum_at_scalar(t1) - self._cum_at_scalar(t0), 0.0)
+            if self.wrap:
+                k0, r0 = self._split(t0)
+                k1, r1 = self._split(t1)
+                bits = (k1 - k0) * self._total + self._within(r1) - self._within(r0)
+            else:
+                d = self._duration
+                last = self._py()[1][-1]
+                bits = (self._within(min(t1, d)) + last * max(t1 - d, 0.0)
+                        - self._within(min(t0, d)) - last * max(t0 - d, 0.0))
+            return bits if bits > 0.0 else 0.0
         a0, a1 = np.broadcast_arrays(np.asarray(t0, dtype=np.float64), np.asarray(t1, dtype=np.float64))
         if np.any(~((a0 >= 0) & (a0 <= a1) & np.isfinite(a1))):
             raise ValueError("need 0 <= t0 <= t1 < inf elementwise")
         a0 = np.array(a0, dtype=np.float64)
         a1 = np.array(a1, dtype=np.float64)
-        out = np.maximum(self._cum_at_array(a1) - self._cum_at_array(a0), 0.0)
+        if self.wrap:
+            k0, r0 = self._split_array(a0)
+            k1, r1 = self._split_array(a1)
+            out = (k1 - k0) * self._total + self._within_array(r1) - self._within_array(r0)
+        else:
+            out = self._fill_array(a1) - self._fill_array(a0)
+        out = np.maximum(out, 0.0)
         out[a0 == a1] = 0.0
         return out
 
     def transfer_end_s(self, start_s: Any, bits: Any) -> Any:
         """Earliest time at which ``bits`` bits started at ``start_s`` have been delivered.
 
-        Exact inverse of :meth:`delivered_bits` (``delivered_bits(s, transfer_end_s(s, x)) == x`` up to
-        rounding); zero-bandwidth stretches are skipped; ``math.inf`` if never (e.g. an all-zero trace).
+        Inverse of :meth:`delivered_bits` (``delivered_bits(s, transfer_end_s(s, x)) == x`` up to a relative
+        1e-12); zero-bandwidth stretches are skipped; ``math.inf`` if never (e.g. an all-zero trace).
         Scalars take a pure-Python path (a few microseconds); arrays broadcast.
         """
-        if np.ndim(start_s) == 0 and np.ndim(bits) == 0:
+        if (type(start_s) in _PY_SCALARS and type(bits) in _PY_SCALARS) or (
+                np.ndim(start_s) == 0 and np.ndim(bits) == 0):
             start_s = float(start_s)
             bits = float(bits)
             if not (0.0 <= start_s < math.inf) or not bits >= 0.0:
@@ -353,8 +413,7 @@ class Trace:
                 return start_s
             if bits == math.inf:
                 return math.inf
-            end = self._time_of_cum_scalar(self._cum_at_scalar(start_s) + bits)
-            return end if end > start_s else start_s
+            return self._transfer_scalar(start_s, bits)
         s, x = np.broadcast_arrays(np.asarray(start_s, dtype=np.float64), np.asarray(bits, dtype=np.float64))
         if np.any(~((s >= 0) & np.isfinite(s) & (x >= 0))):
             raise ValueError("need finite start_s >= 0 and bits >= 0 elementwise")
@@ -362,9 +421,7 @@ class Trace:
         x = np.array(x, dtype=np.float64)
         finite = np.isfinite(x)
         out = np.full(s.shape, math.inf)
-        target = self._cum_at_array(s) + np.where(finite, x, 0.0)
-        out[finite] = self._time_of_cum_array(target[finite])
-        out = np.maximum(out, s)
+        out[finite] = self._transfer_array(s[finite], x[finite])
         zero = x == 0
         out[zero] = s[zero]
         return out
