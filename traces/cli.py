@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -47,7 +47,7 @@ def _pooled_percentile(values: list[Any], weights: list[Any], q: float) -> float
 def stats(
     paths: Annotated[list[Path], typer.Argument(help="Trace files or folders (searched recursively).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    fmt: Annotated[Optional[str], typer.Option("--format", help=_FORMAT_HELP)] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help=_FORMAT_HELP)] = None,
     recursive: Annotated[bool, typer.Option(help="Search folders recursively.")] = True,
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable file instead of skipping it.")]
     = False,
@@ -121,12 +121,12 @@ def _fmt(value: float | None, spec: str) -> str:
 def plot(
     file: Annotated[Path, typer.Argument(help="A trace file.", exists=True, dir_okay=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")],
-    fmt: Annotated[Optional[str], typer.Option("--format", help=_FORMAT_HELP)] = None,
-    index: Annotated[Optional[int], typer.Option(help="Plot only this trace of a multi-trace file.")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help=_FORMAT_HELP)] = None,
+    index: Annotated[int | None, typer.Option(help="Plot only this trace of a multi-trace file.")] = None,
     scale: Annotated[float, typer.Option(help="Multiply every bandwidth by this factor.")] = 1.0,
     mahimahi_bin_s: Annotated[float, typer.Option(help="Bin width for mahimahi traces (s).")] = 1.0,
     chunk_duration_s: Annotated[float, typer.Option(help="Seconds per CacheGen per-chunk value.")] = 0.05,
-    title: Annotated[Optional[str], typer.Option(help="Plot title (default: the file name).")] = None,
+    title: Annotated[str | None, typer.Option(help="Plot title (default: the file name).")] = None,
 ) -> None:
     """Plot a trace's bandwidth over time (step plot) to a PNG."""
     import matplotlib
@@ -177,7 +177,7 @@ def plot(
 
 @app.command("write-defaults")
 def write_defaults(
-    directory: Annotated[Optional[Path], typer.Argument(help="Output folder (default: the package's "
+    directory: Annotated[Path | None, typer.Argument(help="Output folder (default: the package's "
                                                             "traces/default).")] = None,
 ) -> None:
     """(Re)generate kvcast's default synthetic traces from their seeds."""

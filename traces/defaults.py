@@ -20,8 +20,14 @@ from typing import Any
 from traces import synthetic
 from traces.trace import Trace, TraceError
 
-__all__ = ["DefaultTraceSpec", "DEFAULT_SPECS", "generate_default_traces", "write_default_traces",
-           "default_traces", "default_trace_dir"]
+__all__ = [
+    "DEFAULT_SPECS",
+    "DefaultTraceSpec",
+    "default_trace_dir",
+    "default_traces",
+    "generate_default_traces",
+    "write_default_traces",
+]
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,17 @@ import numpy as np
 from traces.trace import ChunkTrace, Trace, TraceError
 
 __all__ = [
-    "FORMATS", "ReadOptions", "TraceFile", "LoadResult", "detect_format", "read_trace_file", "load_trace",
-    "load_traces", "iter_trace_paths", "DEFAULT_CHUNK_DURATION_S", "MAHIMAHI_PACKET_BITS",
+    "DEFAULT_CHUNK_DURATION_S",
+    "FORMATS",
+    "MAHIMAHI_PACKET_BITS",
+    "LoadResult",
+    "ReadOptions",
+    "TraceFile",
+    "detect_format",
+    "iter_trace_paths",
+    "load_trace",
+    "load_traces",
+    "read_trace_file",
 ]
 
 MAHIMAHI_PACKET_BITS = 1500 * 8
@@ -115,14 +124,22 @@ def _number(token: str, path: str, line: int, what: str) -> float:
 
 
 def _bandwidth(token: Any, path: str, line: int, unit: str) -> float:
+    """A text field (str) or a JSON value (int/float; JSON strings and booleans are rejected)."""
     if isinstance(token, bool) or not isinstance(token, (int, float, str)):
-        raise _fail(path, line, f"bandwidth must be a number, got {token!r}")
+        raise _fail(path, line, f"bandwidth ({unit}) must be a number, got {token!r}")
     value = _number(token, path, line, f"bandwidth ({unit})") if isinstance(token, str) else float(token)
     if not math.isfinite(value):
         raise _fail(path, line, f"bandwidth ({unit}) is not finite: {token!r}")
     if value < 0:
         raise _fail(path, line, f"bandwidth ({unit}) is negative: {token!r}")
     return value
+
+
+def _json_bandwidth(value: Any, path: str, line: int, unit: str) -> float:
+    """A bandwidth from JSON: a number (strings, booleans and null are rejected)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(path, line, f"bandwidth ({unit}) must be a number, got {value!r}")
+    return _bandwidth(value, path, line, unit)
 
 
 def _numbered_lines(text: str) -> Iterator[tuple[int, list[str]]]:
@@ -285,7 +302,7 @@ def _read_sabre(text: str, path: str, opts: ReadOptions) -> list[Trace]:
             raise _fail(path, lineno, f"duration_ms must be a finite number, got {duration!r}")
         if duration < 0:
             raise _fail(path, lineno, f"duration_ms is negative: {duration!r}")
-        values.append(_bandwidth(item["bandwidth_kbps"], path, lineno, "kbps"))
+        values.append(_json_bandwidth(item["bandwidth_kbps"], path, lineno, "kbps"))
         durations.append(float(duration))
         lines.append(lineno)
     if not durations:
@@ -343,7 +360,7 @@ def _read_cachegen(text: str, path: str, opts: ReadOptions) -> list[Trace]:
             raise _fail(path, lineno, 'expected {"bw": [Gbps, ...]}')
         if not obj["bw"]:
             raise _fail(path, lineno, "'bw' is empty")
-        gbps = [_bandwidth(v, path, lineno, "Gbps") for v in obj["bw"]]
+        gbps = [_json_bandwidth(v, path, lineno, "Gbps") for v in obj["bw"]]
         bps = np.array(gbps) * 1e9 * opts.bandwidth_scale
         traces.append(ChunkTrace(bps, opts.chunk_duration_s, name=f"{base}#{len(traces)}", source=path,
                                  wrap=opts.wrap))
@@ -512,8 +529,8 @@ def load_trace(path: str | os.PathLike[str], *, format: str | None = None, index
     Files with several traces (``cachegen_jsonl_gbps``) need ``index=`` (0-based); the keyword options
     override the fields of ``options`` (see :class:`ReadOptions`).
     """
-    opts = _options(options, dict(chunk_duration_s=chunk_duration_s, mahimahi_bin_s=mahimahi_bin_s,
-                                  bandwidth_scale=bandwidth_scale, wrap=wrap))
+    opts = _options(options, {"chunk_duration_s": chunk_duration_s, "mahimahi_bin_s": mahimahi_bin_s,
+                                  "bandwidth_scale": bandwidth_scale, "wrap": wrap})
     tf = read_trace_file(path, format=format, options=opts)
     if index is None:
         if len(tf.traces) != 1:
@@ -561,8 +578,8 @@ def load_traces(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    opts = _options(options, dict(chunk_duration_s=chunk_duration_s, mahimahi_bin_s=mahimahi_bin_s,
-                                  bandwidth_scale=bandwidth_scale, wrap=wrap))
+    opts = _options(options, {"chunk_duration_s": chunk_duration_s, "mahimahi_bin_s": mahimahi_bin_s,
+                                  "bandwidth_scale": bandwidth_scale, "wrap": wrap})
     files = iter_trace_paths(paths, recursive=recursive)
     manifest_cache: dict[Path, dict[str, str] | None] = {}
     result = LoadResult([], [], [])
@@ -573,7 +590,7 @@ def load_traces(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
     for path in iterator:
         try:
             tf = read_trace_file(path, format=format, options=opts, _manifest_cache=manifest_cache)
-        except Exception as exc:  # noqa: BLE001 - in skip mode no single file may stop the sweep
+        except Exception as exc:
             if on_error == "raise":
                 raise
             if not isinstance(exc, TraceError):

@@ -13,7 +13,7 @@ import numpy as np
 
 from traces.trace import ChunkTrace, Trace
 
-__all__ = ["uniform_chunks", "markov_on_off", "random_walk"]
+__all__ = ["markov_on_off", "random_walk", "uniform_chunks"]
 
 SeedLike = int | np.random.Generator
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Trace", "ChunkTrace", "TraceError", "JSON_FORMAT_ID", "JSON_FORMAT_VERSION"]
+__all__ = ["JSON_FORMAT_ID", "JSON_FORMAT_VERSION", "ChunkTrace", "Trace", "TraceError"]
 
 JSON_FORMAT_ID = "kvcast-trace"
 JSON_FORMAT_VERSION = 1
@@ -78,7 +78,7 @@ class Trace:
         TraceError: the arrays are invalid.
     """
 
-    __slots__ = ("_b", "_bw", "_cum", "_lists", "name", "source", "wrap", "_duration", "_total")
+    __slots__ = ("_b", "_bw", "_cum", "_duration", "_lists", "_total", "name", "source", "wrap")
 
     def __init__(self, boundaries_s: Any, bandwidth_bps: Any, name: str = "", source: str = "",
                  wrap: bool = True) -> None:
@@ -561,7 +561,7 @@ class Trace:
             i = int(np.flatnonzero(~(np.isfinite(durations) & (durations > 0)))[0])
             raise TraceError(f"durations_s[{i}] must be finite and > 0, got {durations[i]}")
         bnd = np.concatenate([[0.0], np.cumsum(durations)])
-        kwargs = dict(name=obj.get("name", ""), source=obj.get("source", ""), wrap=obj.get("wrap", True))
+        kwargs = {"name": obj.get("name", ""), "source": obj.get("source", ""), "wrap": obj.get("wrap", True)}
         chunk = obj.get("chunk")
         if chunk is None:
             return Trace(bnd, obj["bandwidth_bps"], **kwargs)
