@@ -24,7 +24,7 @@ __all__ = ["JSON_FORMAT_ID", "JSON_FORMAT_VERSION", "ChunkTrace", "Trace", "Trac
 JSON_FORMAT_ID = "kvcast-trace"
 JSON_FORMAT_VERSION = 1
 
-_PY_SCALARS = frozenset({float, int})  # fast scalar check; np.ndim costs ~1 us per call
+_PY_SCALARS = frozenset({float, int, np.float64, np.int64})  # fast scalar check; np.ndim costs ~1 us
 _REL_TOL = 1e-12  # relative bit tolerance of transfer_end_s (absorbs rounding at zero-bandwidth stretches)
 
 
