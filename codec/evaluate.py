@@ -524,9 +524,11 @@ def plot_rate_distortion(results: dict[str, Any], path: Path) -> None:
     fig, (ax_kl, ax_top) = plt.subplots(1, 2, figsize=(13, 5.2))
     families: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        family = "baseline" if r["kind"] == "baseline" else re.sub(r"-?\d+$", "", r["name"])
+        family = "baseline" if r["kind"] == "baseline" else re.sub(r"-\d+$", "", r["name"])
         families.setdefault(family, []).append(r)
-    for family, members in families.items():
+    label_offsets = [((5, 4), "left"), ((-5, -11), "right")]  # alternate sides so neighbouring labels part
+    for number, (family, members) in enumerate(families.items()):
+        offset, align = label_offsets[number % 2]
         members = sorted(members, key=lambda r: r["bits_per_value"])
         xs = [r["bits_per_value"] for r in members]
         kls = [max(r["kl_per_token"], kl_floor) for r in members]
@@ -535,8 +537,8 @@ def plot_rate_distortion(results: dict[str, Any], path: Path) -> None:
         ax_kl.plot(xs, kls, label=family, **style)
         ax_top.plot(xs, tops, label=family, **style)
         for r, x, k, t in zip(members, xs, kls, tops):
-            ax_kl.annotate(r["name"], (x, k), textcoords="offset points", xytext=(4, 4), fontsize=7)
-            ax_top.annotate(r["name"], (x, t), textcoords="offset points", xytext=(4, -10), fontsize=7)
+            ax_kl.annotate(r["name"], (x, k), textcoords="offset points", xytext=offset, ha=align, fontsize=7)
+            ax_top.annotate(r["name"], (x, t), textcoords="offset points", xytext=offset, ha=align, fontsize=7)
     s = results["settings"]
     ax_kl.set_yscale("log")
     ax_kl.set_ylabel(f"KL(exact || decoded) per token, nats (floor {kl_floor:g})")
