@@ -292,6 +292,8 @@ def run_codec_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any 
     baselines = [parse_baseline(b) for b in settings.baselines]
     source = corpus_path(settings)
     text = read_text(source)
+    if model is not None and tokenizer is None:
+        raise EvalError("pass the model's tokenizer along with the model")
     if model is None:
         from codec.model import load_smollm2
 
@@ -351,7 +353,7 @@ def _score_level(row: _Row, kv: KV, fed: torch.Tensor, targets: torch.Tensor, ex
     t0 = time.perf_counter()
     data = codec.encode(kv, row.name, model=fingerprint)
     t1 = time.perf_counter()
-    decoded = codec.decode(data, dtype=torch.float32)
+    decoded = codec.decode(data, dtype=torch.float32, expect_model=fingerprint)
     t2 = time.perf_counter()
     info = codec.inspect(data)
     values = int(info["values"])

@@ -97,6 +97,8 @@ def load_smollm2(*, threads: int | None = None, progress: bool = True) -> Loaded
 
     if threads:
         torch.set_num_threads(threads)
+    if not _transformers_installed():
+        raise ModelUnavailable("transformers is not installed: pip install 'kvcast[model]'")
     path = smollm2_cache_path()
     if not _is_converted(path):
         convert_smollm2(path, progress=progress)
