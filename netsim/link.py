@@ -1,0 +1,80 @@
+"""The `Link` interface: send one chunk's bytes, learn when they were delivered.
+
+A link is the only network-facing object the streaming engine touches. Every time is a reading of the
+running asyncio loop's clock (``loop.time()``): virtual seconds under `netsim.VirtualTimeLoop`, monotonic wall
+seconds under a normal event loop. The same engine code therefore runs over `netsim.SimPyLink` (a trace
+replayed in virtual time) and over a real network link.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["Link", "LinkOracle", "TransferTiming"]
+
+
+@dataclass(frozen=True, slots=True)
+class TransferTiming:
+    """How one transfer went. Times are the loop clock's seconds."""
+
+    nbytes: int
+    """Payload bytes asked for."""
+    wire_bits: float
+    """Bits that crossed the bottleneck (payload plus per-request overhead, over the payload efficiency)."""
+    start_s: float
+    """When the request was sent."""
+    first_byte_s: float
+    """When data started to flow (``start_s`` plus the round-trip time)."""
+    end_s: float
+    """When the last byte was delivered."""
+
+    @property
+    def duration_s(self) -> float:
+        """Request to last byte, RTT included (what a client measures)."""
+        return self.end_s - self.start_s
+
+    @property
+    def throughput_bps(self) -> float:
+        """Payload goodput over the whole request, RTT included (bits/s)."""
+        return self.nbytes * 8.0 / max(self.end_s - self.start_s, 1e-12)
+
+
+class LinkOracle(Protocol):
+    """The future of a simulated link, for oracle policies. Times are loop-clock seconds."""
+
+    def bandwidth_bps(self, t: float) -> float:
+        """Bandwidth of the bottleneck (bits/s on the wire) at time `t`."""
+
+    def transfer_end_s(self, t: float, nbytes: int) -> float:
+        """When a request for `nbytes` payload bytes sent at time `t` would complete if it had the link to itself
+        (RTT, per-request overhead and payload efficiency included)."""
+
+
+class Link(abc.ABC):
+    """Moves a chunk's bytes from the store to the GPU host; one request per call.
+
+    Implementations: `netsim.SimPyLink` (a throughput trace in virtual time), `netsim.TimerTraceLink` (a trace
+    in the running loop's own clock, real time included) and, in a later issue, an aiohttp link.
+    """
+
+    rtt_s: float = 0.0
+    """Configured round-trip time per request (policies may use it as a prior)."""
+
+    @abc.abstractmethod
+    def start_transfer(self, nbytes: int) -> asyncio.Future[TransferTiming]:
+        """Send a request for `nbytes` payload bytes now; the future completes when the last byte arrives.
+
+        Must be called from a coroutine or callback running on the event loop. Cancelling the future abandons
+        the transfer (its share of the bandwidth goes to the other transfers).
+        """
+
+    async def transfer(self, nbytes: int) -> TransferTiming:
+        """``await link.transfer(n)``: send `nbytes` and wait until they are delivered."""
+        return await self.start_transfer(nbytes)
+
+    def oracle(self) -> LinkOracle | None:
+        """The link's future, if it can tell it (a simulated link can, a real network cannot)."""
+        return None

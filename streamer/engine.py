@@ -1,0 +1,413 @@
+"""The streaming engine: one session of loading a context's KV cache, chunk by chunk, as a policy decides.
+
+It implements the execution model documented in `policies.base` (link, decoder and compute unit working
+concurrently; the policy asked whenever the link or the compute unit runs dry). It is plain asyncio: it
+reads ``loop.time()``, schedules its own completions with ``loop.call_at`` and waits on the link's transfer
+futures. On a `netsim.VirtualTimeLoop` over a `netsim.SimPyLink` it runs in virtual time; on a normal event
+loop over a real link it runs in real time. Nothing else changes.
+
+Example (virtual time)::
+
+    loop = netsim.VirtualTimeLoop()
+    link = netsim.SimPyLink(loop.env, trace, rtt_s=0.01)
+    engine = StreamingEngine(policy, menus, link, slo_s=1.0)
+    result = loop.run_until_complete(engine.run())
+    result.ttft_s, result.slo_met, result.quality_loss
+
+Internally the engine is an event-driven state machine (like an asyncio `Protocol`): a transfer's future or
+a recompute's timer fires, the engine updates its state, starts what can start and asks the policy. Decode
+and recompute durations are known from the menu, so their end times are computed, not waited for; the
+session ends with a single timer at the moment the last chunk is ready. This keeps a simulated chunk to about
+one event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import math
+from collections import deque
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Sequence
+
+from netsim.link import Link, TransferTiming
+from policies.base import TEXT, ChunkMenu, Decision, Observation, Policy, Session, ThroughputSample
+
+__all__ = ["ChunkRecord", "PolicyError", "SessionResult", "StreamingEngine", "stream_context"]
+
+
+class PolicyError(RuntimeError):
+    """The policy answered something the engine cannot execute (the message says what and when)."""
+
+
+@dataclass(slots=True)
+class ChunkRecord:
+    """What happened to one chunk. Times are seconds since the session start; None where not applicable."""
+
+    index: int
+    start_token: int
+    tokens: int
+    action: str | None = None
+    """The chosen codec level, or ``"text"``."""
+    nbytes: int = 0
+    """Payload bytes transferred (0 for text)."""
+    quality_loss: float = 0.0
+    decided_s: float | None = None
+    transfer_start_s: float | None = None
+    transfer_end_s: float | None = None
+    decode_start_s: float | None = None
+    decode_end_s: float | None = None
+    recompute_start_s: float | None = None
+    recompute_end_s: float | None = None
+    ready_s: float | None = None
+    measured_bps: float | None = None
+    """Payload goodput of the transfer, RTT included."""
+    predicted_bps: float | None = None
+    """The policy's expected throughput (`Decision.predicted_bps`), if it gave one."""
+    wire_bits: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, slots=True)
+class SessionResult:
+    """Outcome of one session."""
+
+    policy: str
+    slo_s: float
+    ttft_s: float
+    """Time to first token: when the last chunk is ready, plus the query's prefill."""
+    quality_loss: float
+    """Token-weighted mean quality loss of the chosen levels (text chunks count 0)."""
+    bytes_loaded: int
+    """Payload bytes transferred."""
+    wire_bytes: float
+    """Bytes on the wire, overhead included."""
+    context_tokens: int
+    text_chunks: int
+    decisions: int
+    """Times the policy was asked (including answers of None)."""
+    chunks: tuple[ChunkRecord, ...]
+
+    @property
+    def slo_met(self) -> bool:
+        return self.ttft_s <= self.slo_s
+
+    @property
+    def overrun_s(self) -> float:
+        """TTFT beyond the SLO (0 when met)."""
+        return max(self.ttft_s - self.slo_s, 0.0)
+
+    def summary(self) -> dict[str, Any]:
+        """The per-session numbers as a JSON-ready dict (without the per-chunk records)."""
+        return {"policy": self.policy, "slo_s": self.slo_s, "ttft_s": self.ttft_s, "slo_met": self.slo_met,
+                "overrun_s": self.overrun_s, "quality_loss": self.quality_loss,
+                "bytes_loaded": self.bytes_loaded, "wire_bytes": self.wire_bytes,
+                "context_tokens": self.context_tokens, "chunks": len(self.chunks),
+                "text_chunks": self.text_chunks, "decisions": self.decisions}
+
+
+class StreamingEngine:
+    """Runs one session: asks `policy` for decisions and drives the link, the decoder and the compute unit.
+
+    Args:
+        policy: a fresh policy object (the engine calls its ``reset`` once).
+        menus: one menu per chunk, chunk ``i`` at index ``i``.
+        link: the network; ``policy.needs_future`` requires ``link.oracle()``.
+        slo_s: target TTFT in seconds.
+        prior_throughput_bps: historical throughput estimate given to the policy (`Session`).
+        query_prefill_s: policy-independent prefill of the query, added to TTFT.
+        label: the policy's name in the results (default: ``policy.name`` or its class name).
+    """
+
+    def __init__(self, policy: Policy, menus: Sequence[ChunkMenu], link: Link, *, slo_s: float,
+                 prior_throughput_bps: float | None = None, query_prefill_s: float = 0.0,
+                 label: str | None = None) -> None:
+        if not menus:
+            raise ValueError("a session needs at least one chunk")
+        for i, menu in enumerate(menus):
+            if menu.index != i:
+                raise ValueError(f"menus[{i}] has index {menu.index}; menus must be in chunk order from 0")
+        if not (slo_s > 0 and math.isfinite(slo_s)):
+            raise ValueError(f"slo_s must be finite and > 0, got {slo_s}")
+        self.policy = policy
+        self.menus = tuple(menus)
+        self.link = link
+        self.slo_s = float(slo_s)
+        self.prior_throughput_bps = prior_throughput_bps
+        self.query_prefill_s = float(query_prefill_s)
+        self.label = label or policy.name or type(policy).__name__
+        n = len(self.menus)
+        self.records = [ChunkRecord(m.index, m.start_token, m.tokens) for m in self.menus]
+        self._actions: list[str | None] = [None] * n
+        self._ready_at: list[float | None] = [None] * n
+        self._pending: list[int] = list(range(n))
+        self._resolved = 0          # chunks whose ready time is known
+        self._prefix = 0            # chunks 0.._prefix-1 all have known ready times
+        self._prefix_ready = 0.0    # the latest of those ready times
+        self._last_ready = 0.0
+        self._link_queue: deque[int] = deque()
+        self._inflight: int | None = None
+        self._decoder_free = 0.0
+        self._compute_queue: list[int] = []   # heap of chunk indices
+        self._compute_running: int | None = None
+        self._compute_free = 0.0
+        self._samples: tuple[ThroughputSample, ...] = ()
+        self._decisions = 0
+        self._wake_times: set[float] = set()
+        self._decode_s = [0.0] * n
+        self._started = False
+        self._finish_scheduled = False
+        self._decisions_applied = 0
+        self._obs_cache_key = -1
+        self._ready_flags = [False] * n
+        self._ready_t = tuple(self._ready_flags)
+        self._upcoming: list[tuple[float, int]] = []  # (ready time, chunk) not yet flagged ready
+
+    # ------------------------------------------------------------------ public
+    async def run(self) -> SessionResult:
+        """Run the session to the end and return its result (PolicyError if the policy misbehaves)."""
+        if self._started:
+            raise RuntimeError("a StreamingEngine runs one session; create a new one")
+        self._started = True
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._t0 = t0 = loop.time()
+        future_bw = future_end = None
+        if self.policy.needs_future:
+            oracle = self.link.oracle()
+            if oracle is None:
+                raise PolicyError(f"policy {self.label!r} needs the future of the link, and "
+                                  f"{type(self.link).__name__} cannot tell it (only simulated links can)")
+            future_bw = lambda t: oracle.bandwidth_bps(t0 + t)  # noqa: E731
+            future_end = lambda t, nbytes: oracle.transfer_end_s(t0 + t, nbytes) - t0  # noqa: E731
+        self.session = Session(menus=self.menus, slo_s=self.slo_s, rtt_s=self.link.rtt_s,
+                               prior_throughput_bps=self.prior_throughput_bps,
+                               future_bandwidth_bps=future_bw, future_transfer_end_s=future_end)
+        self.policy.reset(self.session)
+        self._done: asyncio.Future[SessionResult] = loop.create_future()
+        self._guard(self._step)
+        return await self._done
+
+    # ------------------------------------------------------------------ event handlers
+    def _guard(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run an event handler; any exception ends the session with that exception."""
+        try:
+            fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            if not self._done.done():
+                self._done.set_exception(exc)
+            else:
+                raise
+
+    def _now(self) -> float:
+        return self._loop.time() - self._t0
+
+    def _on_transfer_done(self, future: asyncio.Future[TransferTiming]) -> None:
+        try:
+            self._transfer_done(future)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            if self._done.done():
+                raise
+            self._done.set_exception(exc)
+
+    def _transfer_done(self, future: asyncio.Future[TransferTiming]) -> None:
+        if self._done.done():
+            return
+        timing = future.result()
+        c = self._inflight
+        self._inflight = None
+        t0 = self._t0
+        rec = self.records[c]
+        start, end = timing.start_s - t0, timing.end_s - t0
+        rec.transfer_end_s = end
+        rec.wire_bits = timing.wire_bits
+        sample = ThroughputSample(c, timing.nbytes, start, end)
+        rec.measured_bps = sample.throughput_bps
+        self._samples = (*self._samples, sample)
+        decode_start = end if end > self._decoder_free else self._decoder_free
+        decode_end = decode_start + self._decode_s[c]
+        rec.decode_start_s, rec.decode_end_s = decode_start, decode_end
+        self._decoder_free = decode_end
+        self._set_ready(c, decode_end)
+        self._step()
+
+    def _on_recompute_done(self, chunk: int) -> None:
+        self._guard(self._recompute_done, chunk)
+
+    def _recompute_done(self, chunk: int) -> None:
+        if self._done.done():
+            return
+        if self._compute_running == chunk:
+            self._compute_running = None
+        self._step()
+
+    def _on_wake(self, when: float) -> None:
+        self._wake_times.discard(when)
+        self._guard(self._step)
+
+    def _finish(self) -> None:
+        if self._done.done():
+            return
+        loss = sum(r.quality_loss * r.tokens for r in self.records)
+        tokens = sum(r.tokens for r in self.records)
+        wire_bits = sum(r.wire_bits for r in self.records if r.wire_bits is not None)
+        result = SessionResult(
+            policy=self.label, slo_s=self.slo_s, ttft_s=self._last_ready + self.query_prefill_s,
+            quality_loss=loss / tokens, bytes_loaded=sum(r.nbytes for r in self.records),
+            wire_bytes=wire_bits / 8.0, context_tokens=tokens,
+            text_chunks=sum(1 for r in self.records if r.action == TEXT), decisions=self._decisions,
+            chunks=tuple(self.records))
+        self._done.set_result(result)
+
+    # ------------------------------------------------------------------ the state machine
+    def _set_ready(self, chunk: int, t: float) -> None:
+        self._ready_at[chunk] = t
+        heapq.heappush(self._upcoming, (t, chunk))
+        self.records[chunk].ready_s = t
+        self._resolved += 1
+        if t > self._last_ready:
+            self._last_ready = t
+        ready_at = self._ready_at
+        n = len(ready_at)
+        while self._prefix < n and ready_at[self._prefix] is not None:
+            if ready_at[self._prefix] > self._prefix_ready:
+                self._prefix_ready = ready_at[self._prefix]
+            self._prefix += 1
+
+    def _link_idle(self) -> bool:
+        return self._inflight is None and not self._link_queue
+
+    def _compute_idle(self) -> bool:
+        return self._compute_running is None and not self._compute_queue
+
+    def _step(self) -> None:
+        now = self._now()
+        self._start_compute(now)
+        self._start_transfer(now)
+        waiting = False
+        while self._pending and (self._link_idle() or self._compute_idle()):
+            obs = self._observe(now)
+            self._decisions += 1
+            decision = self.policy.decide(obs)
+            if decision is None:
+                waiting = True
+                break
+            self._apply(decision, obs, now)
+        if not self._pending and self._resolved == len(self.menus):
+            if not self._finish_scheduled:
+                self._finish_scheduled = True
+                self._loop.call_at(self._t0 + self._last_ready + self.query_prefill_s, self._finish)
+            return
+        if waiting and self._inflight is None and self._compute_running is None:
+            later = [t for t in self._ready_at if t is not None and t > now]
+            if not later:
+                raise PolicyError(
+                    f"policy {self.label!r} returned None at t={now:.6g} s with nothing in flight (pending "
+                    f"chunks {self._pending[:8]}{'...' if len(self._pending) > 8 else ''}); it would wait forever")
+            when = self._t0 + min(later)
+            if when not in self._wake_times:
+                self._wake_times.add(when)
+                self._loop.call_at(when, self._on_wake, when)
+
+    def _apply(self, decision: Decision, obs: Observation, now: float) -> None:
+        if not isinstance(decision, Decision):
+            raise PolicyError(f"policy {self.label!r} returned {decision!r} at t={now:.6g} s; "
+                              f"expected a Decision or None")
+        chunk, action = decision.chunk, decision.action
+        if chunk not in self._pending:
+            raise PolicyError(f"policy {self.label!r} decided chunk {chunk!r} at t={now:.6g} s, which is not "
+                              f"pending (pending: {self._pending[:8]}{'...' if len(self._pending) > 8 else ''})")
+        menu = self.menus[chunk]
+        if action == TEXT:
+            quality_loss = 0.0
+        else:
+            try:
+                option = menu.option(action)
+            except KeyError:
+                raise PolicyError(f"policy {self.label!r} chose level {action!r} for chunk {chunk} at "
+                                  f"t={now:.6g} s; the menu has {[o.level for o in menu.levels]} "
+                                  f"and {TEXT!r}") from None
+            quality_loss = option.quality_loss
+        rec = self.records[chunk]
+        rec.action = action
+        rec.decided_s = now
+        rec.quality_loss = quality_loss
+        rec.predicted_bps = decision.predicted_bps
+        self._actions[chunk] = action
+        self._pending.remove(chunk)
+        self._decisions_applied += 1
+        if action == TEXT:
+            heapq.heappush(self._compute_queue, chunk)
+            self._start_compute(now)
+        else:
+            rec.nbytes = option.nbytes
+            self._decode_s[chunk] = option.decode_s
+            self._link_queue.append(chunk)
+            self._start_transfer(now)
+
+    def _start_transfer(self, now: float) -> None:
+        if self._inflight is not None or not self._link_queue:
+            return
+        chunk = self._link_queue.popleft()
+        rec = self.records[chunk]
+        rec.transfer_start_s = now
+        self._inflight = chunk
+        future = self.link.start_transfer(rec.nbytes)
+        future.add_done_callback(self._on_transfer_done)
+
+    def _start_compute(self, now: float) -> None:
+        if self._compute_running is not None or not self._compute_queue:
+            return
+        chunk = self._compute_queue[0]
+        if self._prefix < chunk:
+            return  # some chunk before it has no known ready time yet
+        heapq.heappop(self._compute_queue)
+        start = max(now, self._compute_free, self._prefix_ready if chunk else 0.0)
+        end = start + self.menus[chunk].recompute_s
+        rec = self.records[chunk]
+        rec.recompute_start_s, rec.recompute_end_s = start, end
+        self._compute_running = chunk
+        self._compute_free = end
+        self._set_ready(chunk, end)
+        self._loop.call_at(self._t0 + end, self._on_recompute_done, chunk)
+
+    def _observe(self, now: float) -> Observation:
+        link_until = now
+        if not self._link_idle():
+            samples = self._samples
+            est = samples[-1].throughput_bps if samples else self.prior_throughput_bps
+            rtt = self.link.rtt_s
+            queued = list(self._link_queue)
+            if self._inflight is not None:
+                rec = self.records[self._inflight]
+                t_est = rec.transfer_start_s + rtt + (rec.nbytes * 8.0 / est if est else 0.0)
+                link_until = t_est if t_est > now else now
+            for c in queued:
+                link_until += rtt + (self.records[c].nbytes * 8.0 / est if est else 0.0)
+        compute_until = self._compute_free if self._compute_running is not None else now
+        if compute_until < now:
+            compute_until = now
+        for c in self._compute_queue:
+            compute_until += self.menus[c].recompute_s
+        # the tuples change only on a decision (pending, actions) or as time passes (ready): reuse them
+        if self._obs_cache_key != self._decisions_applied:
+            self._pending_t = tuple(self._pending)
+            self._actions_t = tuple(self._actions)
+            self._obs_cache_key = self._decisions_applied
+        upcoming = self._upcoming
+        if upcoming and upcoming[0][0] <= now:
+            flags = self._ready_flags
+            while upcoming and upcoming[0][0] <= now:
+                flags[heapq.heappop(upcoming)[1]] = True
+            self._ready_t = tuple(flags)
+        return Observation(now, self.session, self._pending_t, self._actions_t, self._ready_t,
+                           self._link_idle(), self._compute_idle(), link_until,
+                           self._decoder_free if self._decoder_free > now else now, compute_until, self._samples)
+
+
+async def stream_context(policy: Policy, menus: Sequence[ChunkMenu], link: Link, *, slo_s: float,
+                         **kwargs: Any) -> SessionResult:
+    """Convenience: ``await stream_context(policy, menus, link, slo_s=...)`` runs one `StreamingEngine`."""
+    return await StreamingEngine(policy, menus, link, slo_s=slo_s, **kwargs).run()

@@ -1,0 +1,188 @@
+"""Per-chunk menus from a codec profile, a model shape and a recompute cost model.
+
+A profile measured on a small real model (bits per value, quality loss per level) scales to any deployment:
+a chunk's size at a level is ``values x bits_per_value / 8`` where ``values = tokens x 2 (K and V) x layers x
+kv_heads x head_dim`` of the *target* model. Decode time is ``values / decode speed``; recompute time comes
+from `RecomputeCost`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from importlib import resources
+from types import MappingProxyType
+from typing import Mapping
+
+from policies.base import ChunkMenu, LevelOption
+from streamer.profile import Profile
+
+__all__ = ["DEFAULT_DECODE_VALUES_PER_S", "FALLBACK_DECODE_VALUES_PER_S", "MODEL_SHAPES", "ModelShape",
+           "RecomputeCost", "build_menus", "decode_values_per_s", "recompute_cost", "recompute_costs"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    """The KV-cache geometry of a model."""
+
+    name: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    raw_bytes_per_value: int = 2
+    """Bytes per value of the uncompressed KV (2 for fp16/bf16)."""
+
+    def __post_init__(self) -> None:
+        for key in ("layers", "kv_heads", "head_dim", "raw_bytes_per_value"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"model shape {self.name!r}: {key} must be > 0")
+
+    @property
+    def values_per_token(self) -> int:
+        """KV values per token: keys and values of every layer and KV head."""
+        return 2 * self.layers * self.kv_heads * self.head_dim
+
+    @property
+    def raw_bytes_per_token(self) -> int:
+        return self.values_per_token * self.raw_bytes_per_value
+
+    @classmethod
+    def named(cls, name: str) -> ModelShape:
+        """One of `MODEL_SHAPES`; ValueError listing the known names otherwise."""
+        try:
+            return MODEL_SHAPES[name]
+        except KeyError:
+            raise ValueError(f"unknown model shape {name!r}; known: {', '.join(sorted(MODEL_SHAPES))} "
+                             f"(or give layers,kv_heads,head_dim)") from None
+
+    @classmethod
+    def parse(cls, spec: str) -> ModelShape:
+        """A name from `MODEL_SHAPES`, or ``layers,kv_heads,head_dim`` (e.g. ``32,8,128``)."""
+        if "," in spec:
+            parts = spec.split(",")
+            try:
+                layers, heads, dim = (int(p) for p in parts)
+            except ValueError:
+                raise ValueError(f"model shape {spec!r}: expected layers,kv_heads,head_dim as integers") from None
+            return cls(spec, layers, heads, dim)
+        return cls.named(spec)
+
+
+MODEL_SHAPES: Mapping[str, ModelShape] = MappingProxyType({
+    s.name: s for s in (
+        ModelShape("smollm2-135m", 30, 3, 64),
+        ModelShape("mistral-7b", 32, 8, 128),
+        ModelShape("llama-3.1-8b", 32, 8, 128),
+        ModelShape("llama-2-70b", 80, 8, 128),
+        ModelShape("llama-3-70b", 80, 8, 128),
+    )
+})
+"""Named model shapes (read-only)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecomputeCost:
+    """Prefill time of a chunk of ``length`` tokens whose prefix of ``pos`` tokens is already cached:
+    ``c_s + a_s_per_token * length + b_s_per_token_pair * length * (pos + length / 2)``."""
+
+    a_s_per_token: float
+    b_s_per_token_pair: float
+    c_s: float = 0.0
+    name: str = ""
+    provisional: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("a_s_per_token", "b_s_per_token_pair", "c_s"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"recompute cost {key} must be finite and >= 0, got {value}")
+
+    def prefill_s(self, pos: int, length: int) -> float:
+        """Seconds to recompute tokens ``[pos, pos + length)`` given the KV of ``[0, pos)``."""
+        return self.c_s + self.a_s_per_token * length + self.b_s_per_token_pair * length * (pos + length / 2)
+
+
+def recompute_costs() -> Mapping[str, RecomputeCost]:
+    """The shipped cost table, keyed ``gpu/model`` (e.g. ``h100/mistral-7b``); see ``recompute_costs.json``."""
+    table = json.loads(resources.files("streamer").joinpath("recompute_costs.json").read_text())
+    out = {}
+    for e in table["entries"]:
+        key = f"{e['gpu']}/{e['model']}"
+        out[key] = RecomputeCost(e["a_s_per_token"], e["b_s_per_token_pair"], e["c_s"], name=key,
+                                 provisional=bool(e.get("provisional", False)))
+    return MappingProxyType(out)
+
+
+def recompute_cost(spec: str) -> RecomputeCost:
+    """``gpu/model`` from the shipped table, or explicit ``a,b,c`` (seconds per token, per token pair, fixed)."""
+    if "," in spec:
+        try:
+            a, b, c = (float(p) for p in spec.split(","))
+        except ValueError:
+            raise ValueError(f"recompute cost {spec!r}: expected a,b,c as numbers") from None
+        return RecomputeCost(a, b, c, name=spec)
+    table = recompute_costs()
+    try:
+        return table[spec]
+    except KeyError:
+        raise ValueError(f"no recompute cost for {spec!r}; known: {', '.join(sorted(table))} "
+                         f"(or give a,b,c)") from None
+
+
+DEFAULT_DECODE_VALUES_PER_S: Mapping[str, float | None] = MappingProxyType({
+    "raw": None,               # no decoding: the bytes are the KV
+    "int8": 2.0e11,            # one multiply per value, memory bound
+    "cachegen-delta-3": 1.5e10,
+    "cachegen-3": 2.0e10,
+    "cachegen-delta-2": 1.5e10,
+    "cachegen-2": 2.0e10,
+    "cachegen-delta-1": 1.5e10,
+    "cachegen-1": 2.0e10,
+})
+"""PROVISIONAL GPU decode speeds (KV values per second) used when a profile has no GPU numbers: CacheGen's
+GPU range decoder is reported to keep up with multi-Gbps links; 2e10 values/s decodes a 1,536-token
+Mistral-7B chunk (1.0e8 values) in 5 ms. Replace with `kvcast eval codec` measurements."""
+
+FALLBACK_DECODE_VALUES_PER_S = 1.0e10
+"""Decode speed of levels that are in neither the profile's GPU numbers nor the default table."""
+
+
+def decode_values_per_s(profile: Profile, level: str) -> float | None:
+    """GPU decode speed of `level`: the profile's measurement, else the default table (None: no decoding)."""
+    measured = profile.level(level).gpu_decode_values_per_s
+    if measured is not None:
+        return measured
+    return DEFAULT_DECODE_VALUES_PER_S.get(level, FALLBACK_DECODE_VALUES_PER_S)
+
+
+def build_menus(profile: Profile, shape: ModelShape, context_tokens: int, chunk_tokens: int,
+                recompute: RecomputeCost, *, levels: tuple[str, ...] | None = None) -> tuple[ChunkMenu, ...]:
+    """Menus of a ``context_tokens`` context cut into chunks of ``chunk_tokens`` (the last one may be shorter).
+
+    `levels` restricts the menu to some of the profile's levels (kept best quality first). The ``raw`` level's
+    size follows the model shape's ``raw_bytes_per_value``; the other levels use the profile's bits per value.
+    """
+    if context_tokens <= 0 or chunk_tokens <= 0:
+        raise ValueError(f"context_tokens and chunk_tokens must be > 0, got {context_tokens}, {chunk_tokens}")
+    rows = profile.levels if levels is None else profile.restricted(levels).levels
+    if not rows:
+        raise ValueError("a menu needs at least one level")
+    speeds = [decode_values_per_s(profile, r.level) for r in rows]
+    bits = [8.0 * shape.raw_bytes_per_value if r.level == "raw" else r.bits_per_value for r in rows]
+    menus = []
+    for index, start in enumerate(range(0, context_tokens, chunk_tokens)):
+        tokens = min(chunk_tokens, context_tokens - start)
+        values = tokens * shape.values_per_token
+        options = tuple(
+            LevelOption(level=r.level, nbytes=math.ceil(values * b / 8.0),
+                        decode_s=0.0 if v is None else values / v, quality_loss=r.quality_loss)
+            for r, b, v in zip(rows, bits, speeds))
+        menus.append(ChunkMenu(index=index, start_token=start, tokens=tokens, levels=options,
+                               recompute_s=recompute.prefill_s(start, tokens)))
+    return tuple(menus)
+
+
+def with_recompute_scale(menus: tuple[ChunkMenu, ...], factor: float) -> tuple[ChunkMenu, ...]:
+    """The menus with every recompute time multiplied by `factor` (a GPU shared with other work)."""
+    return tuple(replace(m, recompute_s=m.recompute_s * factor) for m in menus)

@@ -1,0 +1,303 @@
+"""Trace-driven simulation: policies x traces x contexts, in virtual time, in parallel over processes.
+
+One *session* loads one context over one trace with one policy (`StreamingEngine` over a `SimPyLink` on a
+`VirtualTimeLoop`). A sweep crosses every trace with `SimulationConfig.contexts` contexts (a context = a
+length and a start offset into the trace, drawn from the seed) and runs every policy on each
+(trace, context) pair: comparisons between policies are paired. Every session starts at virtual time 0 on
+a fresh SimPy timeline, so results do not depend on the number of worker processes or on the order in
+which sessions run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from netsim.trace_link import SimPyLink
+from netsim.virtual_time import VirtualTimeLoop
+from policies.base import ChunkMenu, Policy
+from policies.registry import PolicyRegistry, default_registry
+from streamer.engine import SessionResult, StreamingEngine
+from streamer.menus import ModelShape, RecomputeCost, build_menus, recompute_cost
+from streamer.profile import Profile, default_profile
+from traces.trace import Trace
+
+__all__ = ["SimulationConfig", "SessionSetup", "history_mean_bps", "plan_sessions", "run_sweep",
+           "simulate_session"]
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Everything a sweep needs besides the traces. Every field has a documented default."""
+
+    policies: tuple[str, ...] = ("text", "raw", "fixed:cachegen-2", "cachegen", "cachegen-code")
+    """Policy specs (``name`` or ``name:argument``)."""
+    model: str = "mistral-7b"
+    """Model shape: a name of `streamer.menus.MODEL_SHAPES` or ``layers,kv_heads,head_dim``."""
+    gpu: str = "h100"
+    """GPU of the recompute cost table (``gpu/model`` must be in ``recompute_costs.json``)."""
+    recompute: str | None = None
+    """Override of the recompute cost: ``gpu/model`` of the table, or ``a,b,c`` (see `RecomputeCost`)."""
+    profile: str | None = None
+    """Path of a ``kvcast-profile/1`` JSON; None: the shipped (provisional) default profile."""
+    levels: tuple[str, ...] | None = None
+    """Restrict the menus to these levels of the profile (None: all)."""
+    chunk_tokens: int = 1536
+    """Tokens per chunk (CacheGen used ~1.5K)."""
+    context_tokens: tuple[int, int] = (12288, 20480)
+    """Context length range; each context draws a length uniformly from it (inclusive)."""
+    contexts: int = 20
+    """Contexts per trace (each with its own length and start offset in the trace)."""
+    slo_s: float = 1.0
+    """Target TTFT. With the defaults, recomputing the whole context (`text`) takes ~1.0-2.0 s on H100."""
+    scaling: str = "range"
+    """How traces are scaled: ``range`` (each trace to a mean drawn log-uniformly in `mean_gbps`),
+    ``none`` (as read), or ``factor:X`` (every bandwidth times X)."""
+    mean_gbps: tuple[float, float] = (1.0, 10.0)
+    """Range of trace means for ``scaling="range"`` (a datacenter-to-storage range)."""
+    rtt_s: float = 0.01
+    """Round-trip time per chunk request."""
+    efficiency: float = 0.95
+    """Payload bytes per wire byte (Pensieve's 0.95)."""
+    overhead_bytes: int = 400
+    """Extra bytes per request (HTTP headers)."""
+    prior_window_s: float = 5.0
+    """The policies' historical throughput: the trace's mean over this many seconds before the session."""
+    query_prefill_s: float = 0.0
+    """Prefill of the query after the context is loaded (policy-independent; added to TTFT)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.policies:
+            raise ValueError("no policies to simulate")
+        lo, hi = self.context_tokens
+        if not 0 < lo <= hi:
+            raise ValueError(f"context_tokens must be 0 < min <= max, got {self.context_tokens}")
+        if self.chunk_tokens <= 0 or self.contexts <= 0:
+            raise ValueError("chunk_tokens and contexts must be > 0")
+        if not (self.slo_s > 0 and math.isfinite(self.slo_s)):
+            raise ValueError(f"slo_s must be finite and > 0, got {self.slo_s}")
+        lo_g, hi_g = self.mean_gbps
+        if not 0 < lo_g <= hi_g:
+            raise ValueError(f"mean_gbps must be 0 < low <= high, got {self.mean_gbps}")
+        self.scale_factor_or_none()
+
+    def scale_factor_or_none(self) -> float | None:
+        """The factor of ``scaling="factor:X"``; None for the other modes (ValueError if malformed)."""
+        if self.scaling in ("range", "none"):
+            return None
+        if self.scaling.startswith("factor:"):
+            try:
+                factor = float(self.scaling.split(":", 1)[1])
+            except ValueError:
+                factor = -1.0
+            if factor > 0 and math.isfinite(factor):
+                return factor
+        raise ValueError(f"scaling must be 'range', 'none' or 'factor:X' with X > 0, got {self.scaling!r}")
+
+    def shape(self) -> ModelShape:
+        return ModelShape.parse(self.model)
+
+    def recompute_cost(self) -> RecomputeCost:
+        return recompute_cost(self.recompute or f"{self.gpu}/{self.model}")
+
+    def load_profile(self) -> Profile:
+        return default_profile() if self.profile is None else Profile.load(self.profile)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SessionSetup:
+    """One (trace, context) pair: everything but the policy."""
+
+    trace_index: int
+    trace_key: str
+    context: int
+    context_tokens: int
+    offset_s: float
+    """Where in the (scaled) trace the session starts."""
+    scale_factor: float
+    prior_bps: float
+    mean_bps: float = field(default=0.0)
+    """Mean of the scaled trace."""
+
+
+def _stable_hash(text: str) -> int:
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def trace_keys(traces: Sequence[Trace]) -> list[str]:
+    """Stable, unique keys for seeding: source and name (plus ``#k`` for repeats)."""
+    seen: dict[str, int] = {}
+    keys = []
+    for trace in traces:
+        key = f"{trace.source}|{trace.name}"
+        count = seen.get(key, 0)
+        seen[key] = count + 1
+        keys.append(key if count == 0 else f"{key}#{count}")
+    return keys
+
+
+def history_mean_bps(trace: Trace, start_s: float, window_s: float) -> float:
+    """Mean bandwidth of `trace` over the `window_s` seconds before `start_s` (wrapping if the trace wraps)."""
+    if window_s <= 0:
+        return float(trace.bandwidth_at(start_s))
+    if trace.wrap:
+        begin = (start_s - window_s) % trace.duration_s
+        return float(trace.delivered_bits(begin, begin + window_s)) / window_s
+    if start_s <= 0:
+        return float(trace.bandwidth_at(0.0))
+    span = min(window_s, start_s)
+    return float(trace.delivered_bits(start_s - span, start_s)) / span
+
+
+def scaled_trace(trace: Trace, key: str, config: SimulationConfig) -> tuple[Trace, float]:
+    """The trace as simulated (see `SimulationConfig.scaling`) and the factor applied."""
+    factor = config.scale_factor_or_none()
+    if config.scaling == "none":
+        return trace, 1.0
+    if factor is None:  # range: log-uniform target mean, drawn from (seed, trace)
+        rng = np.random.default_rng([config.seed, _stable_hash(key), 1])
+        lo, hi = config.mean_gbps
+        target = math.exp(rng.uniform(math.log(lo), math.log(hi))) * 1e9 if hi > lo else lo * 1e9
+        if trace.mean_bps <= 0:
+            raise ValueError(f"trace {trace.name!r} ({trace.source}) has zero mean bandwidth; cannot scale it")
+        factor = target / trace.mean_bps
+    return trace.scaled(factor), factor
+
+
+def plan_sessions(trace: Trace, trace_index: int, key: str, config: SimulationConfig) -> tuple[Trace, list[SessionSetup]]:
+    """The scaled trace and its `config.contexts` session setups (deterministic for the seed)."""
+    scaled, factor = scaled_trace(trace, key, config)
+    rng = np.random.default_rng([config.seed, _stable_hash(key), 2])
+    lo, hi = config.context_tokens
+    setups = []
+    mean = scaled.mean_bps
+    for c in range(config.contexts):
+        tokens = int(rng.integers(lo, hi + 1))
+        offset = float(rng.uniform(0.0, scaled.duration_s)) if scaled.wrap else 0.0
+        prior = history_mean_bps(scaled, offset, config.prior_window_s)
+        setups.append(SessionSetup(trace_index, key, c, tokens, offset, factor, prior, mean))
+    return scaled, setups
+
+
+def simulate_session(policy: Policy, menus: Sequence[ChunkMenu], trace: Trace, *, slo_s: float,
+                     offset_s: float = 0.0, rtt_s: float = 0.0, efficiency: float = 1.0, overhead_bytes: int = 0,
+                     prior_throughput_bps: float | None = None, query_prefill_s: float = 0.0,
+                     label: str | None = None, loop: VirtualTimeLoop | None = None) -> SessionResult:
+    """Run one session in virtual time, starting `offset_s` seconds into `trace`, and return its result."""
+    own = loop is None
+    loop = VirtualTimeLoop() if own else loop
+    try:
+        env = loop.new_timeline()
+        link = SimPyLink(env, trace, rtt_s=rtt_s, efficiency=efficiency, overhead_bytes=overhead_bytes,
+                         origin_s=-offset_s)
+        engine = StreamingEngine(policy, menus, link, slo_s=slo_s, prior_throughput_bps=prior_throughput_bps,
+                                 query_prefill_s=query_prefill_s, label=label)
+        return loop.run_until_complete(engine.run())
+    finally:
+        if own:
+            loop.close()
+
+
+@dataclass
+class TraceTask:
+    """The work of one worker call: every context of one trace, every policy."""
+
+    trace: Trace
+    trace_index: int
+    key: str
+    config: SimulationConfig
+    chunk_log: bool = True
+
+
+@dataclass
+class TraceOutcome:
+    trace_index: int
+    sessions: list[dict[str, Any]]
+    chunk_lines: list[str]
+    chunks: int
+
+
+def run_trace_task(task: TraceTask, registry: PolicyRegistry | None = None) -> TraceOutcome:
+    """Run every policy on every context of one trace (the unit of parallel work)."""
+    config = task.config
+    registry = registry if registry is not None else default_registry()
+    scaled, setups = plan_sessions(task.trace, task.trace_index, task.key, config)
+    profile = config.load_profile()
+    shape = config.shape()
+    cost = config.recompute_cost()
+    menus_by_length: dict[int, tuple[ChunkMenu, ...]] = {}
+    loop = VirtualTimeLoop()
+    sessions: list[dict[str, Any]] = []
+    lines: list[str] = []
+    chunks = 0
+    try:
+        for setup in setups:
+            menus = menus_by_length.get(setup.context_tokens)
+            if menus is None:
+                menus = build_menus(profile, shape, setup.context_tokens, config.chunk_tokens, cost,
+                                    levels=config.levels)
+                menus_by_length[setup.context_tokens] = menus
+            for spec in config.policies:
+                try:
+                    result = simulate_session(
+                        registry.create(spec), menus, scaled, slo_s=config.slo_s, offset_s=setup.offset_s,
+                        rtt_s=config.rtt_s, efficiency=config.efficiency, overhead_bytes=config.overhead_bytes,
+                        prior_throughput_bps=setup.prior_bps, query_prefill_s=config.query_prefill_s,
+                        label=spec, loop=loop)
+                except Exception as exc:
+                    raise RuntimeError(f"policy {spec!r} on trace {task.trace.name!r} ({task.trace.source}), "
+                                       f"context {setup.context}: {type(exc).__name__}: {exc}") from exc
+                row = {"policy": spec, "trace": task.trace.name, "trace_index": setup.trace_index,
+                       "trace_source": task.trace.source, "context": setup.context,
+                       "offset_s": setup.offset_s, "scale_factor": setup.scale_factor,
+                       "trace_mean_bps": setup.mean_bps, "prior_bps": setup.prior_bps}
+                row.update(result.summary())
+                sessions.append(row)
+                chunks += len(result.chunks)
+                if task.chunk_log:
+                    head = {"policy": spec, "trace_index": setup.trace_index, "context": setup.context}
+                    for rec in result.chunks:
+                        lines.append(json.dumps({**head, **rec.to_dict()}, separators=(",", ":")))
+    finally:
+        loop.close()
+    return TraceOutcome(task.trace_index, sessions, lines, chunks)
+
+
+def _run_task(task: TraceTask) -> TraceOutcome:
+    return run_trace_task(task)
+
+
+def run_sweep(traces: Sequence[Trace], config: SimulationConfig, *, workers: int | None = None,
+              chunk_log: bool = True, on_outcome: Callable[[TraceOutcome], None] | None = None,
+              ) -> Iterator[TraceOutcome]:
+    """Run the sweep; yields one `TraceOutcome` per trace, in trace order (whatever the worker count).
+
+    `workers`: processes (None: one per CPU; 1: in this process, no pool).
+    """
+    keys = trace_keys(traces)
+    tasks = [TraceTask(t, i, k, config, chunk_log) for i, (t, k) in enumerate(zip(traces, keys))]
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if workers <= 1 or len(tasks) <= 1:
+        registry = default_registry()
+        for task in tasks:
+            yield run_trace_task(task, registry)
+        return
+    with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+        yield from pool.map(_run_task, tasks)
+
+
+def with_overrides(config: SimulationConfig, **changes: Any) -> SimulationConfig:
+    """`config` with some fields replaced (None values are ignored)."""
+    return replace(config, **{k: v for k, v in changes.items() if v is not None})
