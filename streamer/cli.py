@@ -115,7 +115,7 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
                 rtt_s=rtt_ms / 1e3, efficiency=efficiency, overhead_bytes=overhead_bytes,
                 prior_window_s=prior_window, query_prefill_s=query_prefill, seed=seed)
             _check_config(config)
-        except ValueError as exc:
+        except (ValueError, KeyError) as exc:
             console.print(f"[red]error:[/red] {exc}", highlight=False)
             raise typer.Exit(2) from None
         trace_list, skipped = _load(traces, "raise" if on_bad_trace == "error" else "skip", console)
@@ -159,17 +159,25 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
 
 
 def _check_config(config: Any) -> None:
-    """Fail early (before any worker starts) on a bad policy, profile, shape or cost."""
+    """Fail early, before any worker starts, on a bad policy, profile, shape or cost: every policy runs one
+    short session on a constant trace (ValueError with the policy's name otherwise)."""
     from policies.registry import default_registry
+    from streamer.menus import build_menus
+    from streamer.simulate import simulate_session
+    from traces.trace import Trace
 
     registry = default_registry()
-    for spec in config.policies:
-        registry.create(spec)
     profile = config.load_profile()
-    if config.levels:
-        profile.restricted(config.levels)
-    config.shape()
-    config.recompute_cost()
+    menus = build_menus(profile, config.shape(), config.context_tokens[0], config.chunk_tokens,
+                        config.recompute_cost(), levels=config.levels)
+    trace = Trace([0.0, 1e6], [config.mean_gbps[0] * 1e9])
+    for spec in config.policies:
+        try:
+            simulate_session(registry.create(spec), menus, trace, slo_s=config.slo_s, rtt_s=config.rtt_s,
+                             prior_throughput_bps=trace.mean_bps)
+        except Exception as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            raise ValueError(f"policy {spec!r}: {message}") from None
 
 
 def run_simulation(traces: list[Any], config: Any, out: Path, *, workers: int | None, chunk_log: bool = True,

@@ -1,0 +1,164 @@
+"""The simple policies: fixed:<level>, raw, text, cachegen (published) and cachegen-code (artifact)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from netsim import SimPyLink, VirtualTimeLoop
+from policies.base import TEXT, ChunkMenu, LevelOption, Observation, Session, ThroughputSample
+from policies.cachegen import CacheGenPolicy
+from policies.cachegen_code import CacheGenCodePolicy
+from policies.registry import default_registry
+from streamer.engine import StreamingEngine
+from streamer.menus import ModelShape, build_menus, recompute_cost
+from streamer.profile import default_profile
+from traces.trace import Trace
+
+LEVELS = (("hi", 4_000_000, 0.0), ("mid", 2_000_000, 0.01), ("lo", 1_000_000, 0.05))  # name, bytes, loss
+
+
+def toy_menus(n: int, decode_s: float = 0.0) -> tuple[ChunkMenu, ...]:
+    return tuple(ChunkMenu(i, 100 * i, 100, tuple(LevelOption(name, b, decode_s, q) for name, b, q in LEVELS), 0.2)
+                 for i in range(n))
+
+
+def observe(session: Session, *, now: float, pending, samples=(), link_idle=True) -> Observation:
+    n = len(session.menus)
+    return Observation(now_s=now, session=session, pending=tuple(pending),
+                       actions=tuple(None if i in pending else "mid" for i in range(n)),
+                       ready=tuple(False for _ in range(n)), link_idle=link_idle, compute_idle=True,
+                       link_busy_until_s=now, decoder_free_at_s=now, compute_free_at_s=now, samples=tuple(samples))
+
+
+def sample(nbytes: int, seconds: float) -> ThroughputSample:
+    return ThroughputSample(0, nbytes, 0.0, seconds)
+
+
+def test_registry_has_the_simple_policies():
+    reg = default_registry()
+    for spec in ("fixed:int8", "raw", "text", "cachegen", "cachegen:3", "cachegen-code"):
+        assert reg.create(spec).name == spec.split(":")[0]
+    with pytest.raises(ValueError, match="needs a level"):
+        reg.create("fixed")
+
+
+@pytest.mark.parametrize("tput_bps, expected", [
+    (8e6 * 3 / 1.0 * 4 / 1.0, "hi"),    # 3 chunks x 4 MB in 1 s needs 96 Mbps
+    (50e6, "mid"),                       # 3 x 2 MB = 48 Mbit -> 0.96 s fits, hi (1.92 s) does not
+    (30e6, "lo"),                        # 3 x 1 MB = 24 Mbit -> 0.8 s
+    (10e6, TEXT),                        # even lo needs 2.4 s
+])
+def test_cachegen_picks_the_highest_level_that_fits_else_text(tput_bps, expected):
+    policy = CacheGenPolicy()
+    session = Session(toy_menus(3), slo_s=1.0, prior_throughput_bps=tput_bps)
+    policy.reset(session)
+    decision = policy.decide(observe(session, now=0.0, pending=(0, 1, 2)))
+    assert decision.chunk == 0 and decision.action == expected
+    assert decision.predicted_bps == tput_bps
+
+
+def test_cachegen_uses_the_previous_chunk_and_the_remaining_slo():
+    policy = CacheGenPolicy()
+    session = Session(toy_menus(3), slo_s=2.0, rtt_s=0.0, prior_throughput_bps=1e9)
+    policy.reset(session)
+    # previous chunk: 2 MB in 0.5 s = 32 Mbps; 1.5 s left for 2 chunks: mid needs 1.0 s, hi 2.0 s
+    obs = observe(session, now=0.5, pending=(1, 2), samples=[sample(2_000_000, 0.5)])
+    assert policy.decide(obs).action == "mid"
+    # the same throughput with only 0.6 s left: lo (0.5 s) fits, mid does not
+    obs = observe(session, now=1.4, pending=(1, 2), samples=[sample(2_000_000, 0.5)])
+    assert policy.decide(obs).action == "lo"
+    assert policy.decide(observe(session, now=1.4, pending=(1, 2), link_idle=False)) is None
+
+
+def test_cachegen_window_takes_the_harmonic_mean():
+    policy = CacheGenPolicy(window=2)
+    session = Session(toy_menus(2), slo_s=1.0)
+    policy.reset(session)
+    obs = observe(session, now=0.0, pending=(1,), samples=[sample(1_000_000, 1.0), sample(1_000_000, 0.25)])
+    assert policy.estimate_bps(obs) == pytest.approx(2 / (1 / 8e6 + 1 / 32e6))
+
+
+@settings(max_examples=80, deadline=None)
+@given(tput=st.floats(1e6, 1e9), remaining=st.floats(0.01, 5.0), first=st.integers(0, 4),
+       rtt=st.floats(0.0, 0.05))
+def test_cachegen_choice_is_the_best_level_whose_prediction_fits(tput, remaining, first, rtt):
+    menus = toy_menus(5)
+    session = Session(menus, slo_s=10.0, rtt_s=rtt, prior_throughput_bps=tput)
+    policy = CacheGenPolicy()
+    policy.reset(session)
+    pending = tuple(range(first, 5))
+    decision = policy.decide(observe(session, now=10.0 - remaining, pending=pending))
+
+    def fits(k):
+        return sum(rtt + menus[j].levels[k].nbytes * 8 / tput for j in pending) <= remaining
+
+    fitting = [k for k in range(len(LEVELS)) if fits(k)]
+    assert decision.action == (LEVELS[fitting[0]][0] if fitting else TEXT)
+
+
+def run_session(policy, menus, trace, slo_s, prior, rtt_s=0.0):
+    loop = VirtualTimeLoop()
+    link = SimPyLink(loop.env, trace, rtt_s=rtt_s)
+    try:
+        return loop.run_until_complete(
+            StreamingEngine(policy, menus, link, slo_s=slo_s, prior_throughput_bps=prior).run())
+    finally:
+        loop.close()
+
+
+@settings(max_examples=30, deadline=None)
+@given(bandwidth=st.floats(5e6, 2e8), slo=st.floats(0.2, 4.0), rtt=st.floats(0.0, 0.02), n=st.integers(1, 6))
+def test_cachegen_meets_the_slo_on_constant_bandwidth_when_it_loads_everything(bandwidth, slo, rtt, n):
+    """With a constant link and an exact prior the prediction is exact: if cachegen never falls back to
+    text, it meets the SLO."""
+    result = run_session(CacheGenPolicy(), toy_menus(n), Trace([0.0, 100.0], [bandwidth]), slo, bandwidth, rtt)
+    if result.text_chunks == 0:
+        assert result.ttft_s <= slo * (1 + 1e-9)
+
+
+def test_cachegen_falls_back_to_text_when_nothing_fits():
+    result = run_session(CacheGenPolicy(), toy_menus(3), Trace([0.0, 100.0], [1e6]), 0.5, 1e6)
+    assert [c.action for c in result.chunks] == [TEXT] * 3
+    assert result.bytes_loaded == 0
+
+
+def test_cachegen_code_uses_the_oracle_bandwidth_and_a_static_budget():
+    # 3 chunks, SLO 1.5 s: 0.5 s per chunk whatever happened before. Bandwidth 40 Mbps then 10 Mbps.
+    trace = Trace([0.0, 0.3, 100.0], [40e6, 10e6])
+    policy = CacheGenCodePolicy()
+    result = run_session(policy, toy_menus(3), trace, 1.5, None)
+    # t=0: 40 Mbps -> hi is 0.8 s, mid 0.4 s < 0.5: mid. Later 10 Mbps: lo takes 0.8 s > 0.5: text.
+    assert result.chunks[0].action == "mid"
+    assert [c.action for c in result.chunks[1:]] == [TEXT, TEXT]
+    assert result.chunks[0].predicted_bps == 40e6
+    assert policy.budget_s == pytest.approx(0.5)
+
+
+def test_cachegen_code_level_restriction_and_errors():
+    policy = CacheGenCodePolicy("mid+lo")
+    session = Session(toy_menus(2), slo_s=100.0, future_bandwidth_bps=lambda t: 1e12)
+    policy.reset(session)
+    assert policy.decide(observe(session, now=0.0, pending=(0, 1))).action == "mid"
+    with pytest.raises(ValueError, match="not on the menu"):
+        CacheGenCodePolicy("zz").reset(session)
+    with pytest.raises(ValueError, match="simulated link"):
+        CacheGenCodePolicy().reset(Session(toy_menus(2), slo_s=1.0))
+
+
+def test_fixed_raw_and_text_on_real_menus():
+    menus = build_menus(default_profile(), ModelShape.named("mistral-7b"), 6000, 1536,
+                        recompute_cost("h100/mistral-7b"))
+    trace = Trace([0.0, 100.0], [5e9])
+    reg = default_registry()
+    raw = run_session(reg.create("raw"), menus, trace, 1.0, 5e9)
+    assert {c.action for c in raw.chunks} == {"raw"} and raw.quality_loss == 0.0
+    assert raw.bytes_loaded == 6000 * ModelShape.named("mistral-7b").raw_bytes_per_token
+    fixed = run_session(reg.create("fixed:cachegen-2"), menus, trace, 1.0, 5e9)
+    assert {c.action for c in fixed.chunks} == {"cachegen-2"} and fixed.quality_loss == pytest.approx(0.0368)
+    text = run_session(reg.create("text"), menus, trace, 1.0, 5e9)
+    assert {c.action for c in text.chunks} == {TEXT} and text.bytes_loaded == 0
+    assert text.ttft_s == pytest.approx(sum(m.recompute_s for m in menus))
+    with pytest.raises(ValueError, match="no level 'zz'"):
+        run_session(reg.create("fixed:zz"), menus, trace, 1.0, 5e9)

@@ -1,0 +1,113 @@
+"""Profiles, model shapes, recompute costs and the menus built from them."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from streamer.menus import (DEFAULT_DECODE_VALUES_PER_S, MODEL_SHAPES, ModelShape, RecomputeCost, build_menus,
+                            recompute_cost, recompute_costs)
+from streamer.profile import Profile, ProfileError, default_profile
+
+
+def test_default_profile_is_valid_best_first_and_marked_provisional():
+    p = default_profile()
+    assert p.provisional and "PROVISIONAL" in p.note
+    assert p.level_names[:2] == ("raw", "int8")
+    losses = [r.quality_loss for r in p.levels]
+    assert losses == sorted(losses)
+    bits = [r.bits_per_value for r in p.levels]
+    assert bits == sorted(bits, reverse=True)
+    assert p.level("cachegen-2").bits_per_value == 2.94
+
+
+def test_profile_round_trip(tmp_path):
+    p = default_profile()
+    path = tmp_path / "p.json"
+    p.save(path)
+    q = Profile.load(path)
+    assert q == p and q.source == str(path)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.update(format="nope"), "'format'"),
+    (lambda d: d.update(levels=[]), "'levels' must be a non-empty list"),
+    (lambda d: d["levels"][1].pop("bits_per_value"), r"levels\[1\] \(int8\).bits_per_value is missing"),
+    (lambda d: d["levels"][2].update(quality_loss="x"), r"levels\[2\] \(cachegen-delta-3\).quality_loss must be"),
+    (lambda d: d["levels"][0].update(bits_per_value=-1), "must be > 0"),
+    (lambda d: d["levels"][3].update(level="raw"), "appears twice"),
+    (lambda d: d["levels"][3].update(level="text"), "other than 'text'"),
+    (lambda d: d["model"].update(layers=-2), "model.layers"),
+])
+def test_malformed_profiles_name_the_file_and_field(tmp_path, mutate, message):
+    data = default_profile().to_json_dict()
+    mutate(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match=message) as info:
+        Profile.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_profile_json_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{\n "format": "kvcast-profile/1",\n "levels": [,]\n}')
+    with pytest.raises(ProfileError, match=rf"{path}:3: not valid JSON"):
+        Profile.load(path)
+
+
+def test_named_shapes():
+    m = ModelShape.named("mistral-7b")
+    assert (m.layers, m.kv_heads, m.head_dim) == (32, 8, 128)
+    assert m.raw_bytes_per_token == 131072  # 128 KiB per token in fp16
+    assert MODEL_SHAPES["llama-3-70b"].layers == 80
+    assert ModelShape.parse("30,3,64").values_per_token == 2 * 30 * 3 * 64
+    with pytest.raises(ValueError, match="known"):
+        ModelShape.named("gpt-9")
+
+
+def test_recompute_cost_grows_with_position_and_sums_to_a_whole_prefill():
+    cost = recompute_cost("h100/mistral-7b")
+    assert cost.provisional
+    assert cost.prefill_s(15000, 1500) > cost.prefill_s(0, 1500)
+    n, k = 16384, 1024
+    chunked = sum(cost.prefill_s(p, k) for p in range(0, n, k))
+    whole = cost.prefill_s(0, n)
+    assert chunked == pytest.approx(whole + (n // k - 1) * cost.c_s)
+    assert recompute_cost("1e-5,2e-9,0.001") == RecomputeCost(1e-5, 2e-9, 0.001, name="1e-5,2e-9,0.001")
+    assert "a100/mistral-7b" in recompute_costs()
+    with pytest.raises(ValueError, match="known"):
+        recompute_cost("tpu/mistral-7b")
+
+
+def test_menus_scale_the_profile_to_the_target_model():
+    p = default_profile()
+    shape = ModelShape.named("mistral-7b")
+    cost = recompute_cost("h100/mistral-7b")
+    menus = build_menus(p, shape, 4000, 1536, cost)
+    assert [m.tokens for m in menus] == [1536, 1536, 928]
+    assert [m.start_token for m in menus] == [0, 1536, 3072]
+    values = 1536 * shape.values_per_token
+    row = menus[0].option("cachegen-2")
+    assert row.nbytes == math.ceil(values * 2.94 / 8)
+    assert row.decode_s == pytest.approx(values / DEFAULT_DECODE_VALUES_PER_S["cachegen-2"])
+    assert row.quality_loss == 0.0368
+    assert menus[0].option("raw").nbytes == 1536 * shape.raw_bytes_per_token
+    assert menus[0].option("raw").decode_s == 0.0
+    assert menus[2].recompute_s == pytest.approx(cost.prefill_s(3072, 928))
+    assert [o.level for o in menus[0].levels] == list(p.level_names)
+
+
+def test_menus_use_measured_gpu_decode_speed_and_level_restriction():
+    data = default_profile().to_json_dict()
+    data["levels"][4]["gpu_decode_values_per_s"] = 1e9
+    p = Profile.from_json_dict(data)
+    menus = build_menus(p, ModelShape.named("smollm2-135m"), 2048, 2048, recompute_cost("h100/smollm2-135m"),
+                        levels=("cachegen-2", "raw"))
+    assert [o.level for o in menus[0].levels] == ["raw", "cachegen-2"]
+    assert menus[0].option("cachegen-2").decode_s == pytest.approx(2048 * 2 * 30 * 3 * 64 / 1e9)
+    with pytest.raises(ProfileError, match="no level 'zstd'"):
+        build_menus(p, ModelShape.named("smollm2-135m"), 10, 10, recompute_cost("h100/smollm2-135m"),
+                    levels=("zstd",))
