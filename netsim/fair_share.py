@@ -109,7 +109,10 @@ class FairShareChannel:
         """A request for `nbytes` payload bytes is sent at `now`. Call `next_event_s` afterwards."""
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-        self._advance(now)
+        if self._active or self._pending:
+            self._advance(now)
+        elif now > self._last_s:
+            self._last_s = now
         flow = Flow(int(nbytes), self.wire_bits(nbytes), now, now + self.rtt_s, on_done)
         if self.rtt_s == 0.0:
             self._active.append(flow)

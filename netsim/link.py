@@ -11,9 +11,9 @@ from __future__ import annotations
 import abc
 import asyncio
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol, Union
 
-__all__ = ["Link", "LinkOracle", "TransferTiming"]
+__all__ = ["Link", "LinkOracle", "TransferOutcome", "TransferTiming"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +40,10 @@ class TransferTiming:
     def throughput_bps(self) -> float:
         """Payload goodput over the whole request, RTT included (bits/s)."""
         return self.nbytes * 8.0 / max(self.end_s - self.start_s, 1e-12)
+
+
+TransferOutcome = Union[TransferTiming, BaseException]
+"""What `Link.send` hands its callback: the timing, or the exception that ended the transfer."""
 
 
 class LinkOracle(Protocol):
@@ -74,6 +78,23 @@ class Link(abc.ABC):
     async def transfer(self, nbytes: int) -> TransferTiming:
         """``await link.transfer(n)``: send `nbytes` and wait until they are delivered."""
         return await self.start_transfer(nbytes)
+
+    def send(self, nbytes: int, on_done: Callable[[TransferOutcome], None]) -> None:
+        """Callback style (as ``loop.call_at``): send `nbytes` now and call ``on_done(timing)`` when they are
+        delivered, or ``on_done(exception)`` if the transfer fails. Called on the event loop.
+
+        The default wraps `start_transfer`; a simulated link overrides it to call back directly from its own
+        event, without a future (the streaming engine uses this method).
+        """
+        def done(future: asyncio.Future[TransferTiming]) -> None:
+            if future.cancelled():
+                on_done(asyncio.CancelledError())
+            elif future.exception() is not None:
+                on_done(future.exception())
+            else:
+                on_done(future.result())
+
+        self.start_transfer(nbytes).add_done_callback(done)
 
     def oracle(self) -> LinkOracle | None:
         """The link's future, if it can tell it (a simulated link can, a real network cannot)."""

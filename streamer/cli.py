@@ -236,7 +236,7 @@ def run_bench_sim(*, policy: str, sessions: int, repeats: int, context_tokens: i
     """Time `sessions` sessions of `policy` per repeat in this process (default traces, default config)."""
     from policies.registry import default_registry
     from streamer.menus import build_menus
-    from streamer.simulate import SimulationConfig, history_mean_bps, simulate_session
+    from streamer.simulate import SimulationConfig, history_mean_bps, session_in_virtual_time
     from netsim.virtual_time import VirtualTimeLoop
     from traces.defaults import default_traces
 
@@ -245,21 +245,25 @@ def run_bench_sim(*, policy: str, sessions: int, repeats: int, context_tokens: i
                         config.recompute_cost())
     registry = default_registry()
     traces = default_traces()
-    loop = VirtualTimeLoop()
     rates, session_rates = [], []
     chunks_per_repeat = 0
-    for _ in range(repeats):
+
+    async def one_repeat() -> int:
         chunks = 0
-        t0 = time.perf_counter()
         for i in range(sessions):
             trace = traces[i % len(traces)]
             offset = (i * 7.919) % trace.duration_s
             prior = history_mean_bps(trace, offset, config.prior_window_s)
-            result = simulate_session(registry.create(policy), menus, trace, slo_s=config.slo_s, offset_s=offset,
-                                      rtt_s=config.rtt_s, efficiency=config.efficiency,
-                                      overhead_bytes=config.overhead_bytes, prior_throughput_bps=prior,
-                                      loop=loop)
+            result = await session_in_virtual_time(
+                registry.create(policy), menus, trace, slo_s=config.slo_s, offset_s=offset, rtt_s=config.rtt_s,
+                efficiency=config.efficiency, overhead_bytes=config.overhead_bytes, prior_throughput_bps=prior)
             chunks += len(result.chunks)
+        return chunks
+
+    loop = VirtualTimeLoop()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        chunks = loop.run_until_complete(one_repeat())
         wall = time.perf_counter() - t0
         rates.append(chunks / wall)
         session_rates.append(sessions / wall)

@@ -30,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
 
-from netsim.link import Link, TransferTiming
+from netsim.link import Link, TransferOutcome
 from policies.base import TEXT, ChunkMenu, Decision, Observation, Policy, Session, ThroughputSample
 
 __all__ = ["ChunkRecord", "PolicyError", "SessionResult", "StreamingEngine", "stream_context"]
@@ -204,18 +204,19 @@ class StreamingEngine:
     def _now(self) -> float:
         return self._loop.time() - self._t0
 
-    def _on_transfer_done(self, future: asyncio.Future[TransferTiming]) -> None:
+    def _on_transfer_done(self, outcome: TransferOutcome) -> None:
         try:
-            self._transfer_done(future)
+            self._transfer_done(outcome)
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
             if self._done.done():
                 raise
             self._done.set_exception(exc)
 
-    def _transfer_done(self, future: asyncio.Future[TransferTiming]) -> None:
+    def _transfer_done(self, timing: TransferOutcome) -> None:
         if self._done.done():
             return
-        timing = future.result()
+        if isinstance(timing, BaseException):
+            raise timing
         c = self._inflight
         self._inflight = None
         t0 = self._t0
@@ -354,8 +355,7 @@ class StreamingEngine:
         rec = self.records[chunk]
         rec.transfer_start_s = now
         self._inflight = chunk
-        future = self.link.start_transfer(rec.nbytes)
-        future.add_done_callback(self._on_transfer_done)
+        self.link.send(rec.nbytes, self._on_transfer_done)
 
     def _start_compute(self, now: float) -> None:
         if self._compute_running is not None or not self._compute_queue:

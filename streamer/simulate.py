@@ -10,6 +10,7 @@ which sessions run.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from streamer.profile import Profile, default_profile
 from traces.trace import Trace
 
 __all__ = ["SimulationConfig", "SessionSetup", "history_mean_bps", "plan_sessions", "run_sweep",
-           "simulate_session"]
+           "session_in_virtual_time", "simulate_session"]
 
 
 @dataclass(frozen=True)
@@ -198,15 +199,30 @@ def simulate_session(policy: Policy, menus: Sequence[ChunkMenu], trace: Trace, *
     own = loop is None
     loop = VirtualTimeLoop() if own else loop
     try:
-        env = loop.new_timeline()
-        link = SimPyLink(env, trace, rtt_s=rtt_s, efficiency=efficiency, overhead_bytes=overhead_bytes,
-                         origin_s=-offset_s)
-        engine = StreamingEngine(policy, menus, link, slo_s=slo_s, prior_throughput_bps=prior_throughput_bps,
-                                 query_prefill_s=query_prefill_s, label=label)
-        return loop.run_until_complete(engine.run())
+        return loop.run_until_complete(session_in_virtual_time(
+            policy, menus, trace, slo_s=slo_s, offset_s=offset_s, rtt_s=rtt_s, efficiency=efficiency,
+            overhead_bytes=overhead_bytes, prior_throughput_bps=prior_throughput_bps,
+            query_prefill_s=query_prefill_s, label=label))
     finally:
         if own:
             loop.close()
+
+
+async def session_in_virtual_time(policy: Policy, menus: Sequence[ChunkMenu], trace: Trace, *, slo_s: float,
+                                  offset_s: float = 0.0, rtt_s: float = 0.0, efficiency: float = 1.0,
+                                  overhead_bytes: int = 0, prior_throughput_bps: float | None = None,
+                                  query_prefill_s: float = 0.0, label: str | None = None) -> SessionResult:
+    """Coroutine form of `simulate_session`, to run many sessions back to back inside one coroutine on a
+    `VirtualTimeLoop`: each session starts on a fresh timeline at time 0."""
+    loop = asyncio.get_running_loop()
+    if not isinstance(loop, VirtualTimeLoop):
+        raise RuntimeError("session_in_virtual_time needs a running netsim.VirtualTimeLoop")
+    env = loop.new_timeline()
+    link = SimPyLink(env, trace, rtt_s=rtt_s, efficiency=efficiency, overhead_bytes=overhead_bytes,
+                     origin_s=-offset_s)
+    engine = StreamingEngine(policy, menus, link, slo_s=slo_s, prior_throughput_bps=prior_throughput_bps,
+                             query_prefill_s=query_prefill_s, label=label)
+    return await engine.run()
 
 
 @dataclass
@@ -237,11 +253,12 @@ def run_trace_task(task: TraceTask, registry: PolicyRegistry | None = None) -> T
     shape = config.shape()
     cost = config.recompute_cost()
     menus_by_length: dict[int, tuple[ChunkMenu, ...]] = {}
-    loop = VirtualTimeLoop()
     sessions: list[dict[str, Any]] = []
     lines: list[str] = []
     chunks = 0
-    try:
+
+    async def run_all() -> None:
+        nonlocal chunks
         for setup in setups:
             menus = menus_by_length.get(setup.context_tokens)
             if menus is None:
@@ -250,11 +267,11 @@ def run_trace_task(task: TraceTask, registry: PolicyRegistry | None = None) -> T
                 menus_by_length[setup.context_tokens] = menus
             for spec in config.policies:
                 try:
-                    result = simulate_session(
+                    result = await session_in_virtual_time(
                         registry.create(spec), menus, scaled, slo_s=config.slo_s, offset_s=setup.offset_s,
                         rtt_s=config.rtt_s, efficiency=config.efficiency, overhead_bytes=config.overhead_bytes,
                         prior_throughput_bps=setup.prior_bps, query_prefill_s=config.query_prefill_s,
-                        label=spec, loop=loop)
+                        label=spec)
                 except Exception as exc:
                     raise RuntimeError(f"policy {spec!r} on trace {task.trace.name!r} ({task.trace.source}), "
                                        f"context {setup.context}: {type(exc).__name__}: {exc}") from exc
@@ -269,6 +286,10 @@ def run_trace_task(task: TraceTask, registry: PolicyRegistry | None = None) -> T
                     head = {"policy": spec, "trace_index": setup.trace_index, "context": setup.context}
                     for rec in result.chunks:
                         lines.append(json.dumps({**head, **rec.to_dict()}, separators=(",", ":")))
+
+    loop = VirtualTimeLoop()
+    try:
+        loop.run_until_complete(run_all())
     finally:
         loop.close()
     return TraceOutcome(task.trace_index, sessions, lines, chunks)
