@@ -239,3 +239,30 @@ def test_fixed_policy_ttft_equals_the_pipeline_recurrence(sizes, decode, rtt):
         link_free += rtt + s / MB
         decoder_free = max(link_free, decoder_free) + decode
     assert math.isclose(result.ttft_s, decoder_free, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def test_links_with_only_start_transfer_work_through_the_default_send():
+    class FutureOnly(Link):
+        def __init__(self, inner):
+            self.inner = inner
+            self.rtt_s = inner.rtt_s
+
+        def start_transfer(self, nbytes):
+            return self.inner.start_transfer(nbytes)
+
+    loop = VirtualTimeLoop()
+    link = FutureOnly(SimPyLink(loop.env, ONE_MB_PER_S, rtt_s=0.1))
+    result = loop.run_until_complete(StreamingEngine(FixedLevelPolicy("small"), menus(3), link, slo_s=9.0).run())
+    assert result.ttft_s == pytest.approx(3.8)
+
+
+def test_a_failed_transfer_ends_the_session_with_its_error():
+    class Broken(Link):
+        def start_transfer(self, nbytes):
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(ConnectionResetError("peer went away"))
+            return future
+
+    loop = VirtualTimeLoop()
+    with pytest.raises(ConnectionResetError, match="peer went away"):
+        loop.run_until_complete(StreamingEngine(FixedLevelPolicy("small"), menus(2), Broken(), slo_s=1.0).run())
