@@ -75,7 +75,7 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         context_tokens: Annotated[str, typer.Option(help="Context length, or a range low-high drawn per context.")]
         = "12288-20480",
         contexts: Annotated[int, typer.Option(help="Contexts per trace.")] = 20,
-        slo: Annotated[float, typer.Option(help="TTFT target in seconds.")] = 1.0,
+        slo: Annotated[float, typer.Option(help="TTFT target in seconds.")] = 0.6,
         scaling: Annotated[str, typer.Option(
             help="range (trace means log-uniform in --mean-gbps), none, or factor:X.")] = "range",
         mean_gbps: Annotated[str, typer.Option(help="Range of trace means for --scaling range (Gbps).")] = "1-10",
@@ -219,7 +219,7 @@ def run_simulation(traces: list[Any], config: Any, out: Path, *, workers: int | 
            "wall_s": wall, "chunks_per_s": chunks / wall if wall > 0 else None,
            "skipped_traces": [{"path": p, "error": e} for p, e in (skipped or [])]}
     (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
-    Console().print(rich_table(summary, title=title))
+    Console(width=max(Console().width, 130)).print(rich_table(summary, title=title))
     console.print(f"{len(sessions)} sessions, {chunks} chunks in {wall:.1f} s; outputs in {out}/",
                   highlight=False)
     return summary

@@ -107,13 +107,16 @@ _COLUMNS = (
 )
 
 
-def _cells(s: dict[str, Any]) -> list[str]:
+def _cells(s: dict[str, Any], compact: bool = False) -> list[str]:
     cells = [s["policy"], str(s["sessions"])]
     for _, key, fmt in _COLUMNS:
         value, ci = s[key], s[f"{key}_ci95"]
         if key == "bytes_mean":
             value, ci = value / 1e9, [c / 1e9 for c in ci]
-        cells.append(_fmt_ci(value, ci, fmt))
+        if compact:  # value and the CI's half-width
+            cells.append(f"{value:{fmt}} ±{(ci[1] - ci[0]) / 2:{fmt}}")
+        else:
+            cells.append(_fmt_ci(value, ci, fmt))
     cells.append(f"{s['text_chunk_share']:.2f}")
     return cells
 
@@ -131,14 +134,14 @@ def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
 
 
 def rich_table(summary: Sequence[dict[str, Any]], title: str = "") -> Any:
-    """The summary as a `rich.table.Table`."""
+    """The summary as a `rich.table.Table` (values ± half the 95% CI)."""
     from rich.table import Table
 
-    table = Table(title=title or None)
+    table = Table(title=title or None, caption="± half-width of the 95% bootstrap CI")
     for i, name in enumerate(_headers()):
         table.add_column(name, justify="left" if i == 0 else "right")
     for s in summary:
-        table.add_row(*_cells(s))
+        table.add_row(*_cells(s, compact=True))
     return table
 
 
