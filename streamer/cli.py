@@ -31,6 +31,8 @@ def _range(text: str, what: str, cast: Any) -> tuple[Any, Any]:
 
 def _load(traces: list[Path] | None, on_bad_trace: str, console: Any) -> tuple[list[Any], list[tuple[str, str]]]:
     """The traces to simulate and the skipped files (path, error)."""
+    from rich.markup import escape
+
     from traces.readers import load_traces
     from traces.trace import TraceError
 
@@ -41,11 +43,11 @@ def _load(traces: list[Path] | None, on_bad_trace: str, console: Any) -> tuple[l
     try:
         loaded = load_traces([str(p) for p in traces], on_error=on_bad_trace, progress=True)
     except (TraceError, OSError) as exc:
-        console.print(f"[red]error:[/red] {exc}\n(use --on-bad-trace skip to report and skip bad files)",
-                      markup=True, highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(exc))}\n(use --on-bad-trace skip to report and skip bad files)",
+                      markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     for path, exc in loaded.skipped:
-        console.print(f"[yellow]skipped[/yellow] {path}: {exc}", highlight=False)
+        console.print(f"[yellow]skipped[/yellow] {escape(str(path))}: {escape(str(exc))}", highlight=False, soft_wrap=True)
     if not loaded.traces:
         console.print("[red]error:[/red] no readable trace in " + ", ".join(map(str, traces)))
         raise typer.Exit(2)
@@ -99,6 +101,7 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         chunks.jsonl, ttft_cdf.png, pareto.png, run.json (configuration, skipped traces, timing).
         """
         from rich.console import Console
+        from rich.markup import escape
 
         from streamer.simulate import SimulationConfig
 
@@ -116,7 +119,7 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
                 prior_window_s=prior_window, query_prefill_s=query_prefill, seed=seed)
             _check_config(config)
         except (ValueError, KeyError) as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False)
+            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         trace_list, skipped = _load(traces, "raise" if on_bad_trace == "error" else "skip", console)
         if max_traces > 0:
