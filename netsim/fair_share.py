@@ -155,8 +155,8 @@ class FairShareChannel:
         return t_arrival
 
     def complete(self, now: float) -> list[Flow]:
-        """Bring the channel to `now` (the time `next_event_s` returned) and return the transfers that finished,
-        with `end_s` set. Call `next_event_s` afterwards, then the flows' ``on_done``."""
+        """Bring the channel to `now` (the time `next_event_s` returned) and return the transfers that
+        finished, with `end_s` set. Call `next_event_s` afterwards, then the flows' ``on_done``."""
         active, pending = self._active, self._pending
         if len(self._due) == 1 and now >= self._due_s and len(active) + len(pending) == 1:
             flow = self._due[0]  # alone in the system: no integration needed, it ends exactly now

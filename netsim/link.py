@@ -53,8 +53,8 @@ class LinkOracle(Protocol):
         """Bandwidth of the bottleneck (bits/s on the wire) at time `t`."""
 
     def transfer_end_s(self, t: float, nbytes: int) -> float:
-        """When a request for `nbytes` payload bytes sent at time `t` would complete if it had the link to itself
-        (RTT, per-request overhead and payload efficiency included)."""
+        """When a request for `nbytes` payload bytes sent at time `t` would complete if it had the link to
+        itself (RTT, per-request overhead and payload efficiency included)."""
 
 
 class Link(abc.ABC):

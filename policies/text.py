@@ -1,4 +1,5 @@
-"""`text`: recompute every chunk from its text (prefill only; the compute-only baseline, vLLM without a cache)."""
+"""`text`: recompute every chunk from its text (prefill only: the compute-only baseline, vLLM without a KV
+cache store)."""
 
 from __future__ import annotations
 

@@ -29,7 +29,8 @@ def _range(text: str, what: str, cast: Any) -> tuple[Any, Any]:
     return values[0], values[1]
 
 
-def _load(traces: list[Path] | None, on_bad_trace: str, console: Any) -> tuple[list[Any], list[tuple[str, str]]]:
+def _load(traces: list[Path] | None, on_bad_trace: str,
+          console: Any) -> tuple[list[Any], list[tuple[str, str]]]:
     """The traces to simulate and the skipped files (path, error)."""
     from rich.markup import escape
 
@@ -43,11 +44,13 @@ def _load(traces: list[Path] | None, on_bad_trace: str, console: Any) -> tuple[l
     try:
         loaded = load_traces([str(p) for p in traces], on_error=on_bad_trace, progress=True)
     except (TraceError, OSError) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}\n(use --on-bad-trace skip to report and skip bad files)",
+        console.print(f"[red]error:[/red] {escape(str(exc))}\n"
+                      "(use --on-bad-trace skip to report and skip bad files)",
                       markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     for path, exc in loaded.skipped:
-        console.print(f"[yellow]skipped[/yellow] {escape(str(path))}: {escape(str(exc))}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]skipped[/yellow] {escape(str(path))}: {escape(str(exc))}", highlight=False,
+                      soft_wrap=True)
     if not loaded.traces:
         console.print("[red]error:[/red] no readable trace in " + ", ".join(map(str, traces)))
         raise typer.Exit(2)
@@ -60,12 +63,14 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
     @app.command("simulate")
     def simulate(
         traces: Annotated[Optional[list[Path]], typer.Option(
-            "--traces", help="Trace file or folder (repeatable). Default: kvcast's synthetic default set.")] = None,
+            "--traces", help="Trace file or folder (repeatable). Default: kvcast's synthetic default set.")]
+        = None,
         policies: Annotated[str, typer.Option(
             help="Comma-separated policy specs, e.g. text,raw,cachegen,fixed:cachegen-2.")]
         = "text,raw,fixed:cachegen-2,cachegen,cachegen-code",
         out: Annotated[Path, typer.Option(help="Output folder.")] = Path("results/simulate"),
-        model: Annotated[str, typer.Option(help="Model shape name or layers,kv_heads,head_dim.")] = "mistral-7b",
+        model: Annotated[str, typer.Option(help="Model shape name or layers,kv_heads,head_dim.")]
+        = "mistral-7b",
         gpu: Annotated[str, typer.Option(help="GPU of the recompute cost table.")] = "h100",
         recompute: Annotated[Optional[str], typer.Option(
             help="Recompute cost override: gpu/model or a,b,c (s/token, s/token pair, s).")] = None,
@@ -74,13 +79,15 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         levels: Annotated[Optional[str], typer.Option(help="Comma-separated levels to offer (default: all).")]
         = None,
         chunk_tokens: Annotated[int, typer.Option(help="Tokens per chunk.")] = 1536,
-        context_tokens: Annotated[str, typer.Option(help="Context length, or a range low-high drawn per context.")]
+        context_tokens: Annotated[str, typer.Option(
+            help="Context length, or a range low-high drawn per context.")]
         = "12288-20480",
         contexts: Annotated[int, typer.Option(help="Contexts per trace.")] = 20,
         slo: Annotated[float, typer.Option(help="TTFT target in seconds.")] = 0.6,
         scaling: Annotated[str, typer.Option(
             help="range (trace means log-uniform in --mean-gbps), none, or factor:X.")] = "range",
-        mean_gbps: Annotated[str, typer.Option(help="Range of trace means for --scaling range (Gbps).")] = "1-10",
+        mean_gbps: Annotated[str, typer.Option(help="Range of trace means for --scaling range (Gbps).")]
+        = "1-10",
         rtt_ms: Annotated[float, typer.Option(help="Round-trip time per chunk request (ms).")] = 10.0,
         efficiency: Annotated[float, typer.Option(help="Payload bytes per wire byte.")] = 0.95,
         overhead_bytes: Annotated[int, typer.Option(help="Extra bytes per request.")] = 400,
@@ -114,7 +121,8 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
                 recompute=recompute, profile=None if profile is None else str(profile),
                 levels=None if not levels else tuple(x.strip() for x in levels.split(",")),
                 chunk_tokens=chunk_tokens, context_tokens=_range(context_tokens, "--context-tokens", int),
-                contexts=contexts, slo_s=slo, scaling=scaling, mean_gbps=_range(mean_gbps, "--mean-gbps", float),
+                contexts=contexts, slo_s=slo, scaling=scaling,
+                mean_gbps=_range(mean_gbps, "--mean-gbps", float),
                 rtt_s=rtt_ms / 1e3, efficiency=efficiency, overhead_bytes=overhead_bytes,
                 prior_window_s=prior_window, query_prefill_s=query_prefill, seed=seed)
             _check_config(config)
@@ -129,7 +137,8 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
 
     @bench.command("sim")
     def bench_sim(
-        policy: Annotated[str, typer.Option(help="Policy spec to time (a greedy one by default).")] = "cachegen",
+        policy: Annotated[str, typer.Option(help="Policy spec to time (a greedy one by default).")]
+        = "cachegen",
         sessions: Annotated[int, typer.Option(help="Sessions per repeat.")] = 1000,
         repeats: Annotated[int, typer.Option(help="Timed repeats (median reported).")] = 5,
         context_tokens: Annotated[int, typer.Option(help="Tokens per context.")] = 16384,
@@ -147,8 +156,8 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         """Simulation speed: simulated chunks per second on one core (engine + SimPy link + policy)."""
         from rich.console import Console
 
-        result = run_bench_sim(policy=policy, sessions=sessions, repeats=repeats, context_tokens=context_tokens,
-                               chunk_tokens=chunk_tokens)
+        result = run_bench_sim(policy=policy, sessions=sessions, repeats=repeats,
+                               context_tokens=context_tokens, chunk_tokens=chunk_tokens)
         if sweep_traces > 0:
             console = Console(stderr=True)
             trace_list = None
@@ -218,7 +227,8 @@ def run_simulation(traces: list[Any], config: Any, out: Path, *, workers: int | 
                                     + markdown_table(summary))
     plot_ttft_cdf(sessions, out / "ttft_cdf.png", slo_s=config.slo_s)
     plot_pareto(summary, out / "pareto.png")
-    run = {"config": config.to_json_dict(), "traces": len(traces), "sessions": len(sessions), "chunks": chunks,
+    run = {"config": config.to_json_dict(), "traces": len(traces), "sessions": len(sessions),
+           "chunks": chunks,
            "wall_s": wall, "chunks_per_s": chunks / wall if wall > 0 else None,
            "skipped_traces": [{"path": p, "error": e} for p, e in (skipped or [])]}
     (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
@@ -258,8 +268,9 @@ def run_bench_sim(*, policy: str, sessions: int, repeats: int, context_tokens: i
             offset = (i * 7.919) % trace.duration_s
             prior = history_mean_bps(trace, offset, config.prior_window_s)
             result = await session_in_virtual_time(
-                registry.create(policy), menus, trace, slo_s=config.slo_s, offset_s=offset, rtt_s=config.rtt_s,
-                efficiency=config.efficiency, overhead_bytes=config.overhead_bytes, prior_throughput_bps=prior)
+                registry.create(policy), menus, trace, slo_s=config.slo_s, offset_s=offset,
+                rtt_s=config.rtt_s, efficiency=config.efficiency, overhead_bytes=config.overhead_bytes,
+                prior_throughput_bps=prior)
             chunks += len(result.chunks)
         return chunks
 

@@ -306,7 +306,7 @@ class StreamingEngine:
             if not later:
                 raise PolicyError(
                     f"policy {self.label!r} returned None at t={now:.6g} s with nothing in flight (pending "
-                    f"chunks {self._pending[:8]}{'...' if len(self._pending) > 8 else ''}); it would wait forever")
+                    f"chunks {_head(self._pending)}); it would wait forever")
             when = self._t0 + min(later)
             if when not in self._wake_times:
                 self._wake_times.add(when)
@@ -319,7 +319,7 @@ class StreamingEngine:
         chunk, action = decision.chunk, decision.action
         if chunk not in self._pending:
             raise PolicyError(f"policy {self.label!r} decided chunk {chunk!r} at t={now:.6g} s, which is not "
-                              f"pending (pending: {self._pending[:8]}{'...' if len(self._pending) > 8 else ''})")
+                              f"pending (pending: {_head(self._pending)})")
         menu = self.menus[chunk]
         if action == TEXT:
             quality_loss = 0.0
@@ -404,7 +404,12 @@ class StreamingEngine:
             self._ready_t = tuple(flags)
         return Observation(now, self.session, self._pending_t, self._actions_t, self._ready_t,
                            self._link_idle(), self._compute_idle(), link_until,
-                           self._decoder_free if self._decoder_free > now else now, compute_until, self._samples)
+                           self._decoder_free if self._decoder_free > now else now, compute_until,
+                           self._samples)
+
+
+def _head(items: list[int], k: int = 8) -> str:
+    return str(items[:k])[:-1] + (", ...]" if len(items) > k else "]")
 
 
 async def stream_context(policy: Policy, menus: Sequence[ChunkMenu], link: Link, *, slo_s: float,

@@ -64,7 +64,8 @@ class ModelShape:
             try:
                 layers, heads, dim = (int(p) for p in parts)
             except ValueError:
-                raise ValueError(f"model shape {spec!r}: expected layers,kv_heads,head_dim as integers") from None
+                raise ValueError(f"model shape {spec!r}: expected layers,kv_heads,head_dim as integers"
+                                 ) from None
             return cls(spec, layers, heads, dim)
         return cls.named(spec)
 
@@ -104,7 +105,8 @@ class RecomputeCost:
 
 
 def recompute_costs() -> Mapping[str, RecomputeCost]:
-    """The shipped cost table, keyed ``gpu/model`` (e.g. ``h100/mistral-7b``); see ``recompute_costs.json``."""
+    """The shipped cost table, keyed ``gpu/model`` (e.g. ``h100/mistral-7b``); see
+    ``recompute_costs.json``."""
     table = json.loads(resources.files("streamer").joinpath("recompute_costs.json").read_text())
     out = {}
     for e in table["entries"]:
@@ -115,7 +117,8 @@ def recompute_costs() -> Mapping[str, RecomputeCost]:
 
 
 def recompute_cost(spec: str) -> RecomputeCost:
-    """``gpu/model`` from the shipped table, or explicit ``a,b,c`` (seconds per token, per token pair, fixed)."""
+    """``gpu/model`` from the shipped table, or explicit ``a,b,c`` (seconds per token, per token pair,
+    fixed)."""
     if "," in spec:
         try:
             a, b, c = (float(p) for p in spec.split(","))
@@ -158,7 +161,8 @@ def decode_values_per_s(profile: Profile, level: str) -> float | None:
 
 def build_menus(profile: Profile, shape: ModelShape, context_tokens: int, chunk_tokens: int,
                 recompute: RecomputeCost, *, levels: tuple[str, ...] | None = None) -> tuple[ChunkMenu, ...]:
-    """Menus of a ``context_tokens`` context cut into chunks of ``chunk_tokens`` (the last one may be shorter).
+    """Menus of a ``context_tokens`` context cut into chunks of ``chunk_tokens`` (the last one may be
+    shorter).
 
     `levels` restricts the menu to some of the profile's levels (kept best quality first). The ``raw`` level's
     size follows the model shape's ``raw_bytes_per_value``; the other levels use the profile's bits per value.
@@ -177,7 +181,7 @@ def build_menus(profile: Profile, shape: ModelShape, context_tokens: int, chunk_
         options = tuple(
             LevelOption(level=r.level, nbytes=math.ceil(values * b / 8.0),
                         decode_s=0.0 if v is None else values / v, quality_loss=r.quality_loss)
-            for r, b, v in zip(rows, bits, speeds))
+            for r, b, v in zip(rows, bits, speeds, strict=True))
         menus.append(ChunkMenu(index=index, start_token=start, tokens=tokens, levels=options,
                                recompute_s=recompute.prefill_s(start, tokens)))
     return tuple(menus)

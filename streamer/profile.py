@@ -119,7 +119,8 @@ class Profile:
 
     @classmethod
     def from_json_dict(cls, obj: Any, source: str = "") -> Profile:
-        """Validate and read a parsed ``kvcast-profile/1`` object; ProfileError names `source` and the field."""
+        """Validate and read a parsed ``kvcast-profile/1`` object; ProfileError names `source` and the
+        field."""
         where = source or "profile"
 
         def fail(msg: str) -> ProfileError:

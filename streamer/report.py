@@ -145,7 +145,8 @@ def rich_table(summary: Sequence[dict[str, Any]], title: str = "") -> Any:
     return table
 
 
-def plot_ttft_cdf(sessions: Sequence[dict[str, Any]], path: str | Path, *, slo_s: float | None = None) -> None:
+def plot_ttft_cdf(sessions: Sequence[dict[str, Any]], path: str | Path, *,
+                  slo_s: float | None = None) -> None:
     """CDF of TTFT per policy (PNG), with the SLO as a vertical line."""
     import matplotlib
 

@@ -151,7 +151,8 @@ def trace_keys(traces: Sequence[Trace]) -> list[str]:
 
 
 def history_mean_bps(trace: Trace, start_s: float, window_s: float) -> float:
-    """Mean bandwidth of `trace` over the `window_s` seconds before `start_s` (wrapping if the trace wraps)."""
+    """Mean bandwidth of `trace` over the `window_s` seconds before `start_s` (wrapping if the trace
+    wraps)."""
     if window_s <= 0:
         return float(trace.bandwidth_at(start_s))
     if trace.wrap:
@@ -173,12 +174,14 @@ def scaled_trace(trace: Trace, key: str, config: SimulationConfig) -> tuple[Trac
         lo, hi = config.mean_gbps
         target = math.exp(rng.uniform(math.log(lo), math.log(hi))) * 1e9 if hi > lo else lo * 1e9
         if trace.mean_bps <= 0:
-            raise ValueError(f"trace {trace.name!r} ({trace.source}) has zero mean bandwidth; cannot scale it")
+            raise ValueError(f"trace {trace.name!r} ({trace.source}) has zero mean bandwidth; "
+                             "cannot scale it")
         factor = target / trace.mean_bps
     return trace.scaled(factor), factor
 
 
-def plan_sessions(trace: Trace, trace_index: int, key: str, config: SimulationConfig) -> tuple[Trace, list[SessionSetup]]:
+def plan_sessions(trace: Trace, trace_index: int, key: str,
+                  config: SimulationConfig) -> tuple[Trace, list[SessionSetup]]:
     """The scaled trace and its `config.contexts` session setups (deterministic for the seed)."""
     scaled, factor = scaled_trace(trace, key, config)
     rng = np.random.default_rng([config.seed, _stable_hash(key), 2])
@@ -194,9 +197,10 @@ def plan_sessions(trace: Trace, trace_index: int, key: str, config: SimulationCo
 
 
 def simulate_session(policy: Policy, menus: Sequence[ChunkMenu], trace: Trace, *, slo_s: float,
-                     offset_s: float = 0.0, rtt_s: float = 0.0, efficiency: float = 1.0, overhead_bytes: int = 0,
-                     prior_throughput_bps: float | None = None, query_prefill_s: float = 0.0,
-                     label: str | None = None, loop: VirtualTimeLoop | None = None) -> SessionResult:
+                     offset_s: float = 0.0, rtt_s: float = 0.0, efficiency: float = 1.0,
+                     overhead_bytes: int = 0, prior_throughput_bps: float | None = None,
+                     query_prefill_s: float = 0.0, label: str | None = None,
+                     loop: VirtualTimeLoop | None = None) -> SessionResult:
     """Run one session in virtual time, starting `offset_s` seconds into `trace`, and return its result."""
     own = loop is None
     loop = VirtualTimeLoop() if own else loop
@@ -271,9 +275,9 @@ def run_trace_task(task: TraceTask, registry: PolicyRegistry | None = None) -> T
                 try:
                     result = await session_in_virtual_time(
                         registry.create(spec), menus, scaled, slo_s=config.slo_s, offset_s=setup.offset_s,
-                        rtt_s=config.rtt_s, efficiency=config.efficiency, overhead_bytes=config.overhead_bytes,
-                        prior_throughput_bps=setup.prior_bps, query_prefill_s=config.query_prefill_s,
-                        label=spec)
+                        rtt_s=config.rtt_s, efficiency=config.efficiency,
+                        overhead_bytes=config.overhead_bytes, prior_throughput_bps=setup.prior_bps,
+                        query_prefill_s=config.query_prefill_s, label=spec)
                 except Exception as exc:
                     raise RuntimeError(f"policy {spec!r} on trace {task.trace.name!r} ({task.trace.source}), "
                                        f"context {setup.context}: {type(exc).__name__}: {exc}") from exc
@@ -309,7 +313,7 @@ def run_sweep(traces: Sequence[Trace], config: SimulationConfig, *, workers: int
     `workers`: processes (None: one per CPU; 1: in this process, no pool).
     """
     keys = trace_keys(traces)
-    tasks = [TraceTask(t, i, k, config, chunk_log) for i, (t, k) in enumerate(zip(traces, keys))]
+    tasks = [TraceTask(t, i, k, config, chunk_log) for i, (t, k) in enumerate(zip(traces, keys, strict=True))]
     if workers is None:
         workers = os.cpu_count() or 1
     if workers <= 1 or len(tasks) <= 1:

@@ -57,7 +57,8 @@ def run_transfers(trace: Trace, requests: list[tuple[float, int]], **link_kw) ->
 @given(trace=piecewise_traces(), nbytes=st.integers(0, 10**8), start=st.floats(0.0, 20.0),
        rtt=st.floats(0.0, 0.3), efficiency=st.floats(0.5, 1.0), overhead=st.integers(0, 2000))
 def test_single_flow_matches_the_trace_integral(trace, nbytes, start, rtt, efficiency, overhead):
-    (timing,) = run_transfers(trace, [(start, nbytes)], rtt_s=rtt, efficiency=efficiency, overhead_bytes=overhead)
+    (timing,) = run_transfers(trace, [(start, nbytes)], rtt_s=rtt, efficiency=efficiency,
+                              overhead_bytes=overhead)
     wire_bits = (nbytes + overhead) * 8 / efficiency
     assert close(timing.wire_bits, wire_bits)
     assert close(timing.start_s, start)
@@ -68,10 +69,10 @@ def test_single_flow_matches_the_trace_integral(trace, nbytes, start, rtt, effic
 
 
 @settings(max_examples=60, deadline=None)
-@given(trace=piecewise_traces(), nbytes=st.integers(1, 10**7), n=st.integers(2, 6), start=st.floats(0.0, 10.0),
-       rtt=st.floats(0.0, 0.2))
-def test_equal_flows_started_together_finish_together_at_the_time_of_n_times_the_bytes(trace, nbytes, n, start,
-                                                                                       rtt):
+@given(trace=piecewise_traces(), nbytes=st.integers(1, 10**7), n=st.integers(2, 6),
+       start=st.floats(0.0, 10.0), rtt=st.floats(0.0, 0.2))
+def test_equal_flows_started_together_finish_together_at_the_time_of_n_times_the_bytes(
+        trace, nbytes, n, start, rtt):
     timings = run_transfers(trace, [(start, nbytes)] * n, rtt_s=rtt)
     expected = trace.transfer_end_s(start + rtt, n * nbytes * 8.0)
     for t in timings:

@@ -20,8 +20,8 @@ LEVELS = (("hi", 4_000_000, 0.0), ("mid", 2_000_000, 0.01), ("lo", 1_000_000, 0.
 
 
 def toy_menus(n: int, decode_s: float = 0.0) -> tuple[ChunkMenu, ...]:
-    return tuple(ChunkMenu(i, 100 * i, 100, tuple(LevelOption(name, b, decode_s, q) for name, b, q in LEVELS), 0.2)
-                 for i in range(n))
+    options = tuple(LevelOption(name, b, decode_s, q) for name, b, q in LEVELS)
+    return tuple(ChunkMenu(i, 100 * i, 100, options, 0.2) for i in range(n))
 
 
 def observe(session: Session, *, now: float, pending, samples=(), link_idle=True) -> Observation:
@@ -29,7 +29,8 @@ def observe(session: Session, *, now: float, pending, samples=(), link_idle=True
     return Observation(now_s=now, session=session, pending=tuple(pending),
                        actions=tuple(None if i in pending else "mid" for i in range(n)),
                        ready=tuple(False for _ in range(n)), link_idle=link_idle, compute_idle=True,
-                       link_busy_until_s=now, decoder_free_at_s=now, compute_free_at_s=now, samples=tuple(samples))
+                       link_busy_until_s=now, decoder_free_at_s=now, compute_free_at_s=now,
+                       samples=tuple(samples))
 
 
 def sample(nbytes: int, seconds: float) -> ThroughputSample:
@@ -113,7 +114,8 @@ def run_session(policy, menus, trace, slo_s, prior, rtt_s=0.0):
 def test_cachegen_meets_the_slo_on_constant_bandwidth_when_it_loads_everything(bandwidth, slo, rtt, n):
     """With a constant link and an exact prior the prediction is exact: if cachegen never falls back to
     text, it meets the SLO."""
-    result = run_session(CacheGenPolicy(), toy_menus(n), Trace([0.0, 100.0], [bandwidth]), slo, bandwidth, rtt)
+    trace = Trace([0.0, 100.0], [bandwidth])
+    result = run_session(CacheGenPolicy(), toy_menus(n), trace, slo, bandwidth, rtt)
     if result.text_chunks == 0:
         assert result.ttft_s <= slo * (1 + 1e-9)
 

@@ -230,7 +230,8 @@ def test_engine_is_deterministic():
 @given(sizes=st.lists(st.integers(1, 5 * MB), min_size=1, max_size=8), decode=st.floats(0.0, 2.0),
        rtt=st.floats(0.0, 0.2))
 def test_fixed_policy_ttft_equals_the_pipeline_recurrence(sizes, decode, rtt):
-    """Constant 1 MB/s: transfer_i = rtt + size_i/1e6 back to back; decode starts at max(arrival, decoder free)."""
+    """Constant 1 MB/s: transfer_i = rtt + size_i/1e6 back to back; decode starts at
+    max(arrival, decoder free)."""
     chunk_menus = tuple(ChunkMenu(i, 10 * i, 10, (LevelOption("small", s, decode, 0.0),), 0.1)
                         for i, s in enumerate(sizes))
     result = run(FixedLevelPolicy("small"), chunk_menus, rtt_s=rtt)
@@ -252,7 +253,8 @@ def test_links_with_only_start_transfer_work_through_the_default_send():
 
     loop = VirtualTimeLoop()
     link = FutureOnly(SimPyLink(loop.env, ONE_MB_PER_S, rtt_s=0.1))
-    result = loop.run_until_complete(StreamingEngine(FixedLevelPolicy("small"), menus(3), link, slo_s=9.0).run())
+    engine = StreamingEngine(FixedLevelPolicy("small"), menus(3), link, slo_s=9.0)
+    result = loop.run_until_complete(engine.run())
     assert result.ttft_s == pytest.approx(3.8)
 
 
@@ -265,4 +267,5 @@ def test_a_failed_transfer_ends_the_session_with_its_error():
 
     loop = VirtualTimeLoop()
     with pytest.raises(ConnectionResetError, match="peer went away"):
-        loop.run_until_complete(StreamingEngine(FixedLevelPolicy("small"), menus(2), Broken(), slo_s=1.0).run())
+        engine = StreamingEngine(FixedLevelPolicy("small"), menus(2), Broken(), slo_s=1.0)
+        loop.run_until_complete(engine.run())

@@ -31,8 +31,8 @@ def simulate(args):
 
 def test_simulate_writes_summary_tables_logs_and_plots(trace_dir, tmp_path):
     out = tmp_path / "out"
-    result = simulate(["--traces", str(trace_dir), "--policies", POLICIES, "--out", str(out), "--contexts", "3",
-                       "--context-tokens", "4096-8192", "--workers", "1", "--slo", "0.6"])
+    result = simulate(["--traces", str(trace_dir), "--policies", POLICIES, "--out", str(out),
+                       "--contexts", "3", "--context-tokens", "4096-8192", "--workers", "1", "--slo", "0.6"])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert [s["policy"] for s in summary] == POLICIES.split(",")
@@ -67,7 +67,8 @@ def test_simulate_is_deterministic_across_worker_counts(trace_dir, tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     other_seed = simulate([*args[:-1], "8", "--out", str(tmp_path / "c"), "--workers", "1"])
     assert other_seed.exit_code == 0
-    assert (tmp_path / "c" / "sessions.jsonl").read_bytes() != (tmp_path / "a" / "sessions.jsonl").read_bytes()
+    assert (tmp_path / "c" / "sessions.jsonl").read_bytes() != \
+        (tmp_path / "a" / "sessions.jsonl").read_bytes()
 
 
 def test_bad_trace_file_is_named_or_skipped(trace_dir, tmp_path):
