@@ -48,13 +48,29 @@ def _load(traces: list[Path] | None, on_bad_trace: str,
                       "(use --on-bad-trace skip to report and skip bad files)",
                       markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    skipped = [(str(p), str(e)) for p, e in loaded.skipped]
+    usable = []
+    for trace in loaded.traces:  # readable but useless: nothing would ever be delivered
+        if trace.mean_bps > 0:
+            usable.append(trace)
+            continue
+        problem = f"trace {trace.name!r} has zero bandwidth throughout; nothing can be delivered"
+        if on_bad_trace == "raise":
+            console.print(f"[red]error:[/red] {escape(trace.source)}: {escape(problem)}\n"
+                          "(use --on-bad-trace skip to report and skip bad files)", highlight=False,
+                          soft_wrap=True)
+            raise typer.Exit(2)
+        skipped.append((trace.source, problem))
+        console.print(f"[yellow]skipped[/yellow] {escape(trace.source)}: {escape(problem)}", highlight=False,
+                      soft_wrap=True)
     for path, exc in loaded.skipped:
         console.print(f"[yellow]skipped[/yellow] {escape(str(path))}: {escape(str(exc))}", highlight=False,
                       soft_wrap=True)
-    if not loaded.traces:
-        console.print("[red]error:[/red] no readable trace in " + ", ".join(map(str, traces)))
+    if not usable:
+        console.print("[red]error:[/red] no usable trace in " + escape(", ".join(map(str, traces))),
+                      soft_wrap=True)
         raise typer.Exit(2)
-    return loaded.traces, [(str(p), str(e)) for p, e in loaded.skipped]
+    return usable, skipped
 
 
 def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> None:

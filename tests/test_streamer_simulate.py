@@ -85,6 +85,17 @@ def test_bad_trace_file_is_named_or_skipped(trace_dir, tmp_path):
     assert run["skipped_traces"][0]["path"].endswith("broken")
 
 
+def test_all_zero_trace_is_reported_or_skipped(trace_dir, tmp_path):
+    (trace_dir / "dead").write_text("0 0\n1 0\n2 0\n")
+    args = ["--traces", str(trace_dir), "--policies", "cachegen", "--contexts", "1", "--workers", "1"]
+    failed = simulate([*args, "--out", str(tmp_path / "x")])
+    assert failed.exit_code == 2 and "dead" in failed.output and "zero bandwidth" in failed.output
+    skipped = simulate([*args, "--out", str(tmp_path / "y"), "--on-bad-trace", "skip"])
+    assert skipped.exit_code == 0, skipped.output
+    run = json.loads((tmp_path / "y" / "run.json").read_text())
+    assert run["traces"] == 2 and run["skipped_traces"][0]["path"].endswith("dead")
+
+
 def test_bad_options_are_reported_before_running(tmp_path):
     result = simulate(["--policies", "nosuch", "--out", str(tmp_path / "z")])
     assert result.exit_code == 2 and "unknown policy 'nosuch'" in result.output
