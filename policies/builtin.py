@@ -10,6 +10,7 @@ def register_all(registry: PolicyRegistry) -> None:
     from policies.cachegen import CacheGenPolicy
     from policies.cachegen_code import CacheGenCodePolicy
     from policies.fixed import FixedLevelPolicy
+    from policies.mpc import MpcPolicy
     from policies.raw import RawPolicy
     from policies.text import TextPolicy
 
@@ -18,3 +19,4 @@ def register_all(registry: PolicyRegistry) -> None:
     registry.register("text", TextPolicy)
     registry.register("cachegen", CacheGenPolicy)
     registry.register("cachegen-code", CacheGenCodePolicy)
+    registry.register("mpc", MpcPolicy)
