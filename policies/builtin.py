@@ -11,6 +11,7 @@ def register_all(registry: PolicyRegistry) -> None:
     from policies.cachegen_code import CacheGenCodePolicy
     from policies.fixed import FixedLevelPolicy
     from policies.mpc import MpcPolicy
+    from policies.oracle import OraclePolicy
     from policies.raw import RawPolicy
     from policies.text import TextPolicy
 
@@ -20,3 +21,4 @@ def register_all(registry: PolicyRegistry) -> None:
     registry.register("cachegen", CacheGenPolicy)
     registry.register("cachegen-code", CacheGenCodePolicy)
     registry.register("mpc", MpcPolicy)
+    registry.register("oracle", OraclePolicy)
