@@ -10,6 +10,7 @@ def register_all(registry: PolicyRegistry) -> None:
     from policies.cachegen import CacheGenPolicy
     from policies.cachegen_code import CacheGenCodePolicy
     from policies.fixed import FixedLevelPolicy
+    from policies.hybrid import HybridPolicy
     from policies.mpc import MpcPolicy
     from policies.oracle import OraclePolicy
     from policies.raw import RawPolicy
@@ -21,4 +22,5 @@ def register_all(registry: PolicyRegistry) -> None:
     registry.register("cachegen", CacheGenPolicy)
     registry.register("cachegen-code", CacheGenCodePolicy)
     registry.register("mpc", MpcPolicy)
+    registry.register("hybrid", HybridPolicy)
     registry.register("oracle", OraclePolicy)

@@ -5,8 +5,11 @@ Prediction = harmonic mean of the last `window` throughput samples, divided by `
 *undiscounted* harmonic mean predicted before that sample (Pensieve's ``robust_mpc_server.py``; see
 ``reference/streaming-and-policies.md`` section 3.1).
 
-Unlike Pensieve, a sample's throughput leaves out the round-trip time (``bits / (duration - rtt)``), because
-the planning model (`policies.planning.ConstantThroughput`) adds the RTT once per request itself.
+As in Pensieve, errors are measured against sample-based predictions only. Before the first sample the
+prediction is the session's prior (historical throughput) divided by ``1 + prior_error``: a prior from
+other sessions is less certain than a measurement of this one. Unlike Pensieve, a sample's throughput leaves
+out the round-trip time (``bits / (duration - rtt)``), because the planning model
+(`policies.planning.ConstantThroughput`) adds the RTT once per request itself.
 """
 
 from __future__ import annotations
@@ -16,16 +19,23 @@ from typing import Sequence
 
 from policies.base import ThroughputSample
 
-__all__ = ["RobustThroughputEstimator"]
+__all__ = ["RobustThroughputEstimator", "DEFAULT_PRIOR_ERROR"]
+
+DEFAULT_PRIOR_ERROR = 0.5
+"""Relative error assumed for the prior until this session's first measurement."""
 
 
 class RobustThroughputEstimator:
     """Error-discounted harmonic-mean throughput predictor (bits/s). Feed it `observe(obs.samples)`."""
 
-    def __init__(self, window: int = 5, rtt_s: float = 0.0, prior_bps: float | None = None) -> None:
+    def __init__(self, window: int = 5, rtt_s: float = 0.0, prior_bps: float | None = None,
+                 prior_error: float = DEFAULT_PRIOR_ERROR) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
+        if not prior_error >= 0:
+            raise ValueError(f"prior_error must be >= 0, got {prior_error}")
         self.window = window
+        self.prior_error = prior_error
         self.rtt_s = max(0.0, rtt_s)
         self.prior_bps = prior_bps
         self._throughputs: deque[float] = deque(maxlen=window)
@@ -42,7 +52,7 @@ class RobustThroughputEstimator:
         """Take in the samples not seen yet (`samples` is the session's whole list, oldest first)."""
         for sample in samples[self._seen:]:
             actual = self.sample_bps(sample)
-            predicted = self.harmonic_mean_bps()
+            predicted = self.harmonic_mean_bps() if self._throughputs else None
             if predicted is not None and actual > 0.0:
                 self._errors.append(abs(predicted - actual) / actual)
             self._throughputs.append(actual)
@@ -57,7 +67,9 @@ class RobustThroughputEstimator:
         return len(self._throughputs) / sum(1.0 / x for x in self._throughputs)
 
     def max_error(self) -> float:
-        """Largest relative prediction error among the recent samples (0 before any)."""
+        """Largest relative prediction error among the recent samples (`prior_error` before any sample)."""
+        if not self._throughputs:
+            return self.prior_error
         return max(self._errors, default=0.0)
 
     def predict_bps(self) -> float | None:

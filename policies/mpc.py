@@ -1,65 +1,83 @@
 """``mpc``: RobustMPC (Yin et al., SIGCOMM 2015; Pensieve's ``robust_mpc_server.py``) for KV streaming.
 
-At every decision the controller plans the next ``H = 5`` undecided chunks in index order, each either a
-codec level or `TEXT`, and applies the first action (receding horizon). The chunks after the horizon (the
-*tail*) are assumed to repeat the horizon's last action, so every plan is judged on the whole session.
+Plans. At every decision the controller plans the next ``H = 5`` undecided chunks in index order (the
+*horizon*), each a codec level or `TEXT`, and applies the first action (receding horizon). The undecided
+chunks after the horizon (the *tail*) are modelled as Cake runs them: the tail's first ``s`` chunks are
+recomputed from the front and the others loaded from the back at the level of the horizon's last action (at
+the best level for an all-text horizon when that action is text), with the best split ``s``. So every plan
+is judged on the whole session.
 
-Throughput prediction (`policies.estimate.RobustThroughputEstimator`): harmonic mean of the last 5
-throughputs divided by ``1 + max`` relative prediction error of the last 5; the RTT is paid once per request.
+Prediction (`policies.estimate.RobustThroughputEstimator`): harmonic mean of the last 5 throughputs divided
+by ``1 + max`` relative prediction error of the last 5 (``1 + prior_error`` on the prior before the first
+sample); the RTT is paid once per request.
 
 Objective (minimised; RobustMPC's "quality minus rebuffering penalty", with TTFT overrun for rebuffering)::
 
-    cost(plan) = Q(plan) + mu * max(0, TTFT(plan) - SLO),    mu = overrun_weight * q_span / SLO
+    cost(plan) = Q(plan) + mu * max(0, TTFT(plan) - (1 - margin) * SLO),
+    mu = weight * q_span / ((1 - margin) * SLO)
 
-``Q`` is the session's token-weighted mean quality loss (text is lossless), ``q_span`` the largest quality
-loss on the menu, so the default ``overrun_weight = 20`` makes an overrun of 5% of the SLO cost as much as
+``Q`` is the session's token-weighted mean quality loss (text is lossless) and ``q_span`` the largest
+quality loss on the menu, so the default ``weight = 20`` makes an overrun of 5% of the SLO cost as much as
 streaming the whole context at the worst level instead of losslessly: violations are avoided first, quality
-is maximised second. (Pensieve's linear QoE weighs one second of rebuffering like one chunk at the top bitrate;
-here the deadline is the primary metric, so overrun weighs more.) There is no switching term: a KV context has
-no playback, so level changes between chunks cost nothing.
+is maximised second (Pensieve's linear QoE weighs one second of rebuffering like one chunk at the top bitrate;
+here the deadline is the primary metric). ``margin = 0.05`` is a safety factor, like sabre's 0.9. There is
+no switching term: a KV context has no playback, so level changes between chunks cost nothing.
 
-Search. Full enumeration costs ``(L + 1) ** 5`` plan evaluations per decision (7,776 for five levels plus
-text). `search_plan` finds the *same* plan, exactly, by depth-first branch-and-bound:
+Execution. Each action is taken as late as possible, with the latest measurement: text for the lowest
+undecided chunk when the compute unit runs dry; when the link runs dry, the plan's lowest loaded horizon
+chunk, else the highest tail chunk it loads. Loads are issued one at a time.
 
-* The state after a plan prefix is ``(link_free, decoder_free, prefix_ready, quality)``; every step of the
+Search. Full enumeration costs ``(L + 1) ** 5`` plan evaluations per decision (16,807 for six levels plus
+text), each trying every tail split (`enumerate_plan`). `search_plan` finds the *same* plan, exactly:
+
+* The state after a plan prefix is ``(link_free, decoder_free, prefix_ready, quality)``. Every step of the
   model (``+`` and ``max`` of floats, both monotone under IEEE rounding) and the final cost are non-decreasing
   in every component, so the cost of a plan whose last action is ``b``, computed with the *current* state in
   place of the state before the last step, is a lower bound on every completion ending in ``b`` -- exactly, in
-  floating point. The bound keeps the tail, which is most of the session's work early on.
-* Subtrees are searched per last action ``b``, most promising ``b`` first, from an incumbent (the best
-  uniform plan). A subtree is skipped when its bound exceeds the incumbent, or equals it and every plan in it
-  comes later in enumeration order, so ties resolve as in enumeration (the first plan in order wins).
-* Every step of a plan is computed by the same floating-point expressions in the enumerator and the search,
-  so both see bit-identical costs; `tests/test_policies_advanced.py` checks plan equality on random cases.
+  floating point. A second, Lagrangian-style bound (``cost >= Q + mu * (TTFT - SLO)`` with ``TTFT`` at least
+  any convex mix of the recompute chain and the link chain, each later step adding its cheapest share) prunes
+  where overruns are likely; it is lowered by a margin far above its rounding error.
+* Subtrees are searched per last action ``b``, most promising first, from an incumbent (the previous
+  decision's plan, or the best uniform plan). A subtree is skipped when its bound exceeds the incumbent, or
+  equals it and every plan in it comes later in enumeration order, so ties resolve as in enumeration (the
+  first plan in order wins).
+* The tail's best split is found in O(log m) instead of O(m) (`_tail_cost`; the cost is piecewise monotone
+  in ``s``), computing the same floats as trying every split.
+* Steps are computed by the same floating-point expressions in the enumerator and the search, so both see
+  bit-identical costs; `tests/test_policies_advanced.py` checks plan equality on random cases.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from policies.base import TEXT, Decision, Observation, Policy, Session, level_names
-from policies.estimate import RobustThroughputEstimator
-from policies.planning import ConstantThroughput, PlanState
+from policies.estimate import DEFAULT_PRIOR_ERROR, RobustThroughputEstimator
+from policies.planning import ConstantThroughput, PlanState, parse_options
 
 __all__ = ["MpcPolicy", "MpcProblem", "build_problem", "plan_cost", "enumerate_plan", "search_plan",
            "SessionTables", "DEFAULT_HORIZON", "DEFAULT_OVERRUN_WEIGHT"]
 
 DEFAULT_HORIZON = 5
 DEFAULT_OVERRUN_WEIGHT = 20.0
+DEFAULT_SLO_MARGIN = 0.05
+"""Plans aim at ``(1 - margin) * SLO``: a safety factor against prediction error, like sabre's 0.9."""
 _INF = math.inf
 
 
 @dataclass(frozen=True, slots=True)
 class MpcProblem:
-    """One decision's planning problem over in-order plans of `horizon` steps (action ``L`` is text).
+    """One decision's planning problem: `horizon` in-order steps (action ``n_levels`` is text), then the tail.
 
     Per step ``k`` and level ``a``: ``tau[k][a]`` link time, ``dec[k][a]`` decode time, ``wq[k][a]``
-    token-weighted quality loss; ``r[k]`` recompute time. Tail per level: ``tail_dec[a]`` total decode,
-    ``tail_k[a]`` = max over tail chunks j of (link time up to j + decode time from j on), ``tail_wq[a]``;
-    ``tail_r`` total recompute.
+    token-weighted quality loss; ``r[k]`` recompute time. Tail (the ``m`` undecided chunks after the horizon,
+    ascending): ``tail_rp[s]`` recompute time of its first ``s`` chunks; per level ``b``: ``tail_tb[b][s]``
+    link time of its chunks from ``s`` on plus the largest decode time (``-inf`` for ``s = m``) and
+    ``tail_ws[b][s]`` their token-weighted quality loss; ``tail_fast[b]``: every tail chunk's recompute costs
+    more (``mu * r``) than its loss at ``b`` saves, which `_tail_cost` uses to skip most splits.
     """
 
     n_levels: int
@@ -68,26 +86,36 @@ class MpcProblem:
     dec: tuple[tuple[float, ...], ...]
     wq: tuple[tuple[float, ...], ...]
     r: tuple[float, ...]
-    tail_dec: tuple[float, ...]
-    tail_k: tuple[float, ...]
-    tail_wq: tuple[float, ...]
-    tail_r: float
+    tail_rp: tuple[float, ...]
+    tail_tb: tuple[tuple[float, ...], ...]
+    tail_ws: tuple[tuple[float, ...], ...]
+    tail_fast: tuple[bool, ...]
     link0: float
     dec0: float
     ready0: float
     qscale: float
     mu: float
     slo_s: float
-    fold: tuple[float, ...] = ()
-    """``fold[k]`` (k >= 1): latest ready time of the decided chunks between horizon chunks ``k-1`` and
-    ``k``, merged into the prefix-ready time before step ``k``; ``fold[horizon]``: of those after the horizon,
-    merged before the tail. ``-inf`` where there are none."""
+    fold: tuple[float, ...]
+    """``fold[k]`` (``1 <= k <= horizon``): latest ready time of the decided chunks between horizon chunk
+    ``k-1`` and the next undecided chunk above it, merged into the prefix-ready time before step ``k`` (before
+    the tail for ``k = horizon``). ``-inf`` where there are none."""
+    top: float
+    """Latest ready time of the decided chunks above every undecided chunk (they only bound the TTFT)."""
     chunks: tuple[int, ...] = field(default=())
     """The horizon's chunk indices."""
+    tail_chunks: tuple[int, ...] = field(default=())
+    text_tail_level: int = 0
+    """Level of the tail's loads when the last horizon step is text: the best one for an all-text horizon
+    (fixed per decision, so the cost stays a function of the plan's own actions)."""
 
     @property
     def n_actions(self) -> int:
         return self.n_levels + 1
+
+    @property
+    def tail_r(self) -> float:
+        return self.tail_rp[-1]
 
 
 @dataclass(slots=True)
@@ -148,98 +176,171 @@ def build_problem(tables: SessionTables, pending: Sequence[int], state: PlanStat
                   overrun_weight: float = DEFAULT_OVERRUN_WEIGHT, horizon: int = DEFAULT_HORIZON
                   ) -> MpcProblem:
     """The planning problem from `state`: the first `horizon` of the `pending` chunks (ascending), then the
-    rest as the tail. Decided chunks may lie between them; their estimated ready times (`state` must have
-    one for each, `PlanState.resolved`) delay the text chunks above them and the TTFT."""
+    rest as the tail. Decided chunks may lie anywhere; each needs an estimated ready time in `state`
+    (`PlanState.resolved`)."""
     bps, rtt = throughput.bps, throughput.rtt_s
     inv = 8.0 / bps if bps > 0 else _INF
     nl = tables.n_levels
     n = len(tables.recompute)
     h = list(pending[:horizon])
     tail = list(pending[horizon:])
+    qscale = 1.0 / tables.total_tokens
+    mu = overrun_weight * tables.q_span / max(slo_s, 1e-9)
 
-    def link_time(bytes_: float) -> float:
-        return rtt + bytes_ * inv if bps > 0 else _INF
+    def link_time(nbytes: float) -> float:
+        return rtt + nbytes * inv if bps > 0 else _INF
 
     tau = tuple(tuple(link_time(x) for x in tables.nbytes[c]) for c in h)
     dec = tuple(tuple(tables.decode[c]) for c in h)
     wq = tuple(tuple(tables.wq[c]) for c in h)
     r = tuple(tables.recompute[c] for c in h)
-    if tail and tail[-1] - tail[0] + 1 == len(tail) and tail[-1] == n - 1:
-        decode_from = tables.decode_from  # contiguous to the end: the session's suffix sums
-        tail_dec = tuple(decode_from[tail[0]])
-        tail_wq = tuple(tables.wq_from[tail[0]])
-        tail_r = tables.recompute_from[tail[0]]
-    else:
-        decode_from = {}
-        acc = [0.0] * nl
-        for j in reversed(tail):
-            acc = [x + y for x, y in zip(tables.decode[j], acc)]
-            decode_from[j] = acc
-        tail_dec = tuple(acc)
-        tail_wq = tuple(sum(tables.wq[j][a] for j in tail) for a in range(nl))
-        tail_r = sum(tables.recompute[j] for j in tail)
-    tail_k = [-_INF] * nl
+    m = len(tail)
+    rp = [0.0] * (m + 1)
+    for i, c in enumerate(tail):
+        rp[i + 1] = rp[i] + tables.recompute[c]
+    tbs, wss, fast = [], [], []
     for a in range(nl):
-        acc_t, best = 0.0, -_INF
-        for j in tail:
-            acc_t += link_time(tables.nbytes[j][a])
-            v = acc_t + decode_from[j][a]
-            if v > best:
-                best = v
-        tail_k[a] = best
-    # Decided chunks: below the horizon they set the initial prefix-ready time, between horizon chunks they
-    # are folded in before the step above them, after the horizon before the tail.
+        dmax = max((tables.decode[c][a] for c in tail), default=0.0)
+        tb = [-_INF] * (m + 1)
+        ws = [0.0] * (m + 1)
+        acc_t = acc_q = 0.0
+        ok = True
+        for i in range(m - 1, -1, -1):
+            c = tail[i]
+            acc_t += link_time(tables.nbytes[c][a])
+            acc_q += tables.wq[c][a]
+            tb[i] = acc_t + dmax
+            ws[i] = acc_q
+            # recomputing this chunk instead of loading it must cost clearly more than the loss it saves
+            if not mu * tables.recompute[c] * (1.0 - 1e-9) > qscale * tables.wq[c][a] * (1.0 + 1e-9) + 1e-300:
+                ok = False
+        tbs.append(tuple(tb))
+        wss.append(tuple(ws))
+        fast.append(ok)
+    # Decided chunks: below the horizon they set the initial prefix-ready time; between undecided chunks
+    # they are merged before the step above them (before the tail for those inside the tail); above every
+    # undecided chunk they only bound the TTFT.
     ready_s = state.ready_s
-    bounds = h + [n]
     fold = [-_INF] * (len(h) + 1)
     ready0 = max(state.now_s, state.compute_free_s)
+    top = -_INF
+    last_pending = pending[-1] if len(pending) else -1
     k = 0
+    bounds = h + [n]
     for c, action in enumerate(state.actions):
         if action is None:
             continue
-        while c > bounds[k]:
-            k += 1
         x = ready_s[c]
         if x != x:
             raise ValueError(f"decided chunk {c} has no ready estimate (resolve the state first)")
+        if c > last_pending:
+            if x > top:
+                top = x
+            continue
+        while c > bounds[k]:
+            k += 1
         if k == 0:
             if x > ready0:
                 ready0 = x
         elif x > fold[k]:
             fold[k] = x
-    if not h:
-        fold[0] = -_INF
-    return MpcProblem(
-        n_levels=nl, horizon=len(h), tau=tau, dec=dec, wq=wq, r=r, tail_dec=tail_dec, tail_k=tuple(tail_k),
-        tail_wq=tail_wq, tail_r=tail_r, link0=state.link_free_s, dec0=state.decoder_free_s, ready0=ready0,
-        qscale=1.0 / tables.total_tokens, mu=overrun_weight * tables.q_span / max(slo_s, 1e-9), slo_s=slo_s,
-        fold=tuple(fold), chunks=tuple(h))
+    p = MpcProblem(
+        n_levels=nl, horizon=len(h), tau=tau, dec=dec, wq=wq, r=r, tail_rp=tuple(rp), tail_tb=tuple(tbs),
+        tail_ws=tuple(wss), tail_fast=tuple(fast), link0=state.link_free_s, dec0=state.decoder_free_s,
+        ready0=ready0, qscale=qscale, mu=mu, slo_s=slo_s, fold=tuple(fold), top=top, chunks=tuple(h),
+        tail_chunks=tuple(tail))
+    if m and nl:
+        link, _, ready, q = _play(p, (nl,) * len(h))
+        f = fold[len(h)]
+        ready = ready if ready > f else f
+        costs = [_tail_cost(p, a, link, ready, q) for a in range(nl)]
+        p = replace(p, text_tail_level=costs.index(min(costs)))
+    return p
 
 
 # --- the model's arithmetic, shared verbatim by the enumerator and the search -----------------------------
 
-def _final_cost(p: MpcProblem, b: int, link: float, dec: float, ready: float, q: float) -> float:
-    """Cost after the last horizon step took action `b` and reached this state (tail included)."""
+def _split_cost(p: MpcProblem, b: int, s: int, link: float, ready: float, q: float) -> float:
+    """Cost when the tail's first `s` chunks are recomputed and the others loaded at level `b`."""
+    a_s = ready + p.tail_rp[s]
+    tb = p.tail_tb[b][s]
+    t = a_s
+    if tb != -_INF:  # some tail chunk is loaded
+        b_s = link + tb
+        if b_s > t:
+            t = b_s
+    if p.top > t:
+        t = p.top
+    over = t - p.slo_s
+    return (q + p.tail_ws[b][s]) * p.qscale + (p.mu * over if over > 0.0 else 0.0)
+
+
+def tail_split(p: MpcProblem, b: int, link: float, ready: float, q: float) -> tuple[int, float]:
+    """Reference: the best split of the tail (first of the least cost) by trying every split."""
+    best_s, best = 0, _INF
+    for s in range(len(p.tail_rp)):
+        c = _split_cost(p, b, s, link, ready, q)
+        if c < best:
+            best_s, best = s, c
+    return best_s, best
+
+
+def _tail_cost(p: MpcProblem, b: int, link: float, ready: float, q: float) -> float:
+    """The least split cost, as `tail_split` finds it, in O(log m).
+
+    The text chain ``ready + rp[s]`` grows with ``s`` and the link chain ``link + tb[s]`` shrinks, both
+    monotone under rounding. Before they cross (``s < sc``) and after it while the TTFT stays within
+    ``max(SLO, top)`` (``sc <= s < su``) the cost can only fall with ``s``; from ``su`` on every extra text
+    chunk adds ``mu * r`` of overrun, clearly more than its quality saves when ``tail_fast[b]``, so the cost
+    rises. The least cost is therefore at ``sc - 1``, ``su - 1`` or ``su``; the same floats are computed.
+    """
+    if not p.tail_fast[b]:
+        return tail_split(p, b, link, ready, q)[1]
+    rp, tb = p.tail_rp, p.tail_tb[b]
+    m = len(rp) - 1
+    lo, hi = 0, m  # first s with ready + rp[s] >= link + tb[s] (true at s = m, where tb is -inf)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tb[mid] == -_INF or ready + rp[mid] >= link + tb[mid]:
+            hi = mid
+        else:
+            lo = mid + 1
+    sc = lo
+    limit = p.slo_s if p.slo_s > p.top else p.top
+    lo, hi = sc, m + 1  # first s >= sc with ready + rp[s] > max(slo, top)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ready + rp[mid] > limit:
+            hi = mid
+        else:
+            lo = mid + 1
+    su = lo
+    best = _INF
+    for s in (sc - 1, su - 1, su):
+        if 0 <= s <= m:
+            c = _split_cost(p, b, s, link, ready, q)
+            if c < best:
+                best = c
+    return best
+
+
+def _final_cost(p: MpcProblem, b: int, link: float, dec: float, ready: float, q: float,
+                exhaustive: bool = False) -> float:
+    """Cost after the last horizon step took action `b` and reached this state, the tail included: the tail
+    is split at its best point between text from its front and loads from its back, at level ``b`` (at
+    ``text_tail_level`` after a text step); `exhaustive`: by trying every split."""
     f = p.fold[p.horizon]
     if f > ready:
         ready = f
     if b == p.n_levels:
-        tt = ready + p.tail_r
-        qt = q
-    else:
-        x = dec + p.tail_dec[b]
-        y = link + p.tail_k[b]
-        dn = x if x > y else y
-        tt = ready if ready > dn else dn
-        qt = q + p.tail_wq[b]
-    over = tt - p.slo_s
-    return qt * p.qscale + (p.mu * over if over > 0.0 else 0.0)
+        b = p.text_tail_level
+    if exhaustive:
+        return tail_split(p, b, link, ready, q)[1]
+    return _tail_cost(p, b, link, ready, q)
 
 
-def plan_cost(p: MpcProblem, plan: Sequence[int]) -> float:
-    """Cost of `plan` (one action index per horizon step; index ``n_levels`` is text)."""
-    if p.horizon == 0:
-        return _final_cost(p, p.n_levels, p.link0, p.dec0, p.ready0, 0.0)
+def _play(p: MpcProblem, plan: Sequence[int]) -> tuple[float, float, float, float]:
+    """State ``(link, dec, ready, q)`` after the horizon steps of `plan`."""
     text = p.n_levels
     link, dec, ready, q = p.link0, p.dec0, p.ready0, 0.0
     fold = p.fold
@@ -254,11 +355,31 @@ def plan_cost(p: MpcProblem, plan: Sequence[int]) -> float:
             if dec > ready:
                 ready = dec
             q = q + p.wq[k][a]
-    return _final_cost(p, plan[-1], link, dec, ready, q)
+    return link, dec, ready, q
+
+
+def plan_cost(p: MpcProblem, plan: Sequence[int], exhaustive: bool = True) -> float:
+    """Cost of `plan` (one action index per horizon step; index ``n_levels`` is text). `exhaustive` tries
+    every tail split (the definition); otherwise the O(log m) split search of the controller."""
+    link, dec, ready, q = _play(p, plan)
+    return _final_cost(p, plan[-1] if plan else p.n_levels, link, dec, ready, q, exhaustive)
+
+
+def plan_tail_split(p: MpcProblem, plan: Sequence[int]) -> int:
+    """How many tail chunks `plan` recomputes (the rest are loaded at its last level)."""
+    link, _, ready, q = _play(p, plan)
+    f = p.fold[p.horizon]
+    return tail_split(p, plan_tail_level(p, plan), link, ready if ready > f else f, q)[0]
+
+
+def plan_tail_level(p: MpcProblem, plan: Sequence[int]) -> int:
+    """The level at which `plan` loads its tail chunks."""
+    return p.text_tail_level if not plan or plan[-1] == p.n_levels else plan[-1]
 
 
 def enumerate_plan(p: MpcProblem) -> tuple[tuple[int, ...], float]:
-    """Full enumeration (RobustMPC's search): the first plan in enumeration order with the least cost."""
+    """Full enumeration (RobustMPC's search, every tail split tried): the first plan in enumeration order
+    with the least cost."""
     best, best_cost = (), _INF
     for plan in itertools.product(range(p.n_actions), repeat=p.horizon):
         c = plan_cost(p, plan)
@@ -288,17 +409,19 @@ _THETAS = (0.2, 0.4, 0.6, 0.8)
 """Weights of the surrogate bound ``TTFT >= theta * text_chain + (1 - theta) * link_chain``."""
 
 
-def _surrogate_tables(p: MpcProblem) -> list[list[float]]:
-    """``table[j][t]``: least cost that steps ``j .. h-2`` (those before the last) add to the surrogate
-    bound of weight ``_THETAS[t]``, each step taking text or its best level on its own."""
+def _surrogate_tables(p: MpcProblem) -> tuple[list[list[float]], list[list[float]]]:
+    """``steps[j][t]``: least cost that steps ``j .. h-2`` (those before the last) add to the surrogate
+    bound of weight ``_THETAS[t]``, each step taking text or its best level on its own. ``ends[b][t]``:
+    least cost the last step's level and the tail add (``qs * W + mu * (theta * RP + (1-theta) * TB)``
+    over the tail's splits)."""
     h, mu, qs, text = p.horizon, p.mu, p.qscale, p.n_levels
-    table = [[0.0] * len(_THETAS) for _ in range(h)]
+    steps = [[0.0] * len(_THETAS) for _ in range(h)]
     acc = [0.0] * len(_THETAS)
     for j in range(h - 2, -1, -1):
         wq_j = [qs * x for x in p.wq[j]]
         tau_j = [mu * x for x in p.tau[j]]
         r_j = mu * p.r[j]
-        row = table[j]
+        row = steps[j]
         for t, theta in enumerate(_THETAS):
             best = theta * r_j
             other = 1.0 - theta
@@ -308,30 +431,27 @@ def _surrogate_tables(p: MpcProblem) -> list[list[float]]:
                     best = v
             acc[t] += best
             row[t] = acc[t]
-    return table
-
-
-def _surrogate_bound(p: MpcProblem, table_row: Sequence[float], b: int, link: float, ready: float, q: float
-                     ) -> float:
-    """Surrogate lower bound for plans ending in `b` from a state: cost >= qs*Q + mu*(TTFT - slo), with
-    TTFT >= theta * (text chain) + (1 - theta) * (link chain) for every theta; slightly lowered to absorb
-    rounding. `table_row` is the `_surrogate_tables` row of the first step not taken yet."""
-    last = p.horizon - 1
-    if b == p.n_levels:
-        qc, a_b, c_b = 0.0, p.r[last] + p.tail_r, 0.0
-    else:
-        qc, a_b, c_b = p.wq[last][b] + p.tail_wq[b], 0.0, p.tau[last][b] + p.tail_k[b]
-    if not (c_b < _INF and link < _INF):
-        return -_INF
-    mu = p.mu
-    base = p.qscale * (q + qc) - mu * p.slo_s
-    best = -_INF
-    for t, theta in enumerate(_THETAS):
-        w = base + mu * (theta * (ready + a_b) + (1.0 - theta) * (link + c_b)) + table_row[t]
-        w -= 1e-9 * (abs(w) + mu * (ready + link + a_b + c_b) + 1e-12)
-        if w > best:
-            best = w
-    return best
+    last = h - 1
+    rp = p.tail_rp
+    m = len(rp) - 1
+    ends = []
+    for b in range(p.n_actions):
+        row = []
+        for theta in _THETAS:
+            lvl = p.text_tail_level if b == text else b
+            t_last = 0.0 if b == text else p.tau[last][b]
+            best = _INF
+            for s in range(m + 1):
+                tb = p.tail_tb[lvl][s] if s < m else 0.0
+                v = qs * p.tail_ws[lvl][s] + mu * (theta * rp[s] + (1.0 - theta) * (t_last + tb))
+                if v < best:
+                    best = v
+            if b == text:
+                row.append(mu * theta * p.r[last] + best)
+            else:
+                row.append(qs * p.wq[last][b] + best)
+        ends.append(row)
+    return steps, ends
 
 
 def search_plan(p: MpcProblem, hints: Sequence[Sequence[int]] = ()) -> tuple[tuple[int, ...], float]:
@@ -342,7 +462,7 @@ def search_plan(p: MpcProblem, hints: Sequence[Sequence[int]] = ()) -> tuple[tup
     """
     h = p.horizon
     if h == 0:
-        return (), plan_cost(p, ())
+        return (), plan_cost(p, (), False)
     n_act = p.n_actions
     text = p.n_levels
     best_plan: tuple[int, ...] = ()
@@ -351,7 +471,7 @@ def search_plan(p: MpcProblem, hints: Sequence[Sequence[int]] = ()) -> tuple[tup
     if not candidates or h == 1:
         candidates += [(a,) * h for a in range(n_act)]
     for plan in candidates:
-        c = plan_cost(p, plan)
+        c = plan_cost(p, plan, False)
         if c < best_cost or (c == best_cost and plan < best_plan) or not best_plan:
             best_plan, best_cost = plan, c
     if h == 1:
@@ -360,35 +480,33 @@ def search_plan(p: MpcProblem, hints: Sequence[Sequence[int]] = ()) -> tuple[tup
     link0, dec0, ready0 = p.link0, p.dec0, p.ready0
     last = h - 1
     mu, qs, slo = p.mu, p.qscale, p.slo_s
-    tail_r = p.tail_r
     fold = p.fold
-    f_last, f_end = fold[last], fold[h]
+    f_last = fold[last]
     mu_theta = [mu * t for t in _THETAS]
     mu_other = [mu * (1.0 - t) for t in _THETAS]
     root_bound = [_bound(p, b, link0, dec0, ready0, 0.0) for b in range(n_act)]
     prefix = [0] * h
-    table = None
+    tables = None
+    margin = 1e-9 * (mu * (slo + abs(p.top if p.top > -_INF else 0.0)) + 1.0)
     for b in sorted(range(n_act), key=lambda b: (root_bound[b], b)):
         if root_bound[b] > best_cost:
             break  # roots are sorted by their bound
-        if h > 2:
-            if table is None:
-                table = _surrogate_tables(p)
-            if _surrogate_bound(p, table[0], b, link0, ready0, 0.0) > best_cost:
-                continue
+        if h > 2 and tables is None:
+            tables = _surrogate_tables(p)
         prefix[last] = b
         is_text = b == text
         if is_text:
-            r_last = rs[last]
-            qc, a_b, c_b = 0.0, r_last + tail_r, 0.0
-            tl = dl = wl = tdb = tkb = twb = 0.0  # text adds no quality loss
+            r_last, t_last, w_last = rs[last], 0.0, 0.0
         else:
-            tl, dl, wl = tau[last][b], decs[last][b], wqs[last][b]
-            tdb, tkb, twb = p.tail_dec[b], p.tail_k[b], p.tail_wq[b]
-            qc, a_b, c_b = wl + twb, 0.0, tl + tkb
-            r_last = 0.0
-        surrogate = table is not None and c_b < _INF
-        margin_extra = max(abs(x) for x in table[0]) + 1e-12 if surrogate else 0.0
+            r_last, t_last, w_last = 0.0, tau[last][b], wqs[last][b]
+        surrogate = tables is not None and t_last < _INF
+        if surrogate:
+            ends = tables[1][b]
+            steps = tables[0]
+            w = max(mt * ready0 + mo * link0 + e + st
+                    for mt, mo, e, st in zip(mu_theta, mu_other, ends, steps[0])) - mu * slo
+            if w - margin * (1.0 + mu * (ready0 + link0)) > best_cost:
+                continue
         stack = [(0, a, link0, dec0, ready0, 0.0) for a in range(n_act - 1, -1, -1)]
         pop, push = stack.pop, stack.append
         while stack:
@@ -405,28 +523,14 @@ def search_plan(p: MpcProblem, hints: Sequence[Sequence[int]] = ()) -> tuple[tup
                 q = q + wqs[k][a]
             prefix[k] = a
             # Cost of taking b now and then the tail: the leaf's cost at depth h-2, a lower bound above it
-            # (the same expressions as plan_cost and _final_cost, so the floats are identical).
+            # (the same expressions as plan_cost, so the floats are identical).
             rr = f_last if f_last > ready else ready
             if is_text:
-                rr = rr + r_last
-                if f_end > rr:
-                    rr = f_end
-                tt = rr + tail_r
-                qt = q
+                v = _final_cost(p, b, link, dec, rr + r_last, q)
             else:
-                l2 = link + tl
-                d2 = (l2 if l2 > dec else dec) + dl
-                if d2 > rr:
-                    rr = d2
-                if f_end > rr:
-                    rr = f_end
-                x = d2 + tdb
-                y = l2 + tkb
-                dn = x if x > y else y
-                tt = rr if rr > dn else dn
-                qt = (q + wl) + twb
-            over = tt - slo
-            v = qt * qs + (mu * over if over > 0.0 else 0.0)
+                l2 = link + t_last
+                d2 = (l2 if l2 > dec else dec) + decs[last][b]
+                v = _final_cost(p, b, l2, d2, d2 if d2 > rr else rr, q + w_last)
             if k + 1 == last:
                 if v < best_cost or (v == best_cost and tuple(prefix) < best_plan):
                     best_cost, best_plan = v, tuple(prefix)
@@ -436,17 +540,12 @@ def search_plan(p: MpcProblem, hints: Sequence[Sequence[int]] = ()) -> tuple[tup
             if surrogate and link < _INF:
                 # cost >= qs*Q + mu*(TTFT - slo) and TTFT >= any convex mix of the text and link chains;
                 # lowered by a margin far above the rounding error of these few operations.
-                base = qs * (q + qc) - mu * slo
-                tc = ready + a_b
-                lc = link + c_b
-                w = -_INF
-                for m_text, m_link, extra in zip(mu_theta, mu_other, table[k + 1]):
-                    x = base + m_text * tc + m_link * lc + extra
-                    if x > w:
-                        w = x
-                w -= 1e-9 * (abs(base) + mu * (slo + tc + lc) + margin_extra)
-                if w > v:
-                    v = w
+                base = qs * q - mu * slo
+                x = max(base + mt * ready + mo * link + e + st
+                        for mt, mo, e, st in zip(mu_theta, mu_other, ends, steps[k + 1]))
+                x -= margin * (1.0 + mu * (ready + link))
+                if x > v:
+                    v = x
                     if v > best_cost:
                         continue
             if v == best_cost and tuple(prefix[:k + 1]) > best_plan[:k + 1]:
@@ -455,26 +554,40 @@ def search_plan(p: MpcProblem, hints: Sequence[Sequence[int]] = ()) -> tuple[tup
             # incumbent is skipped before its step is computed.
             nxt = wqs[k + 1]
             for a2 in range(n_act - 1, -1, -1):
-                if a2 != text and (((q + nxt[a2]) + wl) + twb) * qs > best_cost:
+                if a2 != text and ((q + nxt[a2]) + w_last) * qs > best_cost:
                     continue
                 push((k + 1, a2, link, dec, ready, q))
     return best_plan, best_cost
 
 
 class MpcPolicy(Policy):
-    """RobustMPC with text as an extra action; see the module docstring. Spec ``mpc`` or ``mpc:<weight>``."""
+    """RobustMPC with text as an extra action; see the module docstring.
+
+    Spec ``mpc`` or ``mpc:key=value+...`` with keys ``weight`` (overrun weight, default 20), ``margin``
+    (plan for ``(1 - margin) * SLO``, default 0.05), ``horizon`` (5), ``window`` (5) and ``prior_error``
+    (0.5); a bare number sets the weight.
+    """
 
     name = "mpc"
 
-    def __init__(self, overrun_weight: float | str = DEFAULT_OVERRUN_WEIGHT, horizon: int = DEFAULT_HORIZON,
-                 window: int = 5, exhaustive: bool = False) -> None:
-        self.overrun_weight = float(overrun_weight)
+    def __init__(self, options: str | None = None, *, overrun_weight: float = DEFAULT_OVERRUN_WEIGHT,
+                 horizon: int = DEFAULT_HORIZON, window: int = 5, slo_margin: float = DEFAULT_SLO_MARGIN,
+                 prior_error: float = DEFAULT_PRIOR_ERROR, exhaustive: bool = False) -> None:
+        opts = parse_options(options, {"weight": overrun_weight, "margin": slo_margin, "horizon": horizon,
+                                       "window": window, "prior_error": prior_error}, "mpc")
+        self.overrun_weight = opts["weight"]
+        self.slo_margin = opts["margin"]
+        self.horizon = int(opts["horizon"])
+        self.window = int(opts["window"])
+        self.prior_error = opts["prior_error"]
         if not self.overrun_weight > 0:
-            raise ValueError(f"mpc: overrun weight must be > 0, got {overrun_weight!r}")
-        if horizon < 1:
-            raise ValueError(f"mpc: horizon must be >= 1, got {horizon}")
-        self.horizon = horizon
-        self.window = window
+            raise ValueError(f"mpc: weight must be > 0, got {self.overrun_weight}")
+        if not 0 <= self.slo_margin < 1:
+            raise ValueError(f"mpc: margin must be in [0, 1), got {self.slo_margin}")
+        if self.horizon < 1 or self.window < 1 or self.horizon != opts["horizon"]:
+            raise ValueError(f"mpc: horizon and window must be integers >= 1, got {opts}")
+        if not self.prior_error >= 0:
+            raise ValueError(f"mpc: prior_error must be >= 0, got {self.prior_error}")
         self.exhaustive = exhaustive
         """Use full enumeration instead of branch-and-bound (same decisions; for benchmarks)."""
 
@@ -483,7 +596,9 @@ class MpcPolicy(Policy):
         self._tables = SessionTables.of(session)
         self._levels = level_names(session.menus)
         self._text = len(self._levels)
-        self._estimator = RobustThroughputEstimator(self.window, session.rtt_s, session.prior_throughput_bps)
+        self._estimator = RobustThroughputEstimator(self.window, session.rtt_s, session.prior_throughput_bps,
+                                                    self.prior_error)
+        self._slo = session.slo_s * (1.0 - self.slo_margin)
         self._link_order: list[int] = []
         self._decided_at: dict[int, float] = {}
         self._prev_plan: tuple[int, ...] = ()
@@ -504,7 +619,7 @@ class MpcPolicy(Policy):
             return self._load(obs, pending[0], self._levels[-1]) if obs.link_idle else None
         throughput = ConstantThroughput(bps, self.session.rtt_s)
         state = PlanState.from_observation(obs, throughput, self._link_order, self._decided_at).resolved()
-        problem = build_problem(self._tables, pending, state, throughput, self.session.slo_s,
+        problem = build_problem(self._tables, pending, state, throughput, self._slo,
                                 self.overrun_weight, self.horizon)
         if self.exhaustive:
             plan, _ = enumerate_plan(problem)
@@ -516,14 +631,18 @@ class MpcPolicy(Policy):
         names = self._levels + (TEXT,)
         self.last_plan = tuple((c, names[a]) for c, a in zip(problem.chunks, plan))
         # Act as late as possible, so every action uses the latest measurements: text for the lowest
-        # undecided chunk when the compute unit runs dry (it would wait for the chunks below it anyway),
-        # the plan's first load when the link runs dry (loads run in index order, as planned).
+        # undecided chunk when the compute unit runs dry (it would wait for the chunks below it anyway);
+        # when the link runs dry, the plan's lowest loaded horizon chunk, else the highest tail chunk the
+        # plan loads (the tail is recomputed from its front and loaded from its back, as in Cake).
         if plan[0] == self._text and obs.compute_idle:
             return Decision(pending[0], TEXT, predicted_bps=bps)
         if obs.link_idle:
             for chunk, a in zip(problem.chunks, plan):
                 if a != self._text:
                     return self._load(obs, chunk, names[a], bps)
+            tail = problem.tail_chunks
+            if tail and plan_tail_split(problem, plan) < len(tail):
+                return self._load(obs, tail[-1], names[plan_tail_level(problem, plan)], bps)
         return None
 
     def _load(self, obs: Observation, chunk: int, level: str, bps: float | None = None) -> Decision:

@@ -296,3 +296,28 @@ def simulate_plan(state: PlanState, plan: Plan, transfer: TransferModel) -> Plan
 def in_order_plan(chunks: Iterable[int], actions: Iterable[str]) -> list[tuple[int, str]]:
     """Pair `chunks` with `actions`: the plan that decides them in this order."""
     return list(zip(chunks, actions))
+
+
+def parse_options(spec_argument: str | None, defaults: Mapping[str, float], policy: str) -> dict[str, float]:
+    """Options of a policy spec's argument, ``key=value`` pairs joined by ``+`` (``mpc:margin=0.1+weight=50``).
+
+    A bare number sets the first option. Unknown keys and non-numbers raise ValueError naming the policy.
+    """
+    out = dict(defaults)
+    if not spec_argument:
+        return out
+    keys = list(defaults)
+    for i, part in enumerate(spec_argument.split("+")):
+        key, sep, value = part.partition("=")
+        if not sep:
+            if i or not keys:
+                raise ValueError(f"{policy}: expected key=value in {spec_argument!r}; keys: {', '.join(keys)}")
+            key, value = keys[0], part
+        key = key.strip()
+        if key not in out:
+            raise ValueError(f"{policy}: unknown option {key!r}; known: {', '.join(keys)}")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise ValueError(f"{policy}: option {key}={value!r} is not a number") from None
+    return out

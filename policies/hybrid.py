@@ -1,0 +1,97 @@
+"""``hybrid``: Cake-style bidirectional compute and load (Jin et al., ICML 2025), with codec levels.
+
+Cake recomputes the context from the front on the GPU while it loads the KV from the back, and the two meet
+where their rates balance; the meeting point is not fixed in advance, both sides go on until they meet. This
+controller keeps that shape and adds what Cake lacks:
+
+* **Levels for the loaded part.** At every decision it plans the rest of the session over the Cake family
+  (a text prefix of the undecided chunks, the others loaded from the back, each at its own level) with
+  `policies.oracle.plan_cake` and the *predicted* throughput in place of the future: the plan with the
+  least predicted SLO overrun, then the least quality loss (text is lossless, so it recomputes as much as
+  the SLO allows and loads the rest at the best levels that still fit), then the earliest TTFT.
+* **Adaptive meeting point.** It re-plans whenever the link or the compute unit runs dry, with the latest
+  measurements (RobustMPC's predictor: harmonic mean of the last 5 throughputs over ``1 + max`` recent
+  error, `policies.estimate`). The link then loads the highest undecided chunk the plan loads; the compute
+  unit recomputes the lowest undecided chunk if the plan still says text. If the link is slower than
+  predicted, the text prefix grows; if faster, the loaded part grows; levels move with the prediction.
+* **One resource when the other does not pay.** The plan may load everything (slow GPU) or recompute
+  everything (slow link): Cake's reported losses come from always using both.
+
+Before any measurement or prior the link probes with the smallest level of the last chunk while the front is
+recomputed.
+"""
+
+from __future__ import annotations
+
+from policies.base import TEXT, Decision, Observation, Policy, Session, level_names
+from policies.estimate import DEFAULT_PRIOR_ERROR, RobustThroughputEstimator
+from policies.oracle import OraclePlan, plan_cake
+from policies.mpc import DEFAULT_SLO_MARGIN
+from policies.planning import ConstantThroughput, PlanState, parse_options
+
+__all__ = ["HybridPolicy"]
+
+
+class HybridPolicy(Policy):
+    """Cake's compute-from-the-front / load-from-the-back with planned levels; see the module docstring.
+
+    Spec ``hybrid`` or ``hybrid:key=value+...`` with keys ``margin`` (plan for ``(1 - margin) * SLO``,
+    default 0.05), ``window`` (5) and ``prior_error`` (0.5); a bare number sets the margin.
+    """
+
+    name = "hybrid"
+
+    def __init__(self, options: str | None = None, *, slo_margin: float = DEFAULT_SLO_MARGIN, window: int = 5,
+                 prior_error: float = DEFAULT_PRIOR_ERROR) -> None:
+        opts = parse_options(options, {"margin": slo_margin, "window": window, "prior_error": prior_error},
+                             "hybrid")
+        self.slo_margin = opts["margin"]
+        self.window = int(opts["window"])
+        self.prior_error = opts["prior_error"]
+        if not 0 <= self.slo_margin < 1:
+            raise ValueError(f"hybrid: margin must be in [0, 1), got {self.slo_margin}")
+        if self.window < 1 or self.window != opts["window"]:
+            raise ValueError(f"hybrid: window must be an integer >= 1, got {opts['window']}")
+        if not self.prior_error >= 0:
+            raise ValueError(f"hybrid: prior_error must be >= 0, got {self.prior_error}")
+
+    def reset(self, session: Session) -> None:
+        super().reset(session)
+        self._levels = level_names(session.menus)
+        self._estimator = RobustThroughputEstimator(self.window, session.rtt_s, session.prior_throughput_bps,
+                                                    self.prior_error)
+        self._slo = session.slo_s * (1.0 - self.slo_margin)
+        self._link_order: list[int] = []
+        self._decided_at: dict[int, float] = {}
+        self.last_plan: OraclePlan | None = None
+        """The plan behind the latest decision, for inspection."""
+
+    def decide(self, obs: Observation) -> Decision | None:
+        self._estimator.observe(obs.samples)
+        pending = obs.pending
+        if not pending:
+            return None
+        front = pending[0]  # every chunk below it is decided
+        bps = self._estimator.predict_bps()
+        if bps is None:
+            if obs.compute_idle:
+                return Decision(front, TEXT)
+            if obs.link_idle and len(pending) > 1:
+                return self._load(obs, pending[-1], self._levels[-1], None)
+            return None
+        throughput = ConstantThroughput(bps, self.session.rtt_s)
+        state = PlanState.from_observation(obs, throughput, self._link_order, self._decided_at).resolved()
+        plan = plan_cake(state, throughput, self._slo)
+        self.last_plan = plan
+        actions = dict(plan.actions)
+        if obs.compute_idle and actions[front] == TEXT:
+            return Decision(front, TEXT, predicted_bps=bps)
+        if obs.link_idle and plan.load_order:
+            chunk = plan.load_order[0]
+            return self._load(obs, chunk, actions[chunk], bps)
+        return None
+
+    def _load(self, obs: Observation, chunk: int, level: str, bps: float | None) -> Decision:
+        self._link_order.append(chunk)
+        self._decided_at[chunk] = obs.now_s
+        return Decision(chunk, level, predicted_bps=bps)
