@@ -150,10 +150,12 @@ def dry_run(policy: Policy, session: Session, transfer: TransferModel, max_event
                                 f"(undecided: {[i for i in range(n) if actions[i] is None]})")
         t, _, kind, chunk = heapq.heappop(events)
         if math.isinf(t):
-            raise PolicyStalled(f"{type(policy).__name__}: chunk {chunk}'s {kind} never ends (zero bandwidth)")
+            raise PolicyStalled(f"{type(policy).__name__}: chunk {chunk}'s {kind} never ends "
+                                "(zero bandwidth)")
         now = t
         if kind == "transfer":
-            samples.append(ThroughputSample(chunk, menus[chunk].option(actions[chunk]).nbytes, link_start, now))
+            nbytes = menus[chunk].option(actions[chunk]).nbytes
+            samples.append(ThroughputSample(chunk, nbytes, link_start, now))
             link_busy = None
             dec_queue.append(chunk)
         elif kind == "decode":

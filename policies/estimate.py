@@ -1,8 +1,8 @@
 """RobustMPC's throughput predictor, shared by the `mpc` and `hybrid` controllers.
 
 Prediction = harmonic mean of the last `window` throughput samples, divided by ``1 + max`` of the last
-`window` relative prediction errors, where the error of a sample is ``|prediction - actual| / actual`` with the
-*undiscounted* harmonic mean predicted before that sample (Pensieve's ``robust_mpc_server.py``; see
+`window` relative prediction errors, where the error of a sample is ``|prediction - actual| / actual``
+with the *undiscounted* harmonic mean predicted before that sample (Pensieve's ``robust_mpc_server.py``; see
 ``reference/streaming-and-policies.md`` section 3.1).
 
 As in Pensieve, errors are measured against sample-based predictions only. Before the first sample the
@@ -15,7 +15,7 @@ out the round-trip time (``bits / (duration - rtt)``), because the planning mode
 from __future__ import annotations
 
 from collections import deque
-from typing import Sequence
+from collections.abc import Sequence
 
 from policies.base import ThroughputSample
 
@@ -73,6 +73,7 @@ class RobustThroughputEstimator:
         return max(self._errors, default=0.0)
 
     def predict_bps(self) -> float | None:
-        """RobustMPC's prediction: harmonic mean / (1 + max recent error); ``None`` without samples or prior."""
+        """RobustMPC's prediction: harmonic mean / (1 + max recent error); ``None`` with neither samples
+        nor prior."""
         hm = self.harmonic_mean_bps()
         return None if hm is None else hm / (1.0 + self.max_error())

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from policies.base import TEXT, Decision, Observation, Policy, Session, level_names
 from policies.estimate import DEFAULT_PRIOR_ERROR, RobustThroughputEstimator
-from policies.oracle import OraclePlan, plan_cake
 from policies.mpc import DEFAULT_SLO_MARGIN
+from policies.oracle import OraclePlan, plan_cake
 from policies.planning import ConstantThroughput, PlanState, parse_options
 
 __all__ = ["HybridPolicy"]

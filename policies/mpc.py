@@ -41,8 +41,8 @@ text), each trying every tail split (`enumerate_plan`). `search_plan` finds the 
   decision's plan, or the best uniform plan). A subtree is skipped when its bound exceeds the incumbent, or
   equals it and every plan in it comes later in enumeration order, so ties resolve as in enumeration (the
   first plan in order wins).
-* The tail's best split is found in O(log m) instead of O(m) (`_tail_cost`; the cost is piecewise monotone
-  in ``s``), computing the same floats as trying every split.
+* The tail's best split is found in O(log m) instead of O(m) (`_tail_evaluator`; the cost is piecewise
+  monotone in ``s``), computing the same floats as trying every split.
 * Steps are computed by the same floating-point expressions in the enumerator and the search, so both see
   bit-identical costs; `tests/test_policies_advanced.py` checks plan equality on random cases.
 """
@@ -51,8 +51,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Sequence
 
 from policies.base import TEXT, Decision, Observation, Policy, Session, level_names
 from policies.estimate import DEFAULT_PRIOR_ERROR, RobustThroughputEstimator
@@ -77,7 +77,7 @@ class MpcProblem:
     ascending): ``tail_rp[s]`` recompute time of its first ``s`` chunks; per level ``b``: ``tail_tb[b][s]``
     link time of its chunks from ``s`` on plus the largest decode time (``-inf`` for ``s = m``) and
     ``tail_ws[b][s]`` their token-weighted quality loss; ``tail_fast[b]``: every tail chunk's recompute costs
-    more (``mu * r``) than its loss at ``b`` saves, which `_tail_cost` uses to skip most splits.
+    more (``mu * r``) than its loss at ``b`` saves, which `_tail_evaluator` uses to skip most splits.
     """
 
     n_levels: int
@@ -108,6 +108,7 @@ class MpcProblem:
     text_tail_level: int = 0
     """Level of the tail's loads when the last horizon step is text: the best one for an all-text horizon
     (fixed per decision, so the cost stays a function of the plan's own actions)."""
+    _evaluators: list = field(default_factory=list, compare=False, repr=False)
 
     @property
     def n_actions(self) -> int:
@@ -153,7 +154,8 @@ class SessionTables:
                 if opt is None:
                     continue  # a level this chunk lacks: its transfer never ends
                 if not opt.quality_loss >= 0:
-                    raise ValueError(f"chunk {i} level {name!r} has quality loss {opt.quality_loss}; need >= 0")
+                    raise ValueError(f"chunk {i} level {name!r} has quality loss {opt.quality_loss}; "
+                                     "need >= 0")
                 nbytes[i][a] = float(opt.nbytes)
                 decode[i][a] = opt.decode_s
                 wq[i][a] = menu.tokens * opt.quality_loss
@@ -253,7 +255,7 @@ def build_problem(tables: SessionTables, pending: Sequence[int], state: PlanStat
         link, _, ready, q = _play(p, (nl,) * len(h))
         f = fold[len(h)]
         ready = ready if ready > f else f
-        costs = [_tail_cost(p, a, link, ready, q) for a in range(nl)]
+        costs = [tail_split(p, a, link, ready, q)[1] for a in range(nl)]
         p = replace(p, text_tail_level=costs.index(min(costs)))
     return p
 
@@ -285,43 +287,72 @@ def tail_split(p: MpcProblem, b: int, link: float, ready: float, q: float) -> tu
     return best_s, best
 
 
-def _tail_cost(p: MpcProblem, b: int, link: float, ready: float, q: float) -> float:
-    """The least split cost, as `tail_split` finds it, in O(log m).
+def _tail_evaluator(p: MpcProblem, b: int):
+    """``f(link, ready, q)``: the cost after the last horizon step took action `b` (fold and tail
+    included), with the tail's best split found in O(log m) instead of O(m).
 
     The text chain ``ready + rp[s]`` grows with ``s`` and the link chain ``link + tb[s]`` shrinks, both
     monotone under rounding. Before they cross (``s < sc``) and after it while the TTFT stays within
     ``max(SLO, top)`` (``sc <= s < su``) the cost can only fall with ``s``; from ``su`` on every extra text
-    chunk adds ``mu * r`` of overrun, clearly more than its quality saves when ``tail_fast[b]``, so the cost
-    rises. The least cost is therefore at ``sc - 1``, ``su - 1`` or ``su``; the same floats are computed.
+    chunk adds ``mu * r`` of overrun, clearly more than its quality saves when ``tail_fast``, so the cost
+    rises. The least cost is therefore at ``sc - 1``, ``su - 1`` or ``su``, computed with the very
+    expressions of `_split_cost`: the same floats as `tail_split`, which tries every split.
     """
-    if not p.tail_fast[b]:
-        return tail_split(p, b, link, ready, q)[1]
-    rp, tb = p.tail_rp, p.tail_tb[b]
+    lvl = p.text_tail_level if b == p.n_levels else b
+    rp, tb, ws = p.tail_rp, p.tail_tb[lvl], p.tail_ws[lvl]
     m = len(rp) - 1
-    lo, hi = 0, m  # first s with ready + rp[s] >= link + tb[s] (true at s = m, where tb is -inf)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if tb[mid] == -_INF or ready + rp[mid] >= link + tb[mid]:
-            hi = mid
-        else:
-            lo = mid + 1
-    sc = lo
-    limit = p.slo_s if p.slo_s > p.top else p.top
-    lo, hi = sc, m + 1  # first s >= sc with ready + rp[s] > max(slo, top)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if ready + rp[mid] > limit:
-            hi = mid
-        else:
-            lo = mid + 1
-    su = lo
-    best = _INF
-    for s in (sc - 1, su - 1, su):
-        if 0 <= s <= m:
-            c = _split_cost(p, b, s, link, ready, q)
-            if c < best:
-                best = c
-    return best
+    top, slo, mu, qs = p.top, p.slo_s, p.mu, p.qscale
+    fold = p.fold[p.horizon]
+    limit = slo if slo > top else top
+    neg = -_INF
+    if not p.tail_fast[lvl]:
+        def slow(link: float, ready: float, q: float) -> float:
+            return tail_split(p, lvl, link, ready if ready > fold else fold, q)[1]
+        return slow
+
+    def fast(link: float, ready: float, q: float) -> float:
+        if fold > ready:
+            ready = fold
+        lo, hi = 0, m  # first s with ready + rp[s] >= link + tb[s] (true at s = m: no loads)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            t = tb[mid]
+            if t == neg or ready + rp[mid] >= link + t:
+                hi = mid
+            else:
+                lo = mid + 1
+        sc = lo
+        lo, hi = sc, m + 1  # first s >= sc with ready + rp[s] > max(slo, top)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if ready + rp[mid] > limit:
+                hi = mid
+            else:
+                lo = mid + 1
+        best = _INF
+        for s in (sc - 1, lo - 1, lo):
+            if 0 <= s <= m:
+                t = ready + rp[s]
+                x = tb[s]
+                if x != neg:
+                    x = link + x
+                    if x > t:
+                        t = x
+                if top > t:
+                    t = top
+                over = t - slo
+                c = (q + ws[s]) * qs + (mu * over if over > 0.0 else 0.0)
+                if c < best:
+                    best = c
+        return best
+    return fast
+
+
+def _evaluators(p: MpcProblem) -> list:
+    """The tail evaluators of every last action (built once per problem)."""
+    if not p._evaluators:
+        p._evaluators.extend(_tail_evaluator(p, b) for b in range(p.n_actions))
+    return p._evaluators
 
 
 def _final_cost(p: MpcProblem, b: int, link: float, dec: float, ready: float, q: float,
@@ -329,14 +360,12 @@ def _final_cost(p: MpcProblem, b: int, link: float, dec: float, ready: float, q:
     """Cost after the last horizon step took action `b` and reached this state, the tail included: the tail
     is split at its best point between text from its front and loads from its back, at level ``b`` (at
     ``text_tail_level`` after a text step); `exhaustive`: by trying every split."""
+    if not exhaustive:
+        return _evaluators(p)[b](link, ready, q)
     f = p.fold[p.horizon]
     if f > ready:
         ready = f
-    if b == p.n_levels:
-        b = p.text_tail_level
-    if exhaustive:
-        return tail_split(p, b, link, ready, q)[1]
-    return _tail_cost(p, b, link, ready, q)
+    return tail_split(p, p.text_tail_level if b == p.n_levels else b, link, ready, q)[1]
 
 
 def _play(p: MpcProblem, plan: Sequence[int]) -> tuple[float, float, float, float]:
@@ -495,6 +524,7 @@ def search_plan(p: MpcProblem, hints: Sequence[Sequence[int]] = ()) -> tuple[tup
             tables = _surrogate_tables(p)
         prefix[last] = b
         is_text = b == text
+        tail_cost = _evaluators(p)[b]
         if is_text:
             r_last, t_last, w_last = rs[last], 0.0, 0.0
         else:
@@ -526,11 +556,11 @@ def search_plan(p: MpcProblem, hints: Sequence[Sequence[int]] = ()) -> tuple[tup
             # (the same expressions as plan_cost, so the floats are identical).
             rr = f_last if f_last > ready else ready
             if is_text:
-                v = _final_cost(p, b, link, dec, rr + r_last, q)
+                v = tail_cost(link, rr + r_last, q)
             else:
                 l2 = link + t_last
                 d2 = (l2 if l2 > dec else dec) + decs[last][b]
-                v = _final_cost(p, b, l2, d2, d2 if d2 > rr else rr, q + w_last)
+                v = tail_cost(l2, d2 if d2 > rr else rr, q + w_last)
             if k + 1 == last:
                 if v < best_cost or (v == best_cost and tuple(prefix) < best_plan):
                     best_cost, best_plan = v, tuple(prefix)
@@ -590,6 +620,8 @@ class MpcPolicy(Policy):
             raise ValueError(f"mpc: prior_error must be >= 0, got {self.prior_error}")
         self.exhaustive = exhaustive
         """Use full enumeration instead of branch-and-bound (same decisions; for benchmarks)."""
+        self.record: list[tuple[MpcProblem, tuple[tuple[int, ...], ...]]] | None = None
+        """If a list, every decision's problem and search hints are appended to it (benchmarks, tests)."""
 
     def reset(self, session: Session) -> None:
         super().reset(session)
@@ -621,12 +653,11 @@ class MpcPolicy(Policy):
         state = PlanState.from_observation(obs, throughput, self._link_order, self._decided_at).resolved()
         problem = build_problem(self._tables, pending, state, throughput, self._slo,
                                 self.overrun_weight, self.horizon)
-        if self.exhaustive:
-            plan, _ = enumerate_plan(problem)
-        else:
-            prev = self._prev_plan
-            hints = [x[:problem.horizon] for x in ((prev, prev[1:] + prev[-1:]) if prev else ())]
-            plan, _ = search_plan(problem, hints)
+        prev = self._prev_plan
+        hints = tuple(x[:problem.horizon] for x in ((prev, prev[1:] + prev[-1:]) if prev else ()))
+        if self.record is not None:
+            self.record.append((problem, hints))
+        plan, _ = enumerate_plan(problem) if self.exhaustive else search_plan(problem, hints)
         self._prev_plan = plan
         names = self._levels + (TEXT,)
         self.last_plan = tuple((c, names[a]) for c, a in zip(problem.chunks, plan))

@@ -30,8 +30,8 @@ current state if a transfer ends at another time than planned (only a model mism
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from policies.base import TEXT, Decision, Observation, Policy, Session
 from policies.planning import KnownFuture, PlanState, TransferModel

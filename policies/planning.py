@@ -17,17 +17,18 @@ chunk be ready, and what would the TTFT be?". This module answers it without Sim
 The model is the one `base` documents: loads are transferred back to back in decision order starting when the
 link is free (a policy that answers as soon as the link is idle gets exactly this), the decoder is FIFO
 (``ready = max(transfer_end, decoder_free) + decode_s``), text chunks run on the compute unit lowest index
-first and start once every chunk before them is ready (``start = max(compute_free, max(ready[:i]))``). TTFT is the time when
-every chunk is ready (the query's own prefill is policy-independent and left out). Recomputing from text
-has quality loss `TEXT_QUALITY_LOSS` (0: the KV is exact); a session's quality loss is the token-weighted
-mean over its chunks (`session_quality_loss`).
+first and start once every chunk before them is ready (``start = max(compute_free, max(ready[:i]))``).
+TTFT is the time when every chunk is ready (the query's own prefill is policy-independent and left out).
+Recomputing from text has quality loss `TEXT_QUALITY_LOSS` (0: the KV is exact); a session's quality loss is
+the token-weighted mean over its chunks (`session_quality_loss`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Protocol
 
 from policies.base import TEXT, ChunkMenu, Observation, Session
 
@@ -299,7 +300,8 @@ def in_order_plan(chunks: Iterable[int], actions: Iterable[str]) -> list[tuple[i
 
 
 def parse_options(spec_argument: str | None, defaults: Mapping[str, float], policy: str) -> dict[str, float]:
-    """Options of a policy spec's argument, ``key=value`` pairs joined by ``+`` (``mpc:margin=0.1+weight=50``).
+    """Options of a policy spec's argument: ``key=value`` pairs joined by ``+``, as in
+    ``mpc:margin=0.1+weight=50``.
 
     A bare number sets the first option. Unknown keys and non-numbers raise ValueError naming the policy.
     """
@@ -311,7 +313,8 @@ def parse_options(spec_argument: str | None, defaults: Mapping[str, float], poli
         key, sep, value = part.partition("=")
         if not sep:
             if i or not keys:
-                raise ValueError(f"{policy}: expected key=value in {spec_argument!r}; keys: {', '.join(keys)}")
+                raise ValueError(f"{policy}: expected key=value in {spec_argument!r}; "
+                                 f"keys: {', '.join(keys)}")
             key, value = keys[0], part
         key = key.strip()
         if key not in out:
