@@ -4,7 +4,7 @@ Plans. At every decision the controller plans the next ``H = 5`` undecided chunk
 *horizon*), each a codec level or `TEXT`, and applies the first action (receding horizon). The undecided
 chunks after the horizon (the *tail*) are modelled as Cake runs them: the tail's first ``s`` chunks are
 recomputed from the front and the others loaded from the back at the level of the horizon's last action (at
-the best level for an all-text horizon when that action is text), with the best split ``s``. So every plan
+a level fixed per decision when that action is text), with the best split ``s``. So every plan
 is judged on the whole session.
 
 Prediction (`policies.estimate.RobustThroughputEstimator`): harmonic mean of the last 5 throughputs divided
@@ -40,7 +40,7 @@ text), each trying every tail split (`enumerate_plan`). `search_plan` finds the 
 * Subtrees are searched per last action ``b``, most promising first, from an incumbent (the previous
   decision's plan, or the best uniform plan). A subtree is skipped when its bound exceeds the incumbent, or
   equals it and every plan in it comes later in enumeration order, so ties resolve as in enumeration (the
-  first plan in order wins).
+  first plan in order wins; per step text comes first, then the levels best first).
 * The tail's best split is found in O(log m) instead of O(m) (`_tail_evaluator`; the cost is piecewise
   monotone in ``s``), computing the same floats as trying every split.
 * Steps are computed by the same floating-point expressions in the enumerator and the search, so both see
@@ -75,7 +75,7 @@ class MpcProblem:
     Per step ``k`` and level ``a``: ``tau[k][a]`` link time, ``dec[k][a]`` decode time, ``wq[k][a]``
     token-weighted quality loss; ``r[k]`` recompute time. Tail (the ``m`` undecided chunks after the horizon,
     ascending): ``tail_rp[s]`` recompute time of its first ``s`` chunks; per level ``b``: ``tail_tb[b][s]``
-    link time of its chunks from ``s`` on plus the largest decode time (``-inf`` for ``s = m``) and
+    link time of its chunks from ``s`` on plus the level's largest decode time (``-inf`` for ``s = m``) and
     ``tail_ws[b][s]`` their token-weighted quality loss; ``tail_fast[b]``: every tail chunk's recompute costs
     more (``mu * r``) than its loss at ``b`` saves, which `_tail_evaluator` uses to skip most splits.
     """
@@ -106,8 +106,9 @@ class MpcProblem:
     """The horizon's chunk indices."""
     tail_chunks: tuple[int, ...] = field(default=())
     text_tail_level: int = 0
-    """Level of the tail's loads when the last horizon step is text: the best one for an all-text horizon
-    (fixed per decision, so the cost stays a function of the plan's own actions)."""
+    """Level of the tail's loads when the last horizon step is text: the best level with which loading the
+    whole tail alone would meet the SLO, else the fastest (fixed per decision, so the cost stays a function
+    of the plan's own actions)."""
     _evaluators: list = field(default_factory=list, compare=False, repr=False)
 
     @property
@@ -137,6 +138,21 @@ class SessionTables:
     total_tokens: float
     q_span: float
     n_levels: int
+    bits: list[list[float]] = field(default_factory=list)
+    decode_max: list[float] = field(default_factory=list)
+    """Per level: the largest decode time of any chunk."""
+    _fast_ok: dict = field(default_factory=dict)
+
+    def fast_ok(self, mu: float) -> list[list[bool]]:
+        """``[chunk][level]``: recomputing the chunk costs clearly more overrun (``mu * r``) than the quality
+        loss of loading it at the level (the condition of the fast tail split); cached per ``mu``."""
+        table = self._fast_ok.get(mu)
+        if table is None:
+            qs = 1.0 / self.total_tokens
+            table = [[mu * r * (1.0 - 1e-9) > qs * w * (1.0 + 1e-9) + 1e-300 for w in row]
+                     for r, row in zip(self.recompute, self.wq)]
+            self._fast_ok[mu] = table
+        return table
 
     @classmethod
     def of(cls, session: Session) -> SessionTables:
@@ -169,8 +185,10 @@ class SessionTables:
             wq_from[i] = [x + y for x, y in zip(wq[i], wq_from[i + 1])]
             recompute_from[i] = recompute[i] + recompute_from[i + 1]
         total = float(sum(m.tokens for m in menus)) or 1.0
+        bits = [[x * 8.0 for x in row] for row in nbytes]
+        decode_max = [max(decode[i][a] for i in range(n)) if n else 0.0 for a in range(nl)]
         return cls(nbytes, decode, wq, recompute, decode_from, wq_from, recompute_from, total,
-                   q_span if q_span > 0 else 1.0, nl)
+                   q_span if q_span > 0 else 1.0, nl, bits, decode_max)
 
 
 def build_problem(tables: SessionTables, pending: Sequence[int], state: PlanState,
@@ -181,44 +199,46 @@ def build_problem(tables: SessionTables, pending: Sequence[int], state: PlanStat
     rest as the tail. Decided chunks may lie anywhere; each needs an estimated ready time in `state`
     (`PlanState.resolved`)."""
     bps, rtt = throughput.bps, throughput.rtt_s
-    inv = 8.0 / bps if bps > 0 else _INF
     nl = tables.n_levels
     n = len(tables.recompute)
     h = list(pending[:horizon])
     tail = list(pending[horizon:])
     qscale = 1.0 / tables.total_tokens
     mu = overrun_weight * tables.q_span / max(slo_s, 1e-9)
-
-    def link_time(nbytes: float) -> float:
-        return rtt + nbytes * inv if bps > 0 else _INF
-
-    tau = tuple(tuple(link_time(x) for x in tables.nbytes[c]) for c in h)
+    bits = tables.bits
+    if bps > 0:
+        inv = 1.0 / bps
+        tau = tuple(tuple([rtt + x * inv for x in bits[c]]) for c in h)
+    else:
+        inv = _INF
+        tau = tuple((_INF,) * nl for c in h)
     dec = tuple(tuple(tables.decode[c]) for c in h)
     wq = tuple(tuple(tables.wq[c]) for c in h)
-    r = tuple(tables.recompute[c] for c in h)
+    recompute = tables.recompute
+    r = tuple([recompute[c] for c in h])
     m = len(tail)
     rp = [0.0] * (m + 1)
     for i, c in enumerate(tail):
-        rp[i + 1] = rp[i] + tables.recompute[c]
+        rp[i + 1] = rp[i] + recompute[c]
     tbs, wss, fast = [], [], []
+    ok_table = tables.fast_ok(mu)
+    tables_wq = tables.wq
+    rev = tail[::-1]
     for a in range(nl):
-        dmax = max((tables.decode[c][a] for c in tail), default=0.0)
+        dmax = tables.decode_max[a]
         tb = [-_INF] * (m + 1)
         ws = [0.0] * (m + 1)
         acc_t = acc_q = 0.0
-        ok = True
-        for i in range(m - 1, -1, -1):
-            c = tail[i]
-            acc_t += link_time(tables.nbytes[c][a])
-            acc_q += tables.wq[c][a]
+        i = m
+        for c in rev:
+            i -= 1
+            acc_t += (rtt + bits[c][a] * inv) if bps > 0 else _INF
+            acc_q += tables_wq[c][a]
             tb[i] = acc_t + dmax
             ws[i] = acc_q
-            # recomputing this chunk instead of loading it must cost clearly more than the loss it saves
-            if not mu * tables.recompute[c] * (1.0 - 1e-9) > qscale * tables.wq[c][a] * (1.0 + 1e-9) + 1e-300:
-                ok = False
         tbs.append(tuple(tb))
         wss.append(tuple(ws))
-        fast.append(ok)
+        fast.append(all(ok_table[c][a] for c in tail))
     # Decided chunks: below the horizon they set the initial prefix-ready time; between undecided chunks
     # they are merged before the step above them (before the tail for those inside the tail); above every
     # undecided chunk they only bound the TTFT.
@@ -252,11 +272,12 @@ def build_problem(tables: SessionTables, pending: Sequence[int], state: PlanStat
         ready0=ready0, qscale=qscale, mu=mu, slo_s=slo_s, fold=tuple(fold), top=top, chunks=tuple(h),
         tail_chunks=tuple(tail))
     if m and nl:
-        link, _, ready, q = _play(p, (nl,) * len(h))
-        f = fold[len(h)]
-        ready = ready if ready > f else f
-        costs = [tail_split(p, a, link, ready, q)[1] for a in range(nl)]
-        p = replace(p, text_tail_level=costs.index(min(costs)))
+        # after an all-text horizon: the best level whose tail, loaded alone, fits the SLO, else the fastest
+        limit = slo_s - state.link_free_s
+        fits = [a for a in range(nl) if tbs[a][0] <= limit]
+        fastest = min(range(nl), key=lambda a: tbs[a][0])
+        p = replace(p, text_tail_level=fits[0] if fits else fastest)
+    p._evaluators.extend(_tail_evaluator(p, b) for b in range(nl + 1))
     return p
 
 
@@ -349,7 +370,7 @@ def _tail_evaluator(p: MpcProblem, b: int):
 
 
 def _evaluators(p: MpcProblem) -> list:
-    """The tail evaluators of every last action (built once per problem)."""
+    """The tail evaluators of every last action (`build_problem` makes them)."""
     if not p._evaluators:
         p._evaluators.extend(_tail_evaluator(p, b) for b in range(p.n_actions))
     return p._evaluators
@@ -407,14 +428,20 @@ def plan_tail_level(p: MpcProblem, plan: Sequence[int]) -> int:
 
 
 def enumerate_plan(p: MpcProblem) -> tuple[tuple[int, ...], float]:
-    """Full enumeration (RobustMPC's search, every tail split tried): the first plan in enumeration order
-    with the least cost."""
+    """Full enumeration (RobustMPC's search, every tail split tried): the first plan with the least cost in
+    enumeration order (per step: text first, then the levels best quality first)."""
     best, best_cost = (), _INF
-    for plan in itertools.product(range(p.n_actions), repeat=p.horizon):
+    for plan in itertools.product(action_order(p), repeat=p.horizon):
         c = plan_cost(p, plan)
         if c < best_cost or not best:
             best, best_cost = plan, c
     return best, best_cost
+
+
+def action_order(p: MpcProblem) -> tuple[int, ...]:
+    """Actions in enumeration order: text (index ``n_levels``) first, then the levels best first. Ties
+    between plans go to the first in this order, so text, which is lossless and uses no link, wins them."""
+    return (p.n_levels, *range(p.n_levels))
 
 
 def _bound(p: MpcProblem, b: int, link: float, dec: float, ready: float, q: float) -> float:
@@ -434,15 +461,13 @@ def _bound(p: MpcProblem, b: int, link: float, dec: float, ready: float, q: floa
     return _final_cost(p, b, link, dec, ready, q)
 
 
-_THETAS = (0.2, 0.4, 0.6, 0.8)
+_THETAS = (0.25, 0.5, 0.75)
 """Weights of the surrogate bound ``TTFT >= theta * text_chain + (1 - theta) * link_chain``."""
 
 
-def _surrogate_tables(p: MpcProblem) -> tuple[list[list[float]], list[list[float]]]:
+def _surrogate_steps(p: MpcProblem) -> list[list[float]]:
     """``steps[j][t]``: least cost that steps ``j .. h-2`` (those before the last) add to the surrogate
-    bound of weight ``_THETAS[t]``, each step taking text or its best level on its own. ``ends[b][t]``:
-    least cost the last step's level and the tail add (``qs * W + mu * (theta * RP + (1-theta) * TB)``
-    over the tail's splits)."""
+    bound of weight ``_THETAS[t]``, each step taking text or its best level on its own."""
     h, mu, qs, text = p.horizon, p.mu, p.qscale, p.n_levels
     steps = [[0.0] * len(_THETAS) for _ in range(h)]
     acc = [0.0] * len(_THETAS)
@@ -460,27 +485,29 @@ def _surrogate_tables(p: MpcProblem) -> tuple[list[list[float]], list[list[float
                     best = v
             acc[t] += best
             row[t] = acc[t]
-    last = h - 1
+    return steps
+
+
+def _surrogate_end(p: MpcProblem, b: int) -> list[float]:
+    """Per ``_THETAS[t]``: least cost that the last step (action `b`) and the tail add to the surrogate
+    bound, ``qs * W + mu * (theta * text chain + (1 - theta) * link chain)`` over the tail's splits."""
+    mu, qs, text = p.mu, p.qscale, p.n_levels
+    last = p.horizon - 1
     rp = p.tail_rp
     m = len(rp) - 1
-    ends = []
-    for b in range(p.n_actions):
-        row = []
-        for theta in _THETAS:
-            lvl = p.text_tail_level if b == text else b
-            t_last = 0.0 if b == text else p.tau[last][b]
-            best = _INF
-            for s in range(m + 1):
-                tb = p.tail_tb[lvl][s] if s < m else 0.0
-                v = qs * p.tail_ws[lvl][s] + mu * (theta * rp[s] + (1.0 - theta) * (t_last + tb))
-                if v < best:
-                    best = v
-            if b == text:
-                row.append(mu * theta * p.r[last] + best)
-            else:
-                row.append(qs * p.wq[last][b] + best)
-        ends.append(row)
-    return steps, ends
+    lvl = p.text_tail_level if b == text else b
+    t_last = 0.0 if b == text else p.tau[last][b]
+    tb_row, ws_row = p.tail_tb[lvl], p.tail_ws[lvl]
+    row = []
+    for theta in _THETAS:
+        best = _INF
+        for s in range(m + 1):
+            tb = tb_row[s] if s < m else 0.0
+            v = qs * ws_row[s] + mu * (theta * rp[s] + (1.0 - theta) * (t_last + tb))
+            if v < best:
+                best = v
+        row.append((mu * theta * p.r[last] if b == text else qs * p.wq[last][b]) + best)
+    return row
 
 
 def search_plan(p: MpcProblem, hints: Sequence[Sequence[int]] = ()) -> tuple[tuple[int, ...], float]:
@@ -496,12 +523,17 @@ def search_plan(p: MpcProblem, hints: Sequence[Sequence[int]] = ()) -> tuple[tup
     text = p.n_levels
     best_plan: tuple[int, ...] = ()
     best_cost = _INF
+    order = action_order(p)
+
+    def rank(plan: Sequence[int]) -> tuple[int, ...]:  # position in enumeration order
+        return tuple((a + 1) % n_act for a in plan)
+
     candidates = [tuple(x) for x in hints if len(x) == h and all(0 <= a < n_act for a in x)]
     if not candidates or h == 1:
-        candidates += [(a,) * h for a in range(n_act)]
+        candidates += [(a,) * h for a in order]
     for plan in candidates:
         c = plan_cost(p, plan, False)
-        if c < best_cost or (c == best_cost and plan < best_plan) or not best_plan:
+        if c < best_cost or (c == best_cost and rank(plan) < rank(best_plan)) or not best_plan:
             best_plan, best_cost = plan, c
     if h == 1:
         return best_plan, best_cost  # the uniform plans are all the plans
@@ -515,13 +547,12 @@ def search_plan(p: MpcProblem, hints: Sequence[Sequence[int]] = ()) -> tuple[tup
     mu_other = [mu * (1.0 - t) for t in _THETAS]
     root_bound = [_bound(p, b, link0, dec0, ready0, 0.0) for b in range(n_act)]
     prefix = [0] * h
-    tables = None
+    steps = None
     margin = 1e-9 * (mu * (slo + abs(p.top if p.top > -_INF else 0.0)) + 1.0)
-    for b in sorted(range(n_act), key=lambda b: (root_bound[b], b)):
+    backwards = order[::-1]  # pushed so that children pop in enumeration order
+    for b in sorted(range(n_act), key=lambda b: (root_bound[b], (b + 1) % n_act)):
         if root_bound[b] > best_cost:
             break  # roots are sorted by their bound
-        if h > 2 and tables is None:
-            tables = _surrogate_tables(p)
         prefix[last] = b
         is_text = b == text
         tail_cost = _evaluators(p)[b]
@@ -529,15 +560,18 @@ def search_plan(p: MpcProblem, hints: Sequence[Sequence[int]] = ()) -> tuple[tup
             r_last, t_last, w_last = rs[last], 0.0, 0.0
         else:
             r_last, t_last, w_last = 0.0, tau[last][b], wqs[last][b]
-        surrogate = tables is not None and t_last < _INF
+        surrogate = h > 2 and t_last < _INF
         if surrogate:
-            ends = tables[1][b]
-            steps = tables[0]
-            w = max(mt * ready0 + mo * link0 + e + st
-                    for mt, mo, e, st in zip(mu_theta, mu_other, ends, steps[0])) - mu * slo
+            if steps is None:
+                steps = _surrogate_steps(p)
+            ends = _surrogate_end(p, b)
+            # per depth and theta: what the remaining steps, the last step and the tail add at least
+            extra = [[e + st for e, st in zip(ends, row)] for row in steps]
+            w = max(mt * ready0 + mo * link0 + x
+                    for mt, mo, x in zip(mu_theta, mu_other, extra[0])) - mu * slo
             if w - margin * (1.0 + mu * (ready0 + link0)) > best_cost:
                 continue
-        stack = [(0, a, link0, dec0, ready0, 0.0) for a in range(n_act - 1, -1, -1)]
+        stack = [(0, a, link0, dec0, ready0, 0.0) for a in backwards]
         pop, push = stack.pop, stack.append
         while stack:
             k, a, link, dec, ready, q = pop()
@@ -562,7 +596,7 @@ def search_plan(p: MpcProblem, hints: Sequence[Sequence[int]] = ()) -> tuple[tup
                 d2 = (l2 if l2 > dec else dec) + decs[last][b]
                 v = tail_cost(l2, d2 if d2 > rr else rr, q + w_last)
             if k + 1 == last:
-                if v < best_cost or (v == best_cost and tuple(prefix) < best_plan):
+                if v < best_cost or (v == best_cost and rank(prefix) < rank(best_plan)):
                     best_cost, best_plan = v, tuple(prefix)
                 continue
             if v > best_cost:
@@ -570,20 +604,23 @@ def search_plan(p: MpcProblem, hints: Sequence[Sequence[int]] = ()) -> tuple[tup
             if surrogate and link < _INF:
                 # cost >= qs*Q + mu*(TTFT - slo) and TTFT >= any convex mix of the text and link chains;
                 # lowered by a margin far above the rounding error of these few operations.
-                base = qs * q - mu * slo
-                x = max(base + mt * ready + mo * link + e + st
-                        for mt, mo, e, st in zip(mu_theta, mu_other, ends, steps[k + 1]))
+                x = -_INF
+                for mt, mo, e in zip(mu_theta, mu_other, extra[k + 1]):
+                    y = mt * ready + mo * link + e
+                    if y > x:
+                        x = y
+                x += qs * q - mu * slo
                 x -= margin * (1.0 + mu * (ready + link))
                 if x > v:
                     v = x
                     if v > best_cost:
                         continue
-            if v == best_cost and tuple(prefix[:k + 1]) > best_plan[:k + 1]:
+            if v == best_cost and rank(prefix[:k + 1]) > rank(best_plan[:k + 1]):
                 continue
             # Children; a load child whose quality alone (same float operations as its cost) exceeds the
             # incumbent is skipped before its step is computed.
             nxt = wqs[k + 1]
-            for a2 in range(n_act - 1, -1, -1):
+            for a2 in backwards:
                 if a2 != text and ((q + nxt[a2]) + w_last) * qs > best_cost:
                     continue
                 push((k + 1, a2, link, dec, ready, q))
