@@ -139,6 +139,8 @@ class SessionTables:
     q_span: float
     n_levels: int
     bits: list[list[float]] = field(default_factory=list)
+    decode_t: list[tuple[float, ...]] = field(default_factory=list)
+    wq_t: list[tuple[float, ...]] = field(default_factory=list)
     decode_max: list[float] = field(default_factory=list)
     """Per level: the largest decode time of any chunk."""
     _fast_ok: dict = field(default_factory=dict)
@@ -188,7 +190,8 @@ class SessionTables:
         bits = [[x * 8.0 for x in row] for row in nbytes]
         decode_max = [max(decode[i][a] for i in range(n)) if n else 0.0 for a in range(nl)]
         return cls(nbytes, decode, wq, recompute, decode_from, wq_from, recompute_from, total,
-                   q_span if q_span > 0 else 1.0, nl, bits, decode_max)
+                   q_span if q_span > 0 else 1.0, nl, bits, [tuple(row) for row in decode],
+                   [tuple(row) for row in wq], decode_max)
 
 
 def build_problem(tables: SessionTables, pending: Sequence[int], state: PlanState,
@@ -212,8 +215,8 @@ def build_problem(tables: SessionTables, pending: Sequence[int], state: PlanStat
     else:
         inv = _INF
         tau = tuple((_INF,) * nl for c in h)
-    dec = tuple(tuple(tables.decode[c]) for c in h)
-    wq = tuple(tuple(tables.wq[c]) for c in h)
+    dec = tuple([tables.decode_t[c] for c in h])
+    wq = tuple([tables.wq_t[c] for c in h])
     recompute = tables.recompute
     r = tuple([recompute[c] for c in h])
     m = len(tail)
