@@ -694,7 +694,7 @@ class MpcPolicy(Policy):
         problem = build_problem(self._tables, pending, state, throughput, self._slo,
                                 self.overrun_weight, self.horizon)
         prev = self._prev_plan
-        hints = tuple(x[:problem.horizon] for x in ((prev, prev[1:] + prev[-1:]) if prev else ()))
+        hints = ((prev[1:] + prev[-1:])[:problem.horizon], prev[:problem.horizon]) if prev else ()
         if self.record is not None:
             self.record.append((problem, hints))
         plan, _ = enumerate_plan(problem) if self.exhaustive else search_plan(problem, hints)
