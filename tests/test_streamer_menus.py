@@ -82,6 +82,16 @@ def test_recompute_cost_grows_with_position_and_sums_to_a_whole_prefill():
         recompute_cost("tpu/mistral-7b")
 
 
+def test_measured_recompute_costs_are_not_provisional_and_stand_ins_are():
+    costs = recompute_costs()
+    for measured in ("h100/mistral-7b", "h100/llama-3.1-8b", "h100/smollm2-135m"):
+        assert not costs[measured].provisional, measured
+    # 70B: 16 of 80 layers measured and scaled; A100: read off Cake's figure
+    for stand_in in ("h100/llama-3-70b", "h100/llama-2-70b", "a100/mistral-7b", "a100/llama-3.1-8b"):
+        assert costs[stand_in].provisional, stand_in
+    assert not recompute_cost("1e-5,2e-9,0.001").provisional
+
+
 def test_menus_scale_the_profile_to_the_target_model():
     p = default_profile()
     shape = ModelShape.named("mistral-7b")

@@ -25,8 +25,9 @@ def trace_dir(tmp_path):
 
 
 def simulate(args):
-    result = CliRunner().invoke(app, ["simulate", *args])
-    return result
+    """`kvcast simulate ARGS` on a 40-column terminal: messages must keep file paths whole even when
+    the (long, pytest-made) path is wider than the terminal."""
+    return CliRunner().invoke(app, ["simulate", *args], env={"COLUMNS": "40"})
 
 
 def test_simulate_writes_summary_tables_logs_and_plots(trace_dir, tmp_path):
