@@ -1,11 +1,16 @@
 """Run a policy against the execution model of `policies.base`, without SimPy, asyncio or a network.
 
-`dry_run(policy, session, transfer)` is a minimal discrete-event executor of the documented model: one
-transfer at a time on the link (decision order), a FIFO decoder, a FIFO compute unit whose text chunks wait
-for their prefix. Transfers take `transfer.transfer_end_s(start, nbytes)`, a `policies.planning`
-`TransferModel` (a constant throughput, or any function of time such as a trace's). A policy author can unit
-test a controller with it in microseconds; kvcast's tests and ``python -m policies.bench_mpc`` use it. The
-streaming engine in `streamer/` is the real executor (SimPy or real links, per-chunk logs, parallel sweeps).
+`dry_run(policy, session, transfer)` is a minimal discrete-event executor that follows the streaming engine
+(`streamer.engine.StreamingEngine`) step for step: one transfer at a time on the link, in decision order; a
+FIFO decoder; a compute unit that runs the queued text chunk with the *lowest index* first, scheduled once
+every chunk before it has a known ready time and started when they are all ready. The policy is asked at
+the same points as in the engine (a transfer or a recompute ending, and, after a ``None`` answer with nothing
+in flight, the next chunk becoming ready) and sees the same `Observation` estimates. Transfers take
+``transfer.transfer_end_s(start, nbytes)``, a `policies.planning.TransferModel` (a constant throughput, or any
+function of time such as a trace's), in place of the engine's link.
+
+A policy author can unit test a controller with it in microseconds; kvcast's tests do, and check it against
+the engine. The engine in `streamer/` is the real executor (SimPy or real links, per-chunk logs, sweeps).
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ from dataclasses import dataclass
 from policies.base import TEXT, Observation, Policy, Session, ThroughputSample, validate_decision
 from policies.planning import TransferModel, session_quality_loss
 
-__all__ = ["DryRunResult", "dry_run", "PolicyStalled"]
+__all__ = ["DryRunResult", "PolicyStalled", "dry_run"]
+
+_TRANSFER, _RECOMPUTE, _WAKE = 0, 1, 2  # event kinds
 
 
 class PolicyStalled(RuntimeError):
-    """The policy returned ``None`` while nothing was running, so the session could never finish."""
+    """The session cannot finish: the policy returned ``None`` with nothing in flight and no chunk about to
+    become ready, or a transfer never ends (zero bandwidth)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,132 +56,177 @@ class DryRunResult:
 
 def dry_run(policy: Policy, session: Session, transfer: TransferModel, max_events: int = 1_000_000
             ) -> DryRunResult:
-    """Play one session: ``policy.reset(session)``, then ``decide`` at every decision point until done."""
-    menus = session.menus
-    n = len(menus)
-    actions: list[str | None] = [None] * n
-    ready = [False] * n
-    ready_at = [math.nan] * n
-    decided_at = [math.nan] * n
-    order: list[int] = []
-    samples: list[ThroughputSample] = []
-    link_queue: deque[int] = deque()
-    link_busy: int | None = None  # chunk in flight
-    link_start = 0.0
-    dec_queue: deque[int] = deque()
-    dec_busy: int | None = None
-    dec_free = 0.0
-    comp_queue: deque[int] = deque()
-    comp_busy: int | None = None
-    comp_free = 0.0
-    events: list[tuple[float, int, str, int]] = []  # (time, seq, kind, chunk)
-    seq = 0
-    now = 0.0
-    decisions = 0
-    policy.reset(session)
+    """Play one session: ``policy.reset(session)``, then ``decide`` at every decision point until done.
 
-    def push(t: float, kind: str, chunk: int) -> None:
-        nonlocal seq
-        heapq.heappush(events, (t, seq, kind, chunk))
-        seq += 1
+    Raises `PolicyStalled` if the session cannot finish, and ValueError/KeyError for a decision that is not
+    allowed (`policies.base.validate_decision`).
+    """
+    return _DryRun(policy, session, transfer).run(max_events)
 
-    def start_work() -> None:
-        nonlocal link_busy, link_start, dec_busy, dec_free, comp_busy, comp_free
-        if link_busy is None and link_queue:
-            link_busy = link_queue.popleft()
-            link_start = now
-            nbytes = menus[link_busy].option(actions[link_busy]).nbytes
-            push(transfer.transfer_end_s(now, nbytes), "transfer", link_busy)
-        if dec_busy is None and dec_queue:
-            dec_busy = dec_queue.popleft()
-            dec_free = now + menus[dec_busy].option(actions[dec_busy]).decode_s
-            push(dec_free, "decode", dec_busy)
-        if comp_busy is None and comp_queue:
-            head = comp_queue[0]
-            if all(ready[:head]):
-                comp_queue.popleft()
-                comp_busy = head
-                comp_free = now + menus[head].recompute_s
-                push(comp_free, "compute", head)
 
-    def link_estimate() -> float:
-        if link_busy is None and not link_queue:
-            return now
-        bps = samples[-1].throughput_bps if samples else (session.prior_throughput_bps or 0.0)
-        left = sum(menus[c].option(actions[c]).nbytes for c in link_queue)
-        if link_busy is not None:
-            left += menus[link_busy].option(actions[link_busy]).nbytes
-        return now + (left * 8.0 / bps if bps > 0 else math.inf)
+class _DryRun:
+    """One session's state; the methods mirror `StreamingEngine`'s state machine."""
 
-    def decoder_estimate() -> float:
-        t = dec_free if dec_busy is not None else now
-        for c in dec_queue:
-            t += menus[c].option(actions[c]).decode_s
-        return t
+    def __init__(self, policy: Policy, session: Session, transfer: TransferModel) -> None:
+        n = len(session.menus)
+        self.policy, self.session, self.transfer = policy, session, transfer
+        self.menus = session.menus
+        self.actions: list[str | None] = [None] * n
+        self.pending: list[int] = list(range(n))
+        self.decided_at = [math.nan] * n
+        self.ready_at: list[float | None] = [None] * n  # known once the chunk's end is scheduled
+        self.order: list[int] = []
+        self.samples: list[ThroughputSample] = []
+        self.decisions = 0
+        self.now = 0.0
+        self.events: list[tuple[float, int, int, int]] = []  # (time, sequence, kind, chunk)
+        self.sequence = 0
+        self.wake_times: set[float] = set()
+        self.link_queue: deque[int] = deque()
+        self.in_flight: int | None = None
+        self.transfer_start = 0.0
+        self.decoder_free = 0.0
+        self.compute_queue: list[int] = []  # heap of chunk indices: lowest first
+        self.compute_running: int | None = None
+        self.compute_free = 0.0
+        self.known_prefix = 0  # chunks 0..known_prefix-1 all have known ready times
+        self.known_prefix_ready = 0.0  # the latest of those
 
-    def compute_estimate() -> float:
-        t = comp_free if comp_busy is not None else now
-        for c in comp_queue:
-            t += menus[c].recompute_s
-        return t
-
-    def ask() -> None:
-        nonlocal decisions
-        while True:
-            pending = tuple(i for i in range(n) if actions[i] is None)
-            link_idle = link_busy is None and not link_queue
-            compute_idle = comp_busy is None and not comp_queue
-            if not pending or not (link_idle or compute_idle):
-                return
-            obs = Observation(now_s=now, session=session, pending=pending, actions=tuple(actions),
-                              ready=tuple(ready), link_idle=link_idle, compute_idle=compute_idle,
-                              link_busy_until_s=link_estimate(), decoder_free_at_s=decoder_estimate(),
-                              compute_free_at_s=compute_estimate(), samples=tuple(samples))
-            decision = policy.decide(obs)
-            if decision is None:
-                return
-            validate_decision(obs, decision)
-            decisions += 1
-            actions[decision.chunk] = decision.action
-            decided_at[decision.chunk] = now
-            order.append(decision.chunk)
-            (comp_queue if decision.action == TEXT else link_queue).append(decision.chunk)
-            start_work()
-
-    ask()
-    start_work()
-    for _ in range(max_events):
-        if not events:
-            if all(ready):
+    def run(self, max_events: int) -> DryRunResult:
+        self.policy.reset(self.session)
+        self.step()
+        for _ in range(max_events):
+            if not self.events:
                 break
-            raise PolicyStalled(f"{type(policy).__name__} returned None at t={now:.6f}s with nothing running "
-                                f"(undecided: {[i for i in range(n) if actions[i] is None]})")
-        t, _, kind, chunk = heapq.heappop(events)
-        if math.isinf(t):
-            raise PolicyStalled(f"{type(policy).__name__}: chunk {chunk}'s {kind} never ends "
-                                "(zero bandwidth)")
-        now = t
-        if kind == "transfer":
-            nbytes = menus[chunk].option(actions[chunk]).nbytes
-            samples.append(ThroughputSample(chunk, nbytes, link_start, now))
-            link_busy = None
-            dec_queue.append(chunk)
-        elif kind == "decode":
-            dec_busy = None
-            ready[chunk], ready_at[chunk] = True, now
+            t, _, kind, chunk = heapq.heappop(self.events)
+            if math.isinf(t):
+                raise PolicyStalled(f"{type(self.policy).__name__}: chunk {chunk}'s transfer never ends "
+                                    "(zero bandwidth)")
+            self.now = t
+            if kind == _TRANSFER:
+                self.transfer_done(chunk)
+            elif kind == _RECOMPUTE:
+                if self.compute_running == chunk:
+                    self.compute_running = None
+            else:
+                self.wake_times.discard(t)
+            self.step()
         else:
-            comp_busy = None
-            ready[chunk], ready_at[chunk] = True, now
-        # Handle every event at this instant before asking the policy.
-        if events and events[0][0] == now:
-            continue
-        start_work()
-        ask()
-        start_work()
-    else:
-        raise RuntimeError(f"dry run did not finish within {max_events} events")
-    ttft = max(ready_at, default=0.0)
-    return DryRunResult(actions=tuple(actions), decision_order=tuple(order),
-                        decision_times_s=tuple(decided_at), ready_s=tuple(ready_at), ttft_s=ttft,
-                        slo_met=ttft <= session.slo_s, quality_loss=session_quality_loss(menus, actions),
-                        decisions=decisions, samples=tuple(samples))
+            raise RuntimeError(f"dry run did not finish within {max_events} events")
+        if self.pending or None in self.ready_at:
+            raise PolicyStalled(f"{type(self.policy).__name__}: nothing left to run with chunks undecided "
+                                f"or not ready")
+        ready = tuple(math.nan if t is None else t for t in self.ready_at)
+        ttft = max(ready, default=0.0)
+        return DryRunResult(actions=tuple(self.actions), decision_order=tuple(self.order),
+                            decision_times_s=tuple(self.decided_at), ready_s=ready, ttft_s=ttft,
+                            slo_met=ttft <= self.session.slo_s,
+                            quality_loss=session_quality_loss(self.menus, self.actions),
+                            decisions=self.decisions, samples=tuple(self.samples))
+
+    def schedule(self, t: float, kind: int, chunk: int) -> None:
+        heapq.heappush(self.events, (t, self.sequence, kind, chunk))
+        self.sequence += 1
+
+    def set_ready(self, chunk: int, t: float) -> None:
+        self.ready_at[chunk] = t
+        n = len(self.ready_at)
+        while self.known_prefix < n and self.ready_at[self.known_prefix] is not None:
+            self.known_prefix_ready = max(self.known_prefix_ready, self.ready_at[self.known_prefix])
+            self.known_prefix += 1
+
+    def transfer_done(self, chunk: int) -> None:
+        self.in_flight = None
+        option = self.menus[chunk].option(self.actions[chunk])
+        self.samples.append(ThroughputSample(chunk, option.nbytes, self.transfer_start, self.now))
+        self.decoder_free = max(self.now, self.decoder_free) + option.decode_s
+        self.set_ready(chunk, self.decoder_free)
+
+    def link_idle(self) -> bool:
+        return self.in_flight is None and not self.link_queue
+
+    def compute_idle(self) -> bool:
+        return self.compute_running is None and not self.compute_queue
+
+    def step(self) -> None:
+        """Start what can start, then ask the policy while the link or the compute unit is idle."""
+        self.start_compute()
+        self.start_transfer()
+        waiting = False
+        while self.pending and (self.link_idle() or self.compute_idle()):
+            obs = self.observe()
+            decision = self.policy.decide(obs)
+            if decision is None:
+                waiting = True
+                break
+            validate_decision(obs, decision)
+            self.apply(decision.chunk, decision.action)
+        if waiting and self.in_flight is None and self.compute_running is None:
+            later = [t for t in self.ready_at if t is not None and t > self.now]
+            if not later:
+                undecided = self.pending
+                raise PolicyStalled(f"{type(self.policy).__name__} returned None at t={self.now:.6f}s with "
+                                    f"nothing running (undecided: {undecided})")
+            when = min(later)
+            if when not in self.wake_times:
+                self.wake_times.add(when)
+                self.schedule(when, _WAKE, -1)
+
+    def apply(self, chunk: int, action: str) -> None:
+        self.decisions += 1
+        self.actions[chunk] = action
+        self.pending.remove(chunk)
+        self.decided_at[chunk] = self.now
+        self.order.append(chunk)
+        if action == TEXT:
+            heapq.heappush(self.compute_queue, chunk)
+            self.start_compute()
+        else:
+            self.link_queue.append(chunk)
+            self.start_transfer()
+
+    def start_transfer(self) -> None:
+        if self.in_flight is not None or not self.link_queue:
+            return
+        chunk = self.link_queue.popleft()
+        self.in_flight, self.transfer_start = chunk, self.now
+        nbytes = self.menus[chunk].option(self.actions[chunk]).nbytes
+        self.schedule(self.transfer.transfer_end_s(self.now, nbytes), _TRANSFER, chunk)
+
+    def start_compute(self) -> None:
+        """Schedule the lowest queued text chunk once every chunk before it has a known ready time."""
+        if self.compute_running is not None or not self.compute_queue:
+            return
+        chunk = self.compute_queue[0]
+        if self.known_prefix < chunk:
+            return
+        heapq.heappop(self.compute_queue)
+        start = max(self.now, self.compute_free, self.known_prefix_ready if chunk else 0.0)
+        self.compute_free = start + self.menus[chunk].recompute_s
+        self.compute_running = chunk
+        self.set_ready(chunk, self.compute_free)
+        self.schedule(self.compute_free, _RECOMPUTE, chunk)
+
+    def observe(self) -> Observation:
+        """The engine's observation, estimates included (`StreamingEngine._observe`)."""
+        now, menus = self.now, self.menus
+        link_until = now
+        if not self.link_idle():
+            bps = self.samples[-1].throughput_bps if self.samples else self.session.prior_throughput_bps
+            rtt = self.session.rtt_s
+
+            def duration(chunk: int) -> float:
+                return rtt + (menus[chunk].option(self.actions[chunk]).nbytes * 8.0 / bps if bps else 0.0)
+
+            if self.in_flight is not None:
+                link_until = max(now, self.transfer_start + duration(self.in_flight))
+            for chunk in self.link_queue:
+                link_until += duration(chunk)
+        compute_until = max(now, self.compute_free) if self.compute_running is not None else now
+        compute_until += sum(menus[c].recompute_s for c in self.compute_queue)
+        ready = tuple(t is not None and t <= now for t in self.ready_at)
+        return Observation(now_s=now, session=self.session, pending=tuple(self.pending),
+                           actions=tuple(self.actions), ready=ready, link_idle=self.link_idle(),
+                           compute_idle=self.compute_idle(), link_busy_until_s=link_until,
+                           decoder_free_at_s=max(now, self.decoder_free), compute_free_at_s=compute_until,
+                           samples=tuple(self.samples))
