@@ -8,6 +8,7 @@ from __future__ import annotations
 import typer
 
 import codec.cli
+import policies.cli
 import streamer.cli
 import traces.cli
 
@@ -21,6 +22,7 @@ app.add_typer(traces.cli.app, name="traces")
 
 codec.cli.register(app=app, bench=bench_app, evaluate=eval_app)
 streamer.cli.register(app=app, bench=bench_app, evaluate=eval_app)
+policies.cli.register(app=app, bench=bench_app, evaluate=eval_app)
 
 
 def main() -> None:

@@ -1,18 +1,19 @@
-"""Benchmark of `mpc`'s exact search against full enumeration: ``python -m policies.bench_mpc``.
+"""Benchmark of `mpc`'s exact search against full enumeration: ``kvcast bench mpc``.
 
 The inputs are the planning problems `mpc` meets in real sessions: Mistral-7B-sized chunks of 12-20K-token
 contexts (the shipped codec profile, six levels plus text, so 7**5 = 16,807 plans per decision), the measured
 H100 recompute costs, a 0.6 s SLO and kvcast's shipped default traces (synthetic, 0.5-10 Gbps), played on the
 streaming engine. Every decision's problem is recorded once; then full enumeration (RobustMPC's search,
 `policies.mpc.enumerate_plan`) and the branch-and-bound (`policies.mpc.search_plan`) solve the *same*
-problems, and the plans are compared. Prints JSON (decisions per second, medians of repeats, and plan
-agreement) and a table. A third figure times whole `decide` calls (state estimate, problem set-up and
-search) in the sessions themselves.
+problems, and the plans are compared. A third figure times whole `decide` calls (state estimate, problem
+set-up and search) in the sessions themselves. Prints JSON (decisions per second, medians of repeats, plan
+agreement) on stdout and a table on stderr; ``python -m policies.bench_mpc`` does the same.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import random
 import statistics
@@ -23,7 +24,7 @@ import typer
 
 from policies.mpc import MpcPolicy, MpcProblem, enumerate_plan, search_plan
 
-__all__ = ["recorded_problems", "bench", "main"]
+__all__ = ["bench", "main", "print_result", "recorded_problems"]
 
 
 def _sessions(sessions: int, seed: int):
@@ -67,6 +68,13 @@ def _rate(fn, problems, repeats: int) -> tuple[float, list[float]]:
 
 
 class _TimedMpc(MpcPolicy):
+    """`MpcPolicy` that adds up the wall time of its ``decide`` calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds = 0.0
+        self.calls = 0
+
     def decide(self, obs):
         t0 = time.perf_counter()
         decision = super().decide(obs)
@@ -75,10 +83,25 @@ class _TimedMpc(MpcPolicy):
         return decision
 
 
-def bench(sessions: int = 40, enumerate_count: int = 60, repeats: int = 5, seed: int = 0) -> dict[str, Any]:
-    """Run the benchmark and return its JSON-ready result."""
+def _decide_rates(sessions: int, seed: int, repeats: int) -> tuple[int, list[float]]:
+    """Whole ``decide`` calls per second in `sessions` engine sessions, one rate per repeat."""
     from streamer.simulate import simulate_session
 
+    rates, calls = [], 0
+    for _ in range(repeats):
+        seconds = calls = 0
+        for menus, trace, offset, prior in _sessions(sessions, seed):
+            policy = _TimedMpc()
+            simulate_session(policy, menus, trace, slo_s=0.6, offset_s=offset, rtt_s=0.01, efficiency=0.95,
+                             overhead_bytes=400, prior_throughput_bps=prior)
+            seconds += policy.seconds
+            calls += policy.calls
+        rates.append(calls / seconds if seconds else 0.0)
+    return calls, rates
+
+
+def bench(sessions: int = 40, enumerate_count: int = 60, repeats: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Run the benchmark and return its JSON-ready result (rates are medians of `repeats`)."""
     problems = recorded_problems(sessions, seed)
     full = [(p, h) for p, h in problems if p.horizon == 5]
     subset = random.Random(seed).sample(full, min(enumerate_count, len(full)))
@@ -87,39 +110,62 @@ def bench(sessions: int = 40, enumerate_count: int = 60, repeats: int = 5, seed:
     search_cold_rate, _ = _rate(lambda p, h: search_plan(p), subset, repeats)
     enum_rate, enum_runs = _rate(lambda p, h: enumerate_plan(p), subset, max(1, min(repeats, 2)))
     agree = sum(search_plan(p, h) == enumerate_plan(p) for p, h in subset)
-    # whole decide() calls inside real sessions
-    seconds = calls = 0
-    for _ in range(repeats):
-        s = c = 0
-        for menus, trace, offset, prior in _sessions(sessions, seed):
-            policy = _TimedMpc()
-            policy.seconds, policy.calls = 0.0, 0
-            simulate_session(policy, menus, trace, slo_s=0.6, offset_s=offset, rtt_s=0.01, efficiency=0.95,
-                             overhead_bytes=400, prior_throughput_bps=prior)
-            s += policy.seconds
-            c += policy.calls
-        if not seconds or s < seconds:
-            seconds, calls = s, c
+    decide_calls, decide_runs = _decide_rates(sessions, seed, repeats)
     plans = problems[0][0].n_actions ** 5 if problems else 0
     return {
         "benchmark": "mpc_search",
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpus": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0],
         "python": platform.python_version(),
         "sessions": sessions,
         "problems": len(problems),
         "plans_per_full_horizon": plans,
         "enumeration_problems": len(subset),
-        "enumeration_decisions_per_s": enum_rate,
-        "search_decisions_per_s_same_problems": search_sub_rate,
-        "search_decisions_per_s_same_problems_no_hints": search_cold_rate,
+        "enumeration_decisions_per_s": enum_rate if subset else None,
+        "search_decisions_per_s_same_problems": search_sub_rate if subset else None,
+        "search_decisions_per_s_same_problems_no_hints": search_cold_rate if subset else None,
         "search_decisions_per_s_all_problems": search_rate,
-        "speedup_same_problems": search_sub_rate / enum_rate if enum_rate else None,
+        "speedup_same_problems": search_sub_rate / enum_rate if subset and enum_rate else None,
         "same_plan_as_enumeration": f"{agree}/{len(subset)}",
-        "decide_calls_per_s_in_sessions": calls / seconds if seconds else None,
+        "plans_agree": agree == len(subset),
+        "decide_calls": decide_calls,
+        "decide_calls_per_s_in_sessions": statistics.median(decide_runs),
         "repeats": repeats,
+        "decide_runs_calls_per_s": decide_runs,
         "search_runs_decisions_per_s": search_runs,
         "enumeration_runs_decisions_per_s": enum_runs,
     }
+
+
+def print_result(result: dict[str, Any]) -> None:
+    """The JSON on stdout, a table on stderr."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def rate(key: str) -> str:
+        return "-" if result[key] is None else f"{result[key]:,.0f}"
+
+    print(json.dumps(result, indent=2))
+    plans = result["plans_per_full_horizon"]
+    table = Table(title=f"kvcast bench mpc: exact search vs enumeration ({plans:,} plans/decision)")
+    table.add_column("measure")
+    table.add_column("decisions/s (median)", justify="right")
+    table.add_row(f"whole decide() calls in {result['sessions']} sessions",
+                  rate("decide_calls_per_s_in_sessions"))
+    table.add_row(f"full enumeration ({result['enumeration_problems']} problems)",
+                  rate("enumeration_decisions_per_s"))
+    table.add_row("branch-and-bound, same problems", rate("search_decisions_per_s_same_problems"))
+    table.add_row("  without hints", rate("search_decisions_per_s_same_problems_no_hints"))
+    table.add_row(f"branch-and-bound, all {result['problems']} recorded problems",
+                  rate("search_decisions_per_s_all_problems"))
+    console = Console(stderr=True)
+    console.print(table)
+    speedup = result["speedup_same_problems"]
+    console.print(f"same plan as enumeration: {result['same_plan_as_enumeration']}"
+                  + (f"; speedup {speedup:,.0f}x" if speedup else "")
+                  + f"; load average {result['load_average_1min']:.1f} on {result['cpus']} CPUs",
+                  highlight=False)
 
 
 def main(sessions: int = typer.Option(40, help="Sessions whose decisions are recorded."),
@@ -128,24 +174,7 @@ def main(sessions: int = typer.Option(40, help="Sessions whose decisions are rec
          repeats: int = typer.Option(5, help="Timing repeats (the median is reported)."),
          seed: int = typer.Option(0)) -> None:
     """Decisions per second of mpc's exact search vs full enumeration, on the same recorded problems."""
-    from rich.console import Console
-    from rich.table import Table
-
-    result = bench(sessions, enumerate_count, repeats, seed)
-    print(json.dumps(result, indent=2))
-    plans = result["plans_per_full_horizon"]
-    table = Table(title=f"mpc: exact search vs enumeration ({plans} plans/decision)")
-    table.add_column("search")
-    table.add_column("decisions/s (median)", justify="right")
-    table.add_row("full enumeration", f"{result['enumeration_decisions_per_s']:,.0f}")
-    table.add_row("branch-and-bound, same problems", f"{result['search_decisions_per_s_same_problems']:,.0f}")
-    table.add_row("  without hints", f"{result['search_decisions_per_s_same_problems_no_hints']:,.0f}")
-    table.add_row("branch-and-bound, all recorded problems",
-                  f"{result['search_decisions_per_s_all_problems']:,.0f}")
-    table.add_row("whole decide() calls in sessions", f"{result['decide_calls_per_s_in_sessions']:,.0f}")
-    Console(stderr=True).print(table)
-    Console(stderr=True).print(f"same plan as enumeration: {result['same_plan_as_enumeration']}; "
-                               f"speedup {result['speedup_same_problems']:,.0f}x")
+    print_result(bench(sessions, enumerate_count, repeats, seed))
 
 
 if __name__ == "__main__":

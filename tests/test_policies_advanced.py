@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 
@@ -146,11 +147,32 @@ def test_mpc_model_matches_the_planning_model_without_tail():
 
 
 def test_mpc_decides_many_chunks_per_second_is_a_benchmark_not_a_test():
-    """Speed lives in ``python -m policies.bench_mpc``; here only that the bench's inputs run."""
+    """Speed lives in ``kvcast bench mpc``; here only that the bench's inputs run."""
     from policies import bench_mpc
 
     problems = bench_mpc.recorded_problems(sessions=2, seed=1)
     assert problems and all(M.search_plan(p, h) == M.enumerate_plan(p) for p, h in problems[:5])
+
+
+def test_kvcast_bench_mpc_prints_json_and_a_table(tmp_path):
+    from typer.testing import CliRunner
+
+    from kvcast.cli import app
+
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "mpc", "--sessions", "1", "--enumerate", "1", "--repeats", "1",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data == json.loads(out.read_text())
+    assert data["enumeration_problems"] == 1 and data["plans_per_full_horizon"] == 7 ** 5
+    assert data["same_plan_as_enumeration"] == "1/1" and data["plans_agree"] is True
+    # the timed sessions are the recorded ones: one problem per decide() call
+    assert data["decide_calls"] == data["problems"] > 0
+    for key in ("decide_calls_per_s_in_sessions", "enumeration_decisions_per_s",
+                "search_decisions_per_s_same_problems", "search_decisions_per_s_all_problems"):
+        assert data[key] > 0, key
+    assert "whole decide() calls" in result.stderr and "same plan as enumeration: 1/1" in result.stderr
 
 
 # ----------------------------------------------------------------------------------------- invariants
