@@ -52,7 +52,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from policies.base import TEXT, Decision, Observation, Policy, Session, level_names
 from policies.estimate import DEFAULT_PRIOR_ERROR, RobustThroughputEstimator
@@ -223,25 +223,29 @@ def build_problem(tables: SessionTables, pending: Sequence[int], state: PlanStat
     rp = [0.0] * (m + 1)
     for i, c in enumerate(tail):
         rp[i + 1] = rp[i] + recompute[c]
-    tbs, wss, fast = [], [], []
-    ok_table = tables.fast_ok(mu)
+    # Tail suffix sums for every level at once, from the last tail chunk down: row i holds, per level, the
+    # link time of tail chunks i.. (then + the level's largest decode) and their token-weighted quality loss.
     tables_wq = tables.wq
-    rev = tail[::-1]
-    for a in range(nl):
-        dmax = tables.decode_max[a]
-        tb = [-_INF] * (m + 1)
-        ws = [0.0] * (m + 1)
-        acc_t = acc_q = 0.0
-        i = m
-        for c in rev:
-            i -= 1
-            acc_t += (rtt + bits[c][a] * inv) if bps > 0 else _INF
-            acc_q += tables_wq[c][a]
-            tb[i] = acc_t + dmax
-            ws[i] = acc_q
-        tbs.append(tuple(tb))
-        wss.append(tuple(ws))
-        fast.append(all(ok_table[c][a] for c in tail))
+    link_rows: list[list[float]] = []
+    loss_rows: list[list[float]] = []
+    acc_t = [0.0] * nl
+    acc_q = [0.0] * nl
+    for c in reversed(tail):
+        if bps > 0:
+            acc_t = [t + (rtt + x * inv) for t, x in zip(acc_t, bits[c])]
+        else:
+            acc_t = [t + _INF for t in acc_t]
+        acc_q = [w + x for w, x in zip(acc_q, tables_wq[c])]
+        link_rows.append([t + d for t, d in zip(acc_t, tables.decode_max)])
+        loss_rows.append(acc_q)
+    link_rows.reverse()
+    loss_rows.reverse()
+    link_rows.append([-_INF] * nl)
+    loss_rows.append([0.0] * nl)
+    tbs = list(zip(*link_rows))
+    wss = list(zip(*loss_rows))
+    ok_table = tables.fast_ok(mu)
+    fast = [all(col) for col in zip(*(ok_table[c] for c in tail))] if tail else [True] * nl
     # Decided chunks: below the horizon they set the initial prefix-ready time; between undecided chunks
     # they are merged before the step above them (before the tail for those inside the tail); above every
     # undecided chunk they only bound the TTFT.
@@ -269,18 +273,17 @@ def build_problem(tables: SessionTables, pending: Sequence[int], state: PlanStat
                 ready0 = x
         elif x > fold[k]:
             fold[k] = x
-    p = MpcProblem(
-        n_levels=nl, horizon=len(h), tau=tau, dec=dec, wq=wq, r=r, tail_rp=tuple(rp), tail_tb=tuple(tbs),
-        tail_ws=tuple(wss), tail_fast=tuple(fast), link0=state.link_free_s, dec0=state.decoder_free_s,
-        ready0=ready0, qscale=qscale, mu=mu, slo_s=slo_s, fold=tuple(fold), top=top, chunks=tuple(h),
-        tail_chunks=tuple(tail))
+    text_tail_level = 0
     if m and nl:
         # after an all-text horizon: the best level whose tail, loaded alone, fits the SLO, else the fastest
         limit = slo_s - state.link_free_s
         fits = [a for a in range(nl) if tbs[a][0] <= limit]
-        fastest = min(range(nl), key=lambda a: tbs[a][0])
-        p = replace(p, text_tail_level=fits[0] if fits else fastest)
-    p._evaluators.extend(_tail_evaluator(p, b) for b in range(nl + 1))
+        text_tail_level = fits[0] if fits else min(range(nl), key=lambda a: tbs[a][0])
+    p = MpcProblem(
+        n_levels=nl, horizon=len(h), tau=tau, dec=dec, wq=wq, r=r, tail_rp=tuple(rp), tail_tb=tuple(tbs),
+        tail_ws=tuple(wss), tail_fast=tuple(fast), link0=state.link_free_s, dec0=state.decoder_free_s,
+        ready0=ready0, qscale=qscale, mu=mu, slo_s=slo_s, fold=tuple(fold), top=top, chunks=tuple(h),
+        tail_chunks=tuple(tail), text_tail_level=text_tail_level)
     return p
 
 
@@ -373,9 +376,12 @@ def _tail_evaluator(p: MpcProblem, b: int):
 
 
 def _evaluators(p: MpcProblem) -> list:
-    """The tail evaluators of every last action (`build_problem` makes them)."""
+    """The tail evaluators of every last action, made on first use; text's is that of the level at which it
+    loads the tail (`MpcProblem.text_tail_level`)."""
     if not p._evaluators:
-        p._evaluators.extend(_tail_evaluator(p, b) for b in range(p.n_actions))
+        levels = [_tail_evaluator(p, b) for b in range(p.n_levels)]
+        text = levels[p.text_tail_level] if levels else _tail_evaluator(p, p.n_levels)
+        p._evaluators.extend([*levels, text])
     return p._evaluators
 
 

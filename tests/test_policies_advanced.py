@@ -169,8 +169,9 @@ def test_kvcast_bench_mpc_prints_json_and_a_table(tmp_path):
     assert data["same_plan_as_enumeration"] == "1/1" and data["plans_agree"] is True
     # the timed sessions are the recorded ones: one problem per decide() call
     assert data["decide_calls"] == data["problems"] > 0
-    for key in ("decide_calls_per_s_in_sessions", "enumeration_decisions_per_s",
-                "search_decisions_per_s_same_problems", "search_decisions_per_s_all_problems"):
+    for key in ("decide_calls_per_s_in_sessions", "decide_calls_per_cpu_s_in_sessions",
+                "enumeration_decisions_per_s", "search_decisions_per_s_same_problems",
+                "search_decisions_per_s_all_problems"):
         assert data[key] > 0, key
     assert "whole decide() calls" in result.stderr and "same plan as enumeration: 1/1" in result.stderr
 
