@@ -4,7 +4,7 @@ Public API (stable)::
 
     codec.levels()                     level names, best quality first
     codec.describe(level)              the level's spec as a dict
-    codec.encode(kv, level, *, model=None, token_start=0) -> bytes
+    codec.encode(kv, level, *, model=None, token_start=0, context_end=None, sensitivity=None) -> bytes
     codec.decode(data, device="cpu", dtype=None, *, expect_model=None) -> kv
     codec.inspect(data) -> dict        the header, sizes by role, values, bits per value
     codec.CodecError                   raised for every bad input
@@ -19,8 +19,9 @@ from typing import Any
 from codec.api import KV, Codec, ModelFingerprint, default_codec
 from codec.errors import CodecError
 from codec.levels import LevelRegistry, LevelSpec
+from codec.sensitivity import SensitivityTable, TableRegistry
 
-__all__ = ["CodecError", "Codec", "KV", "LevelRegistry", "LevelSpec", "ModelFingerprint", "decode", "describe",
+__all__ = ["CodecError", "Codec", "KV", "LevelRegistry", "LevelSpec", "ModelFingerprint", "SensitivityTable", "TableRegistry", "decode", "describe",
            "encode", "inspect", "levels"]
 
 
@@ -34,9 +35,15 @@ def describe(level: str) -> dict[str, Any]:
     return default_codec().describe(level)
 
 
-def encode(kv, level: str, *, model: ModelFingerprint | None = None, token_start: int = 0) -> bytes:
-    """Encode `kv` at `level` into one self-describing, checksummed object."""
-    return default_codec().encode(kv, level, model=model, token_start=token_start)
+def encode(kv, level: str, *, model: ModelFingerprint | None = None, token_start: int = 0,
+           context_end: int | None = None, sensitivity: SensitivityTable | None = None) -> bytes:
+    """Encode `kv` at `level` into one self-describing, checksummed object.
+
+    Grid levels (``kvcast-*``) weight their steps by the model's sensitivity table (found by `model`'s
+    fingerprint, or given as `sensitivity`) and spend more bits near `context_end` (default: the object's end).
+    """
+    return default_codec().encode(kv, level, model=model, token_start=token_start, context_end=context_end,
+                                  sensitivity=sensitivity)
 
 
 def decode(data, device="cpu", dtype=None, *, expect_model: ModelFingerprint | None = None) -> KV:

@@ -29,6 +29,7 @@ from codec.entropy import CoderPool
 from codec.pipeline import dequantize_absmax, pack_parts, quantize_absmax, unpack_parts
 from codec.errors import CodecError
 from codec.levels import LevelRegistry, LevelSpec
+from codec.sensitivity import SensitivityTable, TableRegistry
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -122,9 +123,11 @@ def unstack_kv(x: torch.Tensor, heads: int, dtype: torch.dtype, device: str | to
 class Codec:
     """Encodes and decodes KV caches with the levels of a registry, coding streams on a `CoderPool`."""
 
-    def __init__(self, registry: LevelRegistry | None = None, pool: CoderPool | None = None) -> None:
+    def __init__(self, registry: LevelRegistry | None = None, pool: CoderPool | None = None,
+                 tables: TableRegistry | None = None) -> None:
         self.registry = registry or LevelRegistry.default()
         self.pool = pool or CoderPool()
+        self.tables = tables or TableRegistry()
 
     def levels(self) -> list[str]:
         return self.registry.names()
@@ -135,8 +138,13 @@ class Codec:
     # -- encode --------------------------------------------------------------------------------------
 
     def encode(self, kv: Sequence[tuple[torch.Tensor, torch.Tensor]], level: str | LevelSpec, *,
-               model: ModelFingerprint | None = None, token_start: int = 0) -> bytes:
-        """Encode `kv` at `level` into one self-describing object."""
+               model: ModelFingerprint | None = None, token_start: int = 0, context_end: int | None = None,
+               sensitivity: SensitivityTable | None = None) -> bytes:
+        """Encode `kv` at `level` into one self-describing object.
+
+        `context_end` is the position after the context's last token (default: the object's end); grid levels
+        spend more bits on tokens near it. `sensitivity` overrides the table grid levels find by `model`.
+        """
         spec = level if isinstance(level, LevelSpec) else self.registry.get(level)
         layers, heads, tokens, head_dim, dtype_name = check_kv(kv)
         if model is None:
@@ -148,6 +156,17 @@ class Codec:
             raise CodecError(f"token_start must be a non-negative int, got {token_start!r}")
         header: dict[str, Any] = {"codec": "kvcast", "level": spec.to_dict(), "model": model.to_dict(),
                                   "tokens": {"start": token_start, "count": tokens}, "dtype": dtype_name}
+        if spec.quantizer == "grid":
+            if context_end is None:
+                context_end = token_start + tokens
+            if not isinstance(context_end, int) or context_end < token_start + 1:
+                raise CodecError(f"context_end must be an int past the object's first token, got {context_end!r}")
+            table = sensitivity if sensitivity is not None else self.tables.find(model)
+            if sensitivity is None and not table.matches(model):
+                raise CodecError(f"sensitivity table is for {table.model}, not {model}")
+            if table.key.shape != (layers, heads, head_dim):
+                raise CodecError(f"sensitivity table shape {table.key.shape} does not match the KV's")
+            return self._encode_grid(kv, spec, header, table, token_start, context_end)
         if spec.quantizer == "fp16":
             x, _ = stack_kv(kv)
             if (x.abs() > _FP16_MAX).any():
@@ -199,6 +218,108 @@ class Codec:
         sections.append(Section("streams", b"".join(streams), role="payload"))
         return pack(header, sections)
 
+    def _encode_grid(self, kv, spec: LevelSpec, header: dict[str, Any], table: SensitivityTable, token_start: int,
+                     context_end: int) -> bytes:
+        from codec.grid import channel_steps, token_multipliers
+
+        layers, heads, tokens, head_dim, _ = check_kv(kv)
+        channels = heads * head_dim
+        sink_rows = max(0, min(tokens, spec.sink_tokens - token_start))
+        steps = channel_steps(table.channel_fisher(), spec.step)           # fp16 [2, L, C]
+        mult = token_multipliers(table, token_start, tokens, context_end, spec.recency)
+        params = {"sink_rows": sink_rows, "tokens_per_stream": spec.tokens_per_stream,
+                  "channels_per_stream": spec.channels_per_stream, "rounding": spec.rounding}
+        calls = []
+        for i in range(2):
+            for layer in range(layers):
+                parts_meta, blob = pack_parts({"x": kv[layer][i][0], "steps": steps[i, layer], "multipliers": mult})
+                calls.append(({"op": "encode_grid", "parts": parts_meta, "params": params}, blob))
+        results = self.pool.run(calls, total_symbols=2 * layers * tokens * channels)
+        groups = [(reply, unpack_parts(reply["parts"], data)) for reply, data in results]
+        streams: list[bytes] = []
+        for reply, parts in groups:
+            pos = 0
+            for n in reply["lengths"]:
+                streams.append(parts["streams"][pos:pos + n])
+                pos += n
+        header["grid"] = {"context_end": context_end, "sink_rows": sink_rows,
+                          "tops": [reply["top"] for reply, _ in groups],
+                          "classes": [int(p["cdf"].shape[0]) for _, p in groups],
+                          "outliers": [int(p["outliers"].numel()) for _, p in groups]}
+        header["streams"] = {"count": len(streams), "tokens_per_stream": spec.tokens_per_stream,
+                             "channels_per_stream": spec.channels_per_stream, "order": STREAM_ORDER}
+        sections = [
+            Section("steps", steps.numpy()), Section("multipliers", mult.numpy()),
+            Section("means", torch.stack([p["mean"] for _, p in groups]).view(2, layers, channels).numpy()),
+            Section("classes", np.stack([p["classes"] for _, p in groups]).reshape(2, layers, channels)),
+            Section("cdfs", np.concatenate([p["cdf"].reshape(-1) for _, p in groups])),
+            Section("stream_lengths", np.array([len(s) for s in streams], dtype=np.uint32)),
+            Section("sink", torch.stack([p["sink"] for _, p in groups]).view(2, layers, sink_rows, channels).numpy(),
+                    "payload"),
+            Section("outliers", torch.cat([p["outliers"] for _, p in groups]).numpy(), "payload"),
+            Section("streams", b"".join(streams), role="payload")]
+        return pack(header, sections)
+
+    def _decode_grid(self, h: dict[str, Any], sec, spec: LevelSpec, model: ModelFingerprint, tokens: int,
+                     out_dtype: torch.dtype, device) -> KV:
+        layers, heads, dim = model.layers, model.kv_heads, model.head_dim
+        channels = heads * dim
+        groups = 2 * layers
+        g = h.get("grid")
+        try:
+            sink_rows = int(g["sink_rows"])
+            tops = [int(t) for t in g["tops"]]
+            classes = [int(c) for c in g["classes"]]
+            outliers = [int(n) for n in g["outliers"]]
+        except (KeyError, TypeError, ValueError):
+            raise CodecError("header lacks a valid 'grid' table") from None
+        if not (0 <= sink_rows <= tokens) or not (len(tops) == len(classes) == len(outliers) == groups):
+            raise CodecError("header's 'grid' table does not fit the object's geometry")
+        if any(not (0 <= t <= 127) for t in tops) or any(not (1 <= c <= channels) for c in classes) or any(
+                n < 0 for n in outliers):
+            raise CodecError("header's 'grid' table holds impossible values")
+        blocks = -(-tokens // spec.tokens_per_stream)
+        per_group = blocks * -(-channels // spec.channels_per_stream)
+        st = h.get("streams")
+        if not isinstance(st, dict) or st.get("count") != groups * per_group:
+            raise CodecError(f"header announces {st and st.get('count')} streams, the geometry needs "
+                             f"{groups * per_group}")
+        steps = torch.from_numpy(_section(sec, "steps", "float16", (2, layers, channels)).copy())
+        mult = torch.from_numpy(_section(sec, "multipliers", "float16", (tokens,)).copy())
+        means = torch.from_numpy(_section(sec, "means", "float16", (2, layers, channels)).copy())
+        cls = _section(sec, "classes", "uint8", (2, layers, channels))
+        cdf_sizes = [c * (2 * t + 2) for c, t in zip(classes, tops)]
+        cdfs = _section(sec, "cdfs", "int16", (sum(cdf_sizes),))
+        sink = torch.from_numpy(_section(sec, "sink", "float16", (2, layers, sink_rows, channels)).copy())
+        outl = torch.from_numpy(_section(sec, "outliers", "float16", (sum(outliers),)).copy())
+        lengths = _section(sec, "stream_lengths", "uint32", (groups * per_group,)).astype(np.int64)
+        payload = sec.get("streams")
+        if not isinstance(payload, memoryview) or int(lengths.sum()) != len(payload):
+            raise CodecError("stream lengths do not match the 'streams' payload")
+        if not (torch.isfinite(steps).all() and torch.isfinite(mult).all() and torch.isfinite(means).all()):
+            raise CodecError("grid side information holds non-finite steps, multipliers or means")
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        cdf_pos = np.concatenate([[0], np.cumsum(cdf_sizes)])
+        out_pos = np.concatenate([[0], np.cumsum(outliers)])
+        dtype_name = str(out_dtype).removeprefix("torch.")
+        calls = []
+        for gi in range(groups):
+            i, layer = divmod(gi, layers)
+            parts = {"steps": steps[i, layer], "multipliers": mult, "mean": means[i, layer], "classes": cls[i, layer],
+                     "cdf": cdfs[cdf_pos[gi]:cdf_pos[gi + 1]].reshape(classes[gi], 2 * tops[gi] + 2),
+                     "sink": sink[i, layer], "outliers": outl[out_pos[gi]:out_pos[gi + 1]],
+                     "streams": payload[offsets[gi * per_group]:offsets[(gi + 1) * per_group]]}
+            parts_meta, blob = pack_parts(parts)
+            params = {"top": tops[gi], "sink_rows": sink_rows, "heads": heads, "tokens": tokens, "head_dim": dim,
+                      "tokens_per_stream": spec.tokens_per_stream, "channels_per_stream": spec.channels_per_stream,
+                      "out_dtype": dtype_name}
+            calls.append(({"op": "decode_grid", "parts": parts_meta, "params": params,
+                           "lengths": [int(n) for n in lengths[gi * per_group:(gi + 1) * per_group]]}, blob))
+        results = self.pool.run(calls, total_symbols=groups * tokens * channels)
+        ys = [unpack_parts(reply["parts"], data)["y"] for reply, data in results]
+        return [(ys[layer].unsqueeze(0).to(device), ys[layers + layer].unsqueeze(0).to(device))
+                for layer in range(layers)]
+
     # -- decode --------------------------------------------------------------------------------------
 
     def decode(self, data: bytes | memoryview, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -217,6 +338,8 @@ class Codec:
         layers, heads, dim = model.layers, model.kv_heads, model.head_dim
         channels = heads * dim
         sec = obj.sections
+        if spec.quantizer == "grid":
+            return self._decode_grid(h, sec, spec, model, tokens, out_dtype, device)
         if spec.quantizer == "fp16":
             values = _section(sec, "values", "float16", (2, layers, heads, tokens, dim))
             x = torch.from_numpy(values.copy()).permute(0, 1, 3, 2, 4).reshape(2, layers, tokens, channels)

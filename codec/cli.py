@@ -95,3 +95,39 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         except (EvalError, ModelUnavailable) as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from None
+
+    @app.command("calibrate")
+    def calibrate_cmd(
+        out_dir: Path = typer.Option(Path("codec/tables"), "--out-dir",
+                                     help="Folder for the table (codec/tables is what the codec ships and finds)."),
+        split: str = typer.Option("valid", help="'valid' (tuning split, the default) or 'test'."),
+        passages: int = typer.Option(4, help="Passages of context + continuation tokens."),
+        context_tokens: int = typer.Option(2048, "--context-tokens"),
+        continuation_tokens: int = typer.Option(256, "--continuation-tokens"),
+        datasets: Optional[Path] = typer.Option(None, help="Datasets folder (default: ../shared/datasets)."),
+        text_file: Optional[Path] = typer.Option(None, "--text-file", help="Calibrate on this UTF-8 text instead."),
+        threads: int = typer.Option(2, help="torch threads (0: torch's default)."),
+    ) -> None:
+        """Measure SmolLM2-135M's KV sensitivity (Fisher) table from real text, for the kvcast-* levels."""
+        import json
+
+        import torch
+
+        from codec.calibrate import calibrate_smollm2, table_summary
+        from codec.errors import CodecError
+        from codec.evaluate import EvalError
+        from codec.model import ModelUnavailable
+        from codec.sensitivity import SensitivityTable
+
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            path = calibrate_smollm2(split=split, passages=passages, context_tokens=context_tokens,
+                                     continuation_tokens=continuation_tokens, out_dir=out_dir, datasets=datasets,
+                                     text_file=text_file)
+        except (EvalError, ModelUnavailable, CodecError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        summary = table_summary(SensitivityTable.load(path))
+        typer.echo(json.dumps({"table": str(path), "meta": summary["meta"],
+                               "distance_profile": [round(x, 3) for x in summary["distance_profile"]]}))

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from codec.errors import CodecError
 
-QUANTIZERS = ("fp16", "absmax_token")
+QUANTIZERS = ("fp16", "absmax_token", "grid")
 CODERS = ("none", "torchac")
 
 
@@ -30,7 +30,9 @@ class LevelSpec:
     quantizer: str
     """``fp16``: values stored as IEEE half floats (lossless for fp16 input).
     ``absmax_token``: CacheGen's symmetric uniform quantizer, one absmax scale per (K/V, layer, token) over
-    all channels of all heads, ``b`` bins -> ``b - 1`` symbols ``round(x * M / s + M)``, ``M = b/2 - 1``."""
+    all channels of all heads, ``b`` bins -> ``b - 1`` symbols ``round(x * M / s + M)``, ``M = b/2 - 1``.
+    ``grid``: kvcast's sensitivity-weighted uniform grid (`codec.grid`): channel steps ``step / sqrt(F_c)`` from
+    the model's Fisher table, scaled per token by its distance from the context's end, class-shared CDFs."""
     coder: str = "none"
     """``none``: fixed width (fp16, or int8 for 256 bins); ``torchac``: range coding with CDFs."""
     key_bins: tuple[tuple[float, int], ...] = ()
@@ -52,6 +54,15 @@ class LevelSpec:
     family: str = "kvcast"
     """``baseline``, ``cachegen-code`` (faithful to CacheGen's public code), ``cachegen-paper``, ``kvcast``."""
     error_bound: str = ""
+    step: float = 0.0
+    """``grid``: the distortion parameter lambda; channel c gets the step ``lambda / sqrt(F_c)``."""
+    recency: float = 0.0
+    """``grid``: 0 = every token alike; 1 = token steps follow the table's distance profile fully
+    (``w(d)^(-recency/2)``); in between, partly."""
+    sink_tokens: int = 0
+    """``grid``: tokens at absolute positions below this are stored as fp16 (attention sinks)."""
+    rounding: float = 0.5
+    """``grid``: rounding offset; 0.5 rounds to nearest, less widens the zero bin."""
 
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
@@ -68,6 +79,11 @@ class LevelSpec:
                 raise CodecError(f"level {self.name!r}: the last bin group must end at 1.0")
             if self.coder == "none" and any(b != 256 for _, b in (*self.key_bins, *self.value_bins)):
                 raise CodecError(f"level {self.name!r}: fixed-width coding supports 256 bins only")
+        if self.quantizer == "grid":
+            if self.coder != "torchac" or not (self.step > 0) or not (0 <= self.recency <= 2):
+                raise CodecError(f"level {self.name!r}: grid needs the torchac coder, step > 0, 0 <= recency <= 2")
+            if self.sink_tokens < 0 or not (0 < self.rounding <= 0.5) or self.delta_group:
+                raise CodecError(f"level {self.name!r}: grid needs sink_tokens >= 0, 0 < rounding <= 0.5, no deltas")
         if self.delta_group < 0 or (self.delta_group and self.coder != "torchac"):
             raise CodecError(f"level {self.name!r}: delta coding needs the torchac coder")
         if self.tokens_per_stream < 1 or self.channels_per_stream < 1:
@@ -146,10 +162,33 @@ def builtin_levels() -> list[LevelSpec]:
                          "group table mapped to the model's depth, one CDF per (layer, channel) estimated per "
                          "object and shipped with it, torchac range coding, streams restart every 256 tokens."),
             error_bound=_ABSMAX_BOUND))
-    order = ["raw", "int8", "cachegen-delta-3", "cachegen-3", "cachegen-delta-2", "cachegen-2",
-             "cachegen-delta-1", "cachegen-1"]
+    levels.extend(grid_levels())
+    order = ["raw", "int8", "kvcast-4", "cachegen-delta-3", "kvcast-3", "cachegen-3", "cachegen-delta-2", "kvcast-2",
+             "cachegen-2", "cachegen-delta-1", "kvcast-1", "cachegen-1"]
     by_name = {lv.name: lv for lv in levels}
     return [by_name[n] for n in order]
+
+
+_GRID_BOUND = ("|x - x'| <= step_c * m_t / 2 per value (channel step and token multiplier, both shipped as "
+               "fp16); sink tokens and escaped values (|q| >= 127) are stored as fp16")
+# (name, lambda, recency): tuned on WikiText-2 valid (docs/codec-experiments.md); quality targets in comments.
+_GRID_LADDER = (
+    ("kvcast-4", 1.0e-5, 0.0, "near-lossless: >= 99% top-1 agreement on SmolLM2"),
+    ("kvcast-3", 2.0e-5, 1.0, "cachegen-3's quality (~95% top-1) at fewer bits"),
+    ("kvcast-2", 4.0e-5, 1.0, "cachegen-2's quality (~86% top-1) at fewer bits"),
+    ("kvcast-1", 6.0e-5, 1.0, "aggressive"),
+)
+
+
+def grid_levels() -> list[LevelSpec]:
+    """kvcast's own levels (`codec.grid`), best quality first."""
+    return [LevelSpec(
+        name, "grid", coder="torchac", step=step, recency=recency, sink_tokens=4, family="kvcast",
+        description=(f"kvcast grid level ({aim}): per-channel steps lambda/sqrt(Fisher) from the model's "
+                     f"sensitivity table (lambda = {step:g}), token steps scaled by distance from the context's "
+                     f"end (strength {recency:g}), first 4 tokens at fp16, class-shared CDFs shipped per object, "
+                     "torchac range coding, independent streams per 256 tokens x 64 channels."),
+        error_bound=_GRID_BOUND) for name, step, recency, aim in _GRID_LADDER]
 
 
 @dataclass

@@ -22,7 +22,7 @@ FP16_MAX = 65504.0
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
                 "int8": torch.int8, "int16": torch.int16, "uint32": torch.int32}
 NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8, "int16": np.int16,
-                "uint32": np.uint32}
+                "uint32": np.uint32, "uint8": np.uint8}
 
 
 # --------------------------------------------------------------------------------------- binary parts
@@ -215,7 +215,13 @@ def handle_decode(meta: dict, blob: bytes) -> tuple[dict, bytes]:
     return {"parts": parts_meta}, out
 
 
-HANDLERS = {"encode_layer": handle_encode, "decode_layer": handle_decode}
+def _grid_handlers() -> dict:
+    from codec.grid import handle_decode_grid, handle_encode_grid
+
+    return {"encode_grid": handle_encode_grid, "decode_grid": handle_decode_grid}
+
+
+HANDLERS = {"encode_layer": handle_encode, "decode_layer": handle_decode, **_grid_handlers()}
 
 
 def handle(meta: dict, blob: bytes) -> tuple[dict, bytes]:

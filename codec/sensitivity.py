@@ -1,0 +1,171 @@
+"""Per-model sensitivity tables: how much each KV entry matters to the model's next-token distribution.
+
+A table holds, for one model, the diagonal Fisher information of the continuation's log-likelihood with
+respect to every KV channel (``[layers, kv_heads, head_dim]`` for keys and for values, averaged over context
+tokens and continuation tokens) and its profile over the distance of a context token from the context's end.
+To second order, a small KV error ``e`` costs ``KL ~= 1/2 sum_i F_i e_i^2``: the ``grid`` levels give every
+channel the quantizer step ``lambda / sqrt(F_i)``, which minimises that KL for a given rate (reverse
+water-filling at high rate), and scale the step per token by the distance profile.
+
+Tables are produced from real text by ``kvcast calibrate`` and stored as safetensors (tensors + a JSON
+metadata string; never pickle) in ``codec/tables/`` (shipped) or any folder the user names. The encoder
+looks a table up by the model fingerprint (name and shape) and refuses a table made for another model; the
+decoder never needs one, because the steps it uses travel in the object.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from codec.errors import CodecError
+
+TABLE_FORMAT = "kvcast-sensitivity/1"
+TABLES_DIR = Path(__file__).resolve().parent / "tables"
+PROFILE_BINS = 24
+
+
+@dataclass(frozen=True)
+class SensitivityTable:
+    """Fisher sensitivity of one model's KV, per channel and by distance from the context's end."""
+
+    model: dict[str, Any]
+    """Fingerprint of the model (``codec.ModelFingerprint.to_dict()``)."""
+    key: np.ndarray
+    """float32 ``[layers, kv_heads, head_dim]``: mean Fisher of each key channel (context tokens past the sink)."""
+    value: np.ndarray
+    """float32 ``[layers, kv_heads, head_dim]``: the same for values."""
+    distance_edges: np.ndarray
+    """float32 ``[bins + 1]``: distance-from-end bin edges in tokens (0 = the context's last token)."""
+    distance_profile: np.ndarray
+    """float32 ``[bins]``: mean Fisher of a token (all channels) in each distance bin, relative to the mean."""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        shape = (int(self.model["layers"]), int(self.model["kv_heads"]), int(self.model["head_dim"]))
+        for name, arr in (("key", self.key), ("value", self.value)):
+            if arr.shape != shape or arr.dtype != np.float32:
+                raise CodecError(f"sensitivity table: {name} is {arr.dtype} {arr.shape}, expected float32 {shape}")
+            if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+                raise CodecError(f"sensitivity table: {name} must be finite and positive")
+        e, p = self.distance_edges, self.distance_profile
+        if e.ndim != 1 or p.ndim != 1 or len(e) != len(p) + 1 or len(p) < 1:
+            raise CodecError("sensitivity table: distance bins and profile do not match")
+        if np.any(np.diff(e) <= 0) or e[0] != 0 or not np.all(np.isfinite(p)) or np.any(p <= 0):
+            raise CodecError("sensitivity table: distance edges must rise from 0 and the profile be positive")
+
+    # -- use --------------------------------------------------------------------------------------------
+
+    def matches(self, fingerprint: Any) -> bool:
+        """True if the table was made for a model of this name and KV shape."""
+        m = self.model
+        return (m.get("name") == fingerprint.name and int(m["layers"]) == fingerprint.layers
+                and int(m["kv_heads"]) == fingerprint.kv_heads and int(m["head_dim"]) == fingerprint.head_dim)
+
+    def channel_fisher(self) -> np.ndarray:
+        """float32 ``[2, layers, kv_heads * head_dim]`` (keys first)."""
+        layers = self.key.shape[0]
+        return np.stack([self.key.reshape(layers, -1), self.value.reshape(layers, -1)])
+
+    def distance_weight(self, distances: np.ndarray) -> np.ndarray:
+        """Relative sensitivity of tokens at these distances from the context's end (1 = the mean)."""
+        d = np.asarray(distances, dtype=np.float64)
+        idx = np.clip(np.searchsorted(self.distance_edges, d, side="right") - 1, 0, len(self.distance_profile) - 1)
+        return self.distance_profile.astype(np.float64)[idx]
+
+    # -- storage ----------------------------------------------------------------------------------------
+
+    def save(self, path: Path) -> Path:
+        """Write the table as safetensors with a JSON metadata string."""
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"format": TABLE_FORMAT, "model": json.dumps(self.model, sort_keys=True),
+                "meta": json.dumps(self.meta, sort_keys=True)}
+        save_file({"key": self.key, "value": self.value, "distance_edges": self.distance_edges,
+                   "distance_profile": self.distance_profile}, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> "SensitivityTable":
+        """Read a table written by `save`; `CodecError` if it is not one."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except FileNotFoundError:
+            raise CodecError(f"sensitivity table {path} does not exist") from None
+        except Exception as exc:  # safetensors raises its own error types for malformed files
+            raise CodecError(f"{path}: not a safetensors sensitivity table ({exc})") from None
+        if meta.get("format") != TABLE_FORMAT:
+            raise CodecError(f"{path}: format {meta.get('format')!r}, expected {TABLE_FORMAT!r}")
+        try:
+            model = json.loads(meta["model"])
+            extra = json.loads(meta.get("meta", "{}"))
+            return cls(model=model, key=tensors["key"], value=tensors["value"],
+                       distance_edges=tensors["distance_edges"], distance_profile=tensors["distance_profile"],
+                       meta=extra)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CodecError(f"{path}: incomplete sensitivity table ({exc})") from None
+
+    @classmethod
+    def uniform(cls, layers: int, kv_heads: int, head_dim: int, *, fisher: float = 1e-7, name: str = "") -> "SensitivityTable":
+        """A flat table (every channel and distance equally sensitive): for models nobody calibrated, and tests."""
+        shape = (layers, kv_heads, head_dim)
+        return cls(model={"name": name, "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim},
+                   key=np.full(shape, fisher, np.float32), value=np.full(shape, fisher, np.float32),
+                   distance_edges=np.array([0.0, 1e9], np.float32), distance_profile=np.ones(1, np.float32),
+                   meta={"kind": "uniform"})
+
+
+def log_distance_edges(max_distance: int, bins: int = PROFILE_BINS) -> np.ndarray:
+    """Bin edges 0, 1, 2, 4, ... growing geometrically up to past `max_distance`."""
+    raw = np.unique(np.round(np.geomspace(1, max_distance + 1, bins)).astype(np.int64))
+    return np.concatenate([[0], raw]).astype(np.float32)
+
+
+def profile_from_positions(per_token: np.ndarray, sink_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bin a per-position Fisher curve (context order) by distance from the end, relative to its mean."""
+    body = np.asarray(per_token, dtype=np.float64)[sink_tokens:]
+    d = np.arange(len(body) - 1, -1, -1)
+    edges = log_distance_edges(len(body))
+    idx = np.clip(np.searchsorted(edges, d, side="right") - 1, 0, len(edges) - 2)
+    sums = np.bincount(idx, weights=body, minlength=len(edges) - 1)
+    counts = np.bincount(idx, minlength=len(edges) - 1)
+    keep = counts > 0
+    profile = sums[keep] / counts[keep]
+    edges = np.concatenate([edges[:-1][keep], [edges[-1]]])
+    return edges.astype(np.float32), (profile / body.mean()).astype(np.float32)
+
+
+class TableRegistry:
+    """Sensitivity tables found in folders (the shipped ``codec/tables`` first), looked up by fingerprint."""
+
+    def __init__(self, folders: Iterable[Path] = (TABLES_DIR,)) -> None:
+        self.folders = [Path(f) for f in folders]
+        self._tables: list[SensitivityTable] | None = None
+
+    def tables(self) -> list[SensitivityTable]:
+        if self._tables is None:
+            found = []
+            for folder in self.folders:
+                for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+                    found.append(SensitivityTable.load(path))
+            self._tables = found
+        return self._tables
+
+    def find(self, fingerprint: Any) -> SensitivityTable:
+        """The table for this model; `CodecError` saying how to make one if there is none."""
+        for table in self.tables():
+            if table.matches(fingerprint):
+                return table
+        raise CodecError(f"no sensitivity table for model {fingerprint.name!r} (layers={fingerprint.layers}, "
+                         f"kv_heads={fingerprint.kv_heads}, head_dim={fingerprint.head_dim}); grid levels need "
+                         "one: run `kvcast calibrate` or pass sensitivity=SensitivityTable.uniform(...)")
