@@ -27,16 +27,18 @@ def synthetic_kv(tokens: int, layers: int = 30, heads: int = 3, dim: int = 64, s
 
 
 def smollm2_kv(tokens: int):
-    """fp16 KV of SmolLM2-135M over `tokens` tokens of WikiText-2 (needs the model and ../shared/datasets)."""
-    from codec.evaluate import load_passages
+    """fp16 KV of SmolLM2-135M over `tokens` tokens of WikiText-2, and the model's fingerprint (needs the
+    model and ../shared/datasets)."""
+    from codec.evaluate import EvalSettings, corpus_path, passages_from_text, read_text
     from codec.hf import kv_from_cache
     from codec.model import load_smollm2
 
     lm = load_smollm2(threads=os.cpu_count() or 1, progress=True)
-    ids = load_passages(lm.tokenizer, n=1, context=tokens, continuation=0)[0][:tokens]
+    source = corpus_path(EvalSettings(split="test"))
+    ids = passages_from_text(read_text(source), lm.tokenizer, 1, tokens, source=str(source))[0].token_ids
     with torch.no_grad():
-        out = lm.model(torch.as_tensor([ids]), use_cache=True)
-    return [(k.half(), v.half()) for k, v in kv_from_cache(out.past_key_values)]
+        out = lm.model(ids, use_cache=True, logits_to_keep=1)
+    return [(k.half(), v.half()) for k, v in kv_from_cache(out.past_key_values)], lm.fingerprint(torch.float16)
 
 
 def run_codec_bench(*, tokens: int = 2048, levels: str = "", repeats: int = 5, workers: int = 0,
@@ -48,7 +50,14 @@ def run_codec_bench(*, tokens: int = 2048, levels: str = "", repeats: int = 5, w
     from codec.api import Codec
     from codec.entropy import CoderPool
 
-    kv = smollm2_kv(tokens) if source == "smollm2" else synthetic_kv(tokens)
+    from codec.sensitivity import SensitivityTable
+
+    if source == "smollm2":
+        kv, model = smollm2_kv(tokens)
+        table = None  # the shipped SmolLM2 table, found by the fingerprint
+    else:
+        kv, model = synthetic_kv(tokens), None
+        table = SensitivityTable.uniform(len(kv), kv[0][0].shape[1], kv[0][0].shape[3])
     names = [n.strip() for n in levels.split(",") if n.strip()] or codec.levels()
     values = 2 * len(kv) * kv[0][0].shape[1] * tokens * kv[0][0].shape[3]
     rows = []
@@ -56,12 +65,12 @@ def run_codec_bench(*, tokens: int = 2048, levels: str = "", repeats: int = 5, w
         c = Codec(pool=pool)
         pool.warm_up()
         for name in names:
-            data = c.encode(kv, name)
+            data = c.encode(kv, name, model=model, sensitivity=table)
             c.decode(data)
             enc, dec = [], []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                data = c.encode(kv, name)
+                data = c.encode(kv, name, model=model, sensitivity=table)
                 t1 = time.perf_counter()
                 c.decode(data)
                 t2 = time.perf_counter()

@@ -110,8 +110,8 @@ def test_lossy_levels_stay_within_documented_bound(level, shape, dtype, seed, ze
             assert all(float(t[0, :, z].abs().max()) == 0 for p in out for t in p)
 
 
-@pytest.mark.parametrize("level", codec.levels())
-def test_every_level_round_trips_smollm2_shaped_object(level):
+@pytest.mark.parametrize("level", [lv for lv in codec.levels() if codec.describe(lv)["quantizer"] != "grid"])
+def test_every_level_round_trips_smollm2_shaped_object(level):  # grid levels: tests/test_codec_grid.py
     kv = make_kv(30, 3, 300, 64, torch.float16, seed=7)
     data = codec.encode(kv, level, token_start=4096)
     info = codec.inspect(data)

@@ -1,0 +1,192 @@
+"""kvcast's grid levels: round trips within the documented bound, sinks, escapes, tables, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import codec
+from codec.api import Codec, ModelFingerprint
+from codec.entropy import CoderPool
+from codec.grid import channel_steps, token_multipliers
+from codec.sensitivity import TABLES_DIR, SensitivityTable, TableRegistry, profile_from_positions
+from tests.test_codec_roundtrip import DTYPES, make_kv
+
+GRID = [lv for lv in codec.levels() if codec.describe(lv)["quantizer"] == "grid"]
+
+
+def random_table(layers, heads, dim, seed=0, name=""):
+    """A table with channel sensitivities spread over four decades and a rising distance profile."""
+    rng = np.random.default_rng(seed)
+    shape = (layers, heads, dim)
+    return SensitivityTable(
+        model={"name": name, "layers": layers, "kv_heads": heads, "head_dim": dim},
+        key=(10.0 ** rng.uniform(-9, -5, shape)).astype(np.float32),
+        value=(10.0 ** rng.uniform(-9, -5, shape)).astype(np.float32),
+        distance_edges=np.array([0, 1, 4, 16, 64, 1e6], np.float32),
+        distance_profile=np.array([30, 8, 2, 1, 0.5], np.float32))
+
+
+def grid_bound(kv, table, level, token_start, context_end):
+    """Documented bound per value: half the step (channel step x token multiplier), fp16 rounding on top."""
+    spec = codec.describe(level)
+    tokens = kv[0][0].shape[2]
+    steps = channel_steps(table.channel_fisher(), spec["step"]).float()             # [2, L, C]
+    mult = token_multipliers(table, token_start, tokens, context_end, spec["recency"]).float()
+    return steps.unsqueeze(2) * mult.view(1, 1, -1, 1) / 2                          # [2, L, T, C]
+
+
+def value_error(kv, out):
+    """|x - x'| as [2, L, T, C] (channels = heads x head_dim, head-major)."""
+    def stack(pairs):
+        t = torch.stack([torch.stack([p[0][0].float(), p[1][0].float()]) for p in pairs], dim=1)  # [2,L,H,T,D]
+        return t.permute(0, 1, 3, 2, 4).reshape(*t.shape[:2], t.shape[3], -1)
+    return (stack(kv) - stack(out)).abs(), stack(kv)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(level=st.sampled_from(GRID), layers=st.integers(1, 3), heads=st.sampled_from([1, 2, 3, 8]),
+       tokens=st.integers(1, 300), dim=st.sampled_from([1, 4, 16, 64]), dtype=st.sampled_from(list(DTYPES)),
+       token_start=st.integers(0, 6), extra_context=st.integers(0, 500), seed=st.integers(0, 2**16),
+       zeros=st.lists(st.integers(0, 299), max_size=3))
+def test_grid_levels_round_trip_within_documented_bound(level, layers, heads, tokens, dim, dtype, token_start,
+                                                       extra_context, seed, zeros):
+    kv = make_kv(layers, heads, tokens, dim, DTYPES[dtype], seed, zero_tokens=zeros, scale=0.05)
+    table = random_table(layers, heads, dim, seed)
+    context_end = token_start + tokens + extra_context
+    data = codec.encode(kv, level, token_start=token_start, context_end=context_end, sensitivity=table)
+    out = codec.decode(data)
+    assert all(t.dtype == DTYPES[dtype] and t.shape == s.shape for p, q in zip(out, kv) for t, s in zip(p, q))
+    err, x = value_error(kv, out)
+    bound = grid_bound(kv, table, level, token_start, context_end)
+    fp16 = x.abs() * 2 ** -10 + 2 ** -24       # sinks/escapes are fp16; the mean is fp16 too
+    out_eps = x.abs() * torch.finfo(DTYPES[dtype]).eps
+    assert bool((err <= bound * (1 + 1e-5) + fp16 + out_eps).all()), float((err - bound).max())
+    sinks = max(0, min(tokens, 4 - token_start))
+    if sinks:  # attention-sink tokens are stored as fp16
+        assert bool((err[:, :, :sinks] <= fp16[:, :, :sinks] + out_eps[:, :, :sinks]).all())
+
+
+def test_sink_tokens_and_escapes_are_exact_in_fp16():
+    kv = make_kv(2, 2, 64, 8, torch.float16, seed=3, scale=0.05)
+    kv[1][0][0, 1, 40, 3] = 300.0  # far out: escaped, stored exactly
+    table = random_table(2, 2, 8)
+    data = codec.encode(kv, "kvcast-2", sensitivity=table)
+    info = codec.inspect(data)
+    assert info["grid"]["sink_rows"] == 4 and sum(info["grid"]["outliers"]) >= 1
+    out = codec.decode(data)
+    assert float(out[1][0][0, 1, 40, 3]) == 300.0
+    for (k, v), (k2, v2) in zip(kv, out):
+        assert torch.equal(k[:, :, :4], k2[:, :, :4]) and torch.equal(v[:, :, :4], v2[:, :, :4])
+    later = codec.inspect(codec.encode(kv, "kvcast-2", token_start=100, sensitivity=table))
+    assert later["grid"]["sink_rows"] == 0
+
+
+def test_ladder_trades_bits_for_error_and_recent_tokens_get_finer_steps():
+    kv = make_kv(3, 2, 400, 16, torch.float16, seed=9, scale=0.05)
+    table = random_table(3, 2, 16, seed=2)
+    stats = []
+    for level in GRID:
+        data = codec.encode(kv, level, sensitivity=table)
+        err, _ = value_error(kv, codec.decode(data))
+        stats.append((codec.inspect(data)["bits_per_value"], float((err ** 2).mean())))
+    assert [b for b, _ in stats] == sorted((b for b, _ in stats), reverse=True)
+    assert [e for _, e in stats] == sorted(e for _, e in stats)
+    loud = make_kv(3, 2, 400, 16, torch.float16, seed=9, scale=2.0)  # errors limited by the step, not the data
+    err, _ = value_error(loud, codec.decode(codec.encode(loud, "kvcast-2", sensitivity=table)))
+    assert float(err[:, :, -4:].mean()) < 0.5 * float(err[:, :, 4:200].mean())
+
+
+def test_grid_bytes_do_not_depend_on_worker_processes():
+    kv = make_kv(6, 3, 300, 64, torch.float16, seed=11, scale=0.05)
+    table = random_table(6, 3, 64)
+    inproc = Codec(pool=CoderPool(workers=1))
+    with CoderPool(workers=2, min_parallel_symbols=0) as pool:
+        a = inproc.encode(kv, "kvcast-3", sensitivity=table)
+        b = Codec(pool=pool).encode(kv, "kvcast-3", sensitivity=table)
+        assert a == b
+        assert all(torch.equal(x, y) for p, q in zip(inproc.decode(a), Codec(pool=pool).decode(b))
+                   for x, y in zip(p, q))
+
+
+def test_grid_levels_need_a_matching_table():
+    kv = make_kv(2, 2, 10, 8, torch.float16, seed=1)
+    with pytest.raises(codec.CodecError, match="kvcast calibrate"):
+        codec.encode(kv, "kvcast-2", model=ModelFingerprint("unknown-model", 2, 2, 8, "float16"))
+    with pytest.raises(codec.CodecError, match="shape"):
+        codec.encode(kv, "kvcast-2", sensitivity=random_table(3, 2, 8))
+    with pytest.raises(codec.CodecError, match="context_end"):
+        codec.encode(kv, "kvcast-2", token_start=5, context_end=5, sensitivity=random_table(2, 2, 8))
+
+
+def test_table_round_trips_through_safetensors_and_rejects_garbage(tmp_path):
+    table = random_table(2, 3, 4, name="m")
+    path = table.save(tmp_path / "m.safetensors")
+    back = SensitivityTable.load(path)
+    assert np.array_equal(back.key, table.key) and np.array_equal(back.distance_profile, table.distance_profile)
+    assert back.matches(ModelFingerprint("m", 2, 3, 4, "float16"))
+    assert not back.matches(ModelFingerprint("m", 2, 3, 8, "float16"))
+    assert not back.matches(ModelFingerprint("other", 2, 3, 4, "float16"))
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(codec.CodecError, match="junk"):
+        SensitivityTable.load(tmp_path / "junk.safetensors")
+    with pytest.raises(codec.CodecError):
+        SensitivityTable(model=table.model, key=-table.key, value=table.value,
+                         distance_edges=table.distance_edges, distance_profile=table.distance_profile)
+    registry = TableRegistry([tmp_path / "none", tmp_path / "empty"])
+    with pytest.raises(codec.CodecError, match="no sensitivity table"):
+        registry.find(ModelFingerprint("m", 2, 3, 4, "float16"))
+
+
+def test_distance_profile_bins_positions_from_the_end():
+    per_token = np.r_[np.full(4, 100.0), np.ones(60), np.full(4, 10.0)]
+    edges, profile = profile_from_positions(per_token, sink_tokens=4)
+    assert edges[0] == 0 and np.all(np.diff(edges) > 0)
+    body = per_token[4:]
+    assert profile[0] == pytest.approx(10.0 / body.mean())   # the last token
+    assert profile[-1] == pytest.approx(1.0 / body.mean())   # the far past
+
+
+def test_shipped_smollm2_table_is_found_and_sane():
+    paths = sorted(TABLES_DIR.glob("*.safetensors"))
+    assert paths, "codec/tables ships at least the SmolLM2 table"
+    table = SensitivityTable.load(paths[0])
+    fp = ModelFingerprint(table.model["name"], table.model["layers"], table.model["kv_heads"],
+                          table.model["head_dim"], "float16")
+    assert TableRegistry().find(fp).model == table.model
+    assert table.distance_profile[0] > 5 * table.distance_profile[-3:].mean()  # recent tokens matter more
+    assert table.meta["source"].startswith("wikitext-2/valid")                   # calibrated on the tuning split
+
+
+def corrupt_cases(data: bytes, rng: np.random.Generator, n: int):
+    for _ in range(n):
+        buf = bytearray(data)
+        kind = int(rng.integers(3))
+        if kind == 0:
+            for _ in range(int(rng.integers(1, 8))):
+                i = int(rng.integers(len(buf)))
+                buf[i] ^= 1 << int(rng.integers(8))
+            yield bytes(buf)
+        elif kind == 1:
+            yield bytes(buf[:int(rng.integers(len(buf)))])
+        else:
+            i = int(rng.integers(len(buf)))
+            buf[i:i + 16] = rng.integers(0, 256, len(buf[i:i + 16]), dtype=np.uint8).tobytes()
+            yield bytes(buf)
+
+
+def test_corrupt_grid_objects_raise_codec_error():
+    kv = make_kv(2, 2, 40, 8, torch.float16, seed=4, scale=0.05)
+    data = codec.encode(kv, "kvcast-2", sensitivity=random_table(2, 2, 8))
+    rng = np.random.default_rng(7)
+    cases = 0
+    for bad in corrupt_cases(data, rng, 400):
+        if bad == data:
+            continue
+        cases += 1
+        with pytest.raises(codec.CodecError):
+            codec.decode(bad)
+    assert cases > 350
