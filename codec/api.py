@@ -226,7 +226,8 @@ class Codec:
         channels = heads * head_dim
         sink_rows = max(0, min(tokens, spec.sink_tokens - token_start))
         steps = channel_steps(table.channel_fisher(), spec.step)           # fp16 [2, L, C]
-        mult = token_multipliers(table, token_start, tokens, context_end, spec.recency)
+        keys = torch.stack([k[0] for k, _ in kv]).to(torch.float32).numpy() if spec.recency else None
+        mult = token_multipliers(table, token_start, tokens, context_end, spec.recency, keys)
         params = {"sink_rows": sink_rows, "tokens_per_stream": spec.tokens_per_stream,
                   "channels_per_stream": spec.channels_per_stream, "rounding": spec.rounding}
         calls = []

@@ -17,9 +17,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from codec.sensitivity import TABLES_DIR, SensitivityTable, profile_from_positions
+from codec.sensitivity import TABLES_DIR, SensitivityTable, profile_from_positions, score_profile
 
 DEFAULT_SINK_TOKENS = 4
+DEFAULT_TRIM = 0.01
 
 
 def table_filename(name: str) -> str:
@@ -30,15 +31,21 @@ def table_filename(name: str) -> str:
 
 def calibrate(model: Any, passages: list[torch.Tensor], *, name: str, context_tokens: int,
               continuation_tokens: int, sink_tokens: int = DEFAULT_SINK_TOKENS, seed: int = 0,
-              source: str = "", progress: Callable[[str], None] | None = None) -> SensitivityTable:
-    """The sensitivity table of `model` from `passages` (token ids ``[1, >= context + continuation]``)."""
+              trim: float = DEFAULT_TRIM, source: str = "",
+              progress: Callable[[str], None] | None = None) -> SensitivityTable:
+    """The sensitivity table of `model` from `passages` (token ids ``[1, >= context + continuation]``).
+
+    The per-token Fisher is modelled as ``w_t * F_c``: ``w_t`` from the token's distance to the context's end
+    and its sink score (both binned profiles, fitted by alternation), ``F_c`` per channel from the squared
+    gradients divided by ``w_t``. `trim`: the fraction of each passage's tokens that this model explains
+    worst (largest Fisher / ``w_t``) left out of ``F_c``: a few such tokens would otherwise set every step.
+    """
     from codec.hf import cache_from_kv, fingerprint_from_config, kv_from_cache
 
     fingerprint = fingerprint_from_config(model.config, name=name, dtype=model.dtype)
     layers, heads, dim = fingerprint.layers, fingerprint.kv_heads, fingerprint.head_dim
-    key_sum = torch.zeros(layers, heads, dim, dtype=torch.float64)
-    value_sum = torch.zeros_like(key_sum)
-    position_sum = torch.zeros(context_tokens, dtype=torch.float64)
+    sink_sum = torch.zeros(layers, heads, dim, dtype=torch.float64)
+    body_keys, body_grads = [], []
     generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     for index, ids in enumerate(passages):
@@ -52,28 +59,54 @@ def calibrate(model: Any, passages: list[torch.Tensor], *, name: str, context_to
             logp = torch.log_softmax(model(fed, past_key_values=cache, use_cache=True).logits[0].float(), -1)
             sampled = torch.multinomial(logp.detach().exp(), 1, generator=generator)
             logp.gather(-1, sampled).sum().backward()
-        gk = torch.stack([k.grad[0] for k, _ in leaves]).double() ** 2   # [L, H, T, D]
-        gv = torch.stack([v.grad[0] for _, v in leaves]).double() ** 2
-        key_sum += gk[:, :, sink_tokens:].sum(2)
-        value_sum += gv[:, :, sink_tokens:].sum(2)
-        position_sum += gk.sum((0, 1, 3)) + gv.sum((0, 1, 3))
+        grads = torch.stack([torch.stack([k.grad[0], v.grad[0]]) for k, v in leaves], 1)  # [2, L, H, T, D]
+        body_grads.append((grads[:, :, :, sink_tokens:].float() ** 2).numpy())
+        keys = torch.stack([k[0] for k, _ in kv])                                       # [L, H, T, D]
+        sink_sum += torch.nn.functional.normalize(keys[:, :, 0].double(), dim=-1)
+        body_keys.append(keys[:, :, sink_tokens:].float().numpy())
         if progress:
             progress(f"passage {index + 1}/{len(passages)} ({time.perf_counter() - started:.0f} s)")
-    count = len(passages) * (context_tokens - sink_tokens) * continuation_tokens
-    edges, profile = profile_from_positions((position_sum / len(passages)).numpy(), sink_tokens)
+    sink_key = (sink_sum / len(passages)).float().numpy()  # mean of unit vectors: shorter if they disagree
+    probe = SensitivityTable.uniform(layers, heads, dim)
+    probe = SensitivityTable(model=probe.model, key=probe.key, value=probe.value, distance_edges=probe.distance_edges,
+                             distance_profile=probe.distance_profile, sink_key=sink_key,
+                             score_edges=np.array([-1.0, 1.0], np.float32), score_profile=np.ones(1, np.float32))
+    scores = np.stack([probe.sink_scores(k) for k in body_keys])                  # [passages, body]
+    fisher = np.stack([g.sum((0, 1, 2, 4), dtype=np.float64) for g in body_grads])  # per token
+    distance = np.arange(fisher.shape[1] - 1, -1, -1)
+    # alternate: each profile is measured on the Fisher the other one leaves unexplained
+    score_w = np.ones_like(fisher)
+    for _ in range(2):
+        curve = np.concatenate([np.zeros(sink_tokens), (fisher / score_w).mean(0)])
+        edges, profile = profile_from_positions(curve, sink_tokens)
+        dist_w = probe_distance_weight(edges, profile, distance)
+        s_edges, s_profile = score_profile(scores.ravel(), (fisher / dist_w).ravel())
+        idx = np.clip(np.searchsorted(s_edges, scores, side="right") - 1, 0, len(s_profile) - 1)
+        score_w = s_profile.astype(np.float64)[idx]
+    # channels: Fisher per token divided by the token's modelled weight, so that F(t, c) ~ w_t * F_c
+    token_w = dist_w[None, :] * score_w
+    residual = fisher / token_w
+    channel_sum = np.zeros((2, layers, heads, dim))
+    kept = 0
+    for p, grads in enumerate(body_grads):
+        keep = residual[p] <= np.quantile(residual[p], 1.0 - trim) if trim > 0 else np.ones(len(residual[p]), bool)
+        kept += int(keep.sum())
+        channel_sum += np.einsum("klhtd,t->klhd", grads[:, :, :, keep], 1.0 / token_w[p, keep])
+    channel = channel_sum / (kept * continuation_tokens)
     return SensitivityTable(
-        model=fingerprint.to_dict(), key=(key_sum / count).float().numpy(),
-        value=(value_sum / count).float().numpy(), distance_edges=edges, distance_profile=profile,
+        model=fingerprint.to_dict(), key=channel[0].astype(np.float32), value=channel[1].astype(np.float32),
+        distance_edges=edges, distance_profile=profile,
+        sink_key=sink_key, score_edges=s_edges, score_profile=s_profile,
         meta={"source": source, "passages": len(passages), "context_tokens": context_tokens,
-              "continuation_tokens": continuation_tokens, "sink_tokens": sink_tokens, "seed": seed,
+              "continuation_tokens": continuation_tokens, "sink_tokens": sink_tokens, "seed": seed, "trim": trim,
               "estimator": "squared gradient of log p(sampled continuation token) w.r.t. the KV, per "
                            "continuation token",
               "seconds": round(time.perf_counter() - started, 1)})
 
 
-def calibrate_smollm2(*, split: str = "valid", passages: int = 4, context_tokens: int = 2048,
-                      continuation_tokens: int = 256, out_dir: Path = TABLES_DIR, datasets: Path | None = None,
-                      text_file: Path | None = None, progress: bool = True) -> Path:
+def calibrate_smollm2(*, split: str = "valid", passages: int = 8, context_tokens: int = 2048,
+                      continuation_tokens: int = 256, trim: float = DEFAULT_TRIM, out_dir: Path = TABLES_DIR,
+                      datasets: Path | None = None, text_file: Path | None = None, progress: bool = True) -> Path:
     """Calibrate SmolLM2-135M on a WikiText-2 split (or a text file) and write its table to `out_dir`."""
     from codec.evaluate import EvalSettings, corpus_path, passages_from_text, read_text
     from codec.model import load_smollm2
@@ -85,9 +118,14 @@ def calibrate_smollm2(*, split: str = "valid", passages: int = 4, context_tokens
                                context_tokens + continuation_tokens, source=str(source))
     note = (lambda msg: print(f"calibrate: {msg}", flush=True)) if progress else None
     table = calibrate(loaded.model, [p.token_ids for p in found], name=loaded.name, context_tokens=context_tokens,
-                      continuation_tokens=continuation_tokens, source=f"{source.parent.name}/{source.name}",
+                      continuation_tokens=continuation_tokens, trim=trim, source=f"{source.parent.name}/{source.name}",
                       progress=note)
     return table.save(Path(out_dir) / table_filename(loaded.name))
+
+
+def probe_distance_weight(edges: np.ndarray, profile: np.ndarray, distance: np.ndarray) -> np.ndarray:
+    idx = np.clip(np.searchsorted(edges, distance, side="right") - 1, 0, len(profile) - 1)
+    return profile.astype(np.float64)[idx]
 
 
 def table_summary(table: SensitivityTable) -> dict[str, Any]:
@@ -95,4 +133,6 @@ def table_summary(table: SensitivityTable) -> dict[str, Any]:
     return {"model": table.model.get("name"), "meta": table.meta,
             "key_by_layer": table.key.mean((1, 2)).tolist(), "value_by_layer": table.value.mean((1, 2)).tolist(),
             "key_channel_spread": float(np.median(table.key.max(2) / np.median(table.key, 2))),
-            "distance_edges": table.distance_edges.tolist(), "distance_profile": table.distance_profile.tolist()}
+            "distance_edges": table.distance_edges.tolist(), "distance_profile": table.distance_profile.tolist(),
+            "score_edges": None if table.score_edges is None else table.score_edges.tolist(),
+            "score_profile": None if table.score_profile is None else table.score_profile.tolist()}

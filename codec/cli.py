@@ -101,7 +101,9 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         out_dir: Path = typer.Option(Path("codec/tables"), "--out-dir",
                                      help="Folder for the table (codec/tables is what the codec ships and finds)."),
         split: str = typer.Option("valid", help="'valid' (tuning split, the default) or 'test'."),
-        passages: int = typer.Option(4, help="Passages of context + continuation tokens."),
+        passages: int = typer.Option(8, help="Passages of context + continuation tokens."),
+        trim: float = typer.Option(0.01, help="Fraction of each passage's most sensitive tokens left out of the "
+                                   "per-channel means (secondary sinks)."),
         context_tokens: int = typer.Option(2048, "--context-tokens"),
         continuation_tokens: int = typer.Option(256, "--continuation-tokens"),
         datasets: Optional[Path] = typer.Option(None, help="Datasets folder (default: ../shared/datasets)."),
@@ -123,11 +125,13 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
             torch.set_num_threads(threads)
         try:
             path = calibrate_smollm2(split=split, passages=passages, context_tokens=context_tokens,
-                                     continuation_tokens=continuation_tokens, out_dir=out_dir, datasets=datasets,
+                                     continuation_tokens=continuation_tokens, trim=trim, out_dir=out_dir, datasets=datasets,
                                      text_file=text_file)
         except (EvalError, ModelUnavailable, CodecError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
         summary = table_summary(SensitivityTable.load(path))
         typer.echo(json.dumps({"table": str(path), "meta": summary["meta"],
-                               "distance_profile": [round(x, 3) for x in summary["distance_profile"]]}))
+                               "distance_profile": [round(x, 3) for x in summary["distance_profile"]],
+                               "score_edges": [round(x, 3) for x in summary["score_edges"] or []],
+                               "score_profile": [round(x, 3) for x in summary["score_profile"] or []]}))

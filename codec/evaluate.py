@@ -369,7 +369,8 @@ def _score_level(row: _Row, kv: KV, fed: torch.Tensor, targets: torch.Tensor, ex
     for start in range(0, tokens, settings.chunk_tokens):  # small objects: rate only
         stop = min(start + settings.chunk_tokens, tokens)
         part = slice_kv(kv, start, stop)
-        chunk_info = codec.inspect(codec.encode(part, row.name, model=fingerprint, token_start=start))
+        chunk_info = codec.inspect(codec.encode(part, row.name, model=fingerprint, token_start=start,
+                                                context_end=tokens))
         for role in row.chunk_bytes:
             row.chunk_bytes[role] += int(chunk_info["sizes"][role])
         row.chunk_values += int(chunk_info["values"])

@@ -124,13 +124,17 @@ def decode_grid_layer(parts: dict[str, Any], *, top: int, sink_rows: int, heads:
     return x.reshape(tokens, heads, head_dim).permute(1, 0, 2).to(out_dtype).contiguous()
 
 
-def token_multipliers(table: Any, token_start: int, tokens: int, context_end: int, strength: float) -> torch.Tensor:
-    """fp16 step multiplier per token: ``w(d)^(-strength/2)`` for the table's relative sensitivity ``w`` at
-    distance ``d = context_end - 1 - position`` from the context's last token (tokens past it count as 0)."""
+def token_multipliers(table: Any, token_start: int, tokens: int, context_end: int, strength: float,
+                      keys: np.ndarray | None = None) -> torch.Tensor:
+    """fp16 step multiplier per token: ``w^(-strength/2)`` where ``w`` is the token's relative sensitivity by
+    the table: its distance ``d = context_end - 1 - position`` from the context's last token (tokens past it
+    count as 0) times, given the object's `keys` ``[layers, kv_heads, tokens, head_dim]``, its sink score."""
     positions = np.arange(token_start, token_start + tokens)
     distance = np.clip(context_end - 1 - positions, 0, None)
-    weight = table.distance_weight(distance) if strength else np.ones(tokens)
-    mult = np.power(weight, -strength / 2.0)
+    weight = table.distance_weight(distance)
+    if keys is not None:
+        weight = weight * table.score_weight(table.sink_scores(keys))
+    mult = np.power(weight, -strength / 2.0) if strength else np.ones(tokens)
     return torch.from_numpy(np.clip(mult, 1 / 256, 256).astype(np.float16))
 
 

@@ -32,7 +32,7 @@ class LevelSpec:
     ``absmax_token``: CacheGen's symmetric uniform quantizer, one absmax scale per (K/V, layer, token) over
     all channels of all heads, ``b`` bins -> ``b - 1`` symbols ``round(x * M / s + M)``, ``M = b/2 - 1``.
     ``grid``: kvcast's sensitivity-weighted uniform grid (`codec.grid`): channel steps ``step / sqrt(F_c)`` from
-    the model's Fisher table, scaled per token by its distance from the context's end, class-shared CDFs."""
+    the model's Fisher table, scaled per token by its modelled sensitivity, class-shared CDFs."""
     coder: str = "none"
     """``none``: fixed width (fp16, or int8 for 256 bins); ``torchac``: range coding with CDFs."""
     key_bins: tuple[tuple[float, int], ...] = ()
@@ -57,8 +57,8 @@ class LevelSpec:
     step: float = 0.0
     """``grid``: the distortion parameter lambda; channel c gets the step ``lambda / sqrt(F_c)``."""
     recency: float = 0.0
-    """``grid``: 0 = every token alike; 1 = token steps follow the table's distance profile fully
-    (``w(d)^(-recency/2)``); in between, partly."""
+    """``grid``: strength of per-token steps: 0 = every token alike; 1 = steps follow the table's modelled token
+    sensitivity ``w_t`` (distance from the context's end x sink score) fully, ``w_t^(-recency/2)``."""
     sink_tokens: int = 0
     """``grid``: tokens at absolute positions below this are stored as fp16 (attention sinks)."""
     rounding: float = 0.5
@@ -171,24 +171,25 @@ def builtin_levels() -> list[LevelSpec]:
 
 _GRID_BOUND = ("|x - x'| <= step_c * m_t / 2 per value (channel step and token multiplier, both shipped as "
                "fp16); sink tokens and escaped values (|q| >= 127) are stored as fp16")
-# (name, lambda, recency): tuned on WikiText-2 valid (docs/codec-experiments.md); quality targets in comments.
+# (name, lambda, token-weight strength, aim): tuned on WikiText-2 valid; results in docs/codec-experiments.md.
 _GRID_LADDER = (
-    ("kvcast-4", 1.0e-5, 0.0, "near-lossless: >= 99% top-1 agreement on SmolLM2"),
-    ("kvcast-3", 2.0e-5, 1.0, "cachegen-3's quality (~95% top-1) at fewer bits"),
-    ("kvcast-2", 4.0e-5, 1.0, "cachegen-2's quality (~86% top-1) at fewer bits"),
-    ("kvcast-1", 6.0e-5, 1.0, "aggressive"),
+    ("kvcast-4", 7e-6, 0.5, "near-lossless, >= 99% top-1 agreement on SmolLM2"),
+    ("kvcast-3", 3.5e-5, 0.5, "cachegen-3's quality or better"),
+    ("kvcast-2", 7e-5, 0.5, "cachegen-2's quality or better"),
+    ("kvcast-1", 1.2e-4, 0.5, "aggressive, ~80% top-1 agreement"),
 )
 
 
 def grid_levels() -> list[LevelSpec]:
     """kvcast's own levels (`codec.grid`), best quality first."""
     return [LevelSpec(
-        name, "grid", coder="torchac", step=step, recency=recency, sink_tokens=4, family="kvcast",
-        description=(f"kvcast grid level ({aim}): per-channel steps lambda/sqrt(Fisher) from the model's "
-                     f"sensitivity table (lambda = {step:g}), token steps scaled by distance from the context's "
-                     f"end (strength {recency:g}), first 4 tokens at fp16, class-shared CDFs shipped per object, "
-                     "torchac range coding, independent streams per 256 tokens x 64 channels."),
-        error_bound=_GRID_BOUND) for name, step, recency, aim in _GRID_LADDER]
+        name, "grid", coder="torchac", step=step, recency=strength, sink_tokens=4, family="kvcast",
+        description=(f"kvcast grid level ({aim}): channel steps lambda/sqrt(F_c) from the model's Fisher table "
+                     f"(lambda = {step:g}), token steps scaled by w_t^(-{strength:g}/2) with w_t the token's "
+                     "modelled sensitivity (distance from the context's end x sink score), the first 4 tokens "
+                     "at fp16, class-shared CDFs shipped per object, torchac range coding, independent streams "
+                     "per 256 tokens x 64 channels."),
+        error_bound=_GRID_BOUND) for name, step, strength, aim in _GRID_LADDER]
 
 
 @dataclass

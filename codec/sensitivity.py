@@ -43,6 +43,14 @@ class SensitivityTable:
     """float32 ``[bins + 1]``: distance-from-end bin edges in tokens (0 = the context's last token)."""
     distance_profile: np.ndarray
     """float32 ``[bins]``: mean Fisher of a token (all channels) in each distance bin, relative to the mean."""
+    sink_key: np.ndarray | None = None
+    """float32 ``[layers, kv_heads, head_dim]``: the unit key direction of the first token (the attention sink),
+    averaged over calibration passages. Tokens whose keys point the same way attract attention like the sink
+    (on SmolLM2: most often " the"); their sink score is the mean cosine over layers and heads."""
+    score_edges: np.ndarray | None = None
+    """float32 ``[bins + 1]``: sink-score bin edges (rising)."""
+    score_profile: np.ndarray | None = None
+    """float32 ``[bins]``: mean Fisher of a token in each sink-score bin, relative to the mean."""
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -57,6 +65,16 @@ class SensitivityTable:
             raise CodecError("sensitivity table: distance bins and profile do not match")
         if np.any(np.diff(e) <= 0) or e[0] != 0 or not np.all(np.isfinite(p)) or np.any(p <= 0):
             raise CodecError("sensitivity table: distance edges must rise from 0 and the profile be positive")
+        parts = (self.sink_key, self.score_edges, self.score_profile)
+        if any(x is None for x in parts) and not all(x is None for x in parts):
+            raise CodecError("sensitivity table: sink_key, score_edges and score_profile go together")
+        if self.sink_key is not None:
+            if self.sink_key.shape != shape or not np.all(np.isfinite(self.sink_key)):
+                raise CodecError(f"sensitivity table: sink_key must be finite {shape}")
+            se, sp = self.score_edges, self.score_profile
+            if se.ndim != 1 or sp.ndim != 1 or len(se) != len(sp) + 1 or np.any(np.diff(se) <= 0) or not np.all(
+                    np.isfinite(sp)) or np.any(sp <= 0):
+                raise CodecError("sensitivity table: score bins must rise and the score profile be positive")
 
     # -- use --------------------------------------------------------------------------------------------
 
@@ -77,6 +95,22 @@ class SensitivityTable:
         idx = np.clip(np.searchsorted(self.distance_edges, d, side="right") - 1, 0, len(self.distance_profile) - 1)
         return self.distance_profile.astype(np.float64)[idx]
 
+    def sink_scores(self, keys: np.ndarray) -> np.ndarray:
+        """Sink score per token of keys ``[layers, kv_heads, tokens, head_dim]``: mean cosine to `sink_key`."""
+        if self.sink_key is None:
+            return np.zeros(keys.shape[2])
+        k = np.asarray(keys, dtype=np.float32)
+        norms = np.linalg.norm(k, axis=-1)
+        dots = np.einsum("lhtd,lhd->lht", k, self.sink_key.astype(np.float32))
+        return (dots / np.maximum(norms, 1e-12)).mean((0, 1)).astype(np.float64)
+
+    def score_weight(self, scores: np.ndarray) -> np.ndarray:
+        """Relative sensitivity of tokens with these sink scores (1 where the table has no score profile)."""
+        if self.score_profile is None:
+            return np.ones(len(scores))
+        idx = np.clip(np.searchsorted(self.score_edges, scores, side="right") - 1, 0, len(self.score_profile) - 1)
+        return self.score_profile.astype(np.float64)[idx]
+
     # -- storage ----------------------------------------------------------------------------------------
 
     def save(self, path: Path) -> Path:
@@ -87,8 +121,11 @@ class SensitivityTable:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": TABLE_FORMAT, "model": json.dumps(self.model, sort_keys=True),
                 "meta": json.dumps(self.meta, sort_keys=True)}
-        save_file({"key": self.key, "value": self.value, "distance_edges": self.distance_edges,
-                   "distance_profile": self.distance_profile}, str(path), metadata=meta)
+        tensors = {"key": self.key, "value": self.value, "distance_edges": self.distance_edges,
+                   "distance_profile": self.distance_profile}
+        if self.sink_key is not None:
+            tensors.update(sink_key=self.sink_key, score_edges=self.score_edges, score_profile=self.score_profile)
+        save_file(tensors, str(path), metadata=meta)
         return path
 
     @classmethod
@@ -111,7 +148,8 @@ class SensitivityTable:
             extra = json.loads(meta.get("meta", "{}"))
             return cls(model=model, key=tensors["key"], value=tensors["value"],
                        distance_edges=tensors["distance_edges"], distance_profile=tensors["distance_profile"],
-                       meta=extra)
+                       sink_key=tensors.get("sink_key"), score_edges=tensors.get("score_edges"),
+                       score_profile=tensors.get("score_profile"), meta=extra)
         except (KeyError, TypeError, ValueError) as exc:
             raise CodecError(f"{path}: incomplete sensitivity table ({exc})") from None
 
@@ -123,6 +161,24 @@ class SensitivityTable:
                    key=np.full(shape, fisher, np.float32), value=np.full(shape, fisher, np.float32),
                    distance_edges=np.array([0.0, 1e9], np.float32), distance_profile=np.ones(1, np.float32),
                    meta={"kind": "uniform"})
+
+
+def score_profile(scores: np.ndarray, fisher: np.ndarray,
+                  quantiles: tuple[float, ...] = (0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998)
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Bin tokens by sink score (bins at the given quantiles, finer at the top) and return the edges and
+    each bin's mean Fisher relative to the mean of all tokens."""
+    scores = np.asarray(scores, dtype=np.float64)
+    fisher = np.asarray(fisher, dtype=np.float64)
+    inner = np.unique(np.quantile(scores, quantiles))
+    edges = np.concatenate([[-1.0], inner, [1.0 + 1e-6]])
+    idx = np.clip(np.searchsorted(edges, scores, side="right") - 1, 0, len(edges) - 2)
+    sums = np.bincount(idx, weights=fisher, minlength=len(edges) - 1)
+    counts = np.bincount(idx, minlength=len(edges) - 1)
+    keep = counts > 0
+    profile = sums[keep] / counts[keep] / fisher.mean()
+    edges = np.concatenate([edges[:-1][keep], [edges[-1]]])
+    return edges.astype(np.float32), profile.astype(np.float32)
 
 
 def log_distance_edges(max_distance: int, bins: int = PROFILE_BINS) -> np.ndarray:

@@ -154,7 +154,71 @@ def evaluate(model, items, fn):
     return r, s
 
 
-if __name__ == "__main__":
+
+def table_variant(table, profile: str):
+    """The table with another distance profile: 'data' (as calibrated), 'flat', or 'pow:ALPHA:TAU'."""
+    import numpy as np
+
+    from codec.sensitivity import SensitivityTable
+
+    if profile == "data":
+        return table
+    edges = np.arange(0, 8193, dtype=np.float32)
+    d = edges[:-1].astype(np.float64)
+    if profile == "flat":
+        prof = np.ones_like(d)
+    else:
+        _, alpha, tau = profile.split(":")
+        prof = (1 + d / float(tau)) ** -float(alpha)
+        prof = prof / prof[:2044].mean()
+    return SensitivityTable(model=table.model, key=table.key, value=table.value, distance_edges=edges,
+                            distance_profile=prof.astype(np.float32), meta=table.meta)
+
+
+def real_eval(model, items, spec, table, fingerprint):
+    import codec as kvc
+
+    sums = QualitySums()
+    bits = []
+    for it in items:
+        data = kvc.encode(it["kv"], spec.name, model=fingerprint, sensitivity=table) if isinstance(spec, str) else \
+            kvc.default_codec().encode(it["kv"], spec, model=fingerprint, sensitivity=table)
+        dec = kvc.decode(data, dtype=torch.float32)
+        info = kvc.inspect(data)
+        bits.append((info["bits_per_value"], info["bits_per_value_payload"]))
+        sums.add(it["exact"], continuation_logits(model, dec, it["fed"]), it["targets"])
+    s = sums.summary()
+    return {"bits": round(sum(b for b, _ in bits) / len(bits), 3), "payload": round(sum(p for _, p in bits) / len(bits), 3),
+            "top1": round(s["top1_agreement"], 4), "kl": round(s["kl_per_token"], 5), "ppl": round(s["ppl_change"], 4)}
+
+
+def run_real(a, model, tok, out):
+    import dataclasses
+
+    import codec as kvc
+    from codec.levels import LevelSpec
+    from codec.sensitivity import SensitivityTable
+
+    items = prepare(model, tok, a.split, a.count, out)
+    fingerprint = load_fp(model)
+    base = SensitivityTable.load(Path(a.table))
+    table = table_variant(base, a.profile)
+    for lam in a.lams:
+        spec = LevelSpec("lab", "grid", coder="torchac", step=lam, recency=a.recency, sink_tokens=a.sink,
+                         rounding=a.rounding)
+        r = real_eval(model, items, spec, table, fingerprint)
+        print(json.dumps({"split": a.split, "lam": lam, "recency": a.recency, "profile": a.profile,
+                          "rounding": a.rounding, "sink": a.sink, **r}), flush=True)
+
+
+def load_fp(model):
+    from codec.hf import fingerprint_from_config
+    from codec.model import SMOLLM2_NAME
+
+    return fingerprint_from_config(model.config, name=SMOLLM2_NAME, dtype=model.dtype)
+
+
+def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("cmd")
     ap.add_argument("--passages", type=int, default=4)
@@ -164,6 +228,11 @@ if __name__ == "__main__":
     ap.add_argument("--fisher", default="fisher4.pt")
     ap.add_argument("--kscale", type=float, default=1.0)
     ap.add_argument("--alpha", type=float, default=0.0)
+    ap.add_argument("--recency", type=float, default=1.0)
+    ap.add_argument("--profile", default="data")
+    ap.add_argument("--rounding", type=float, default=0.5)
+    ap.add_argument("--sink", type=int, default=4)
+    ap.add_argument("--table", default="codec/tables/smollm2-135m-instruct.safetensors")
     ap.add_argument("--tau", type=float, default=16.0)
     ap.add_argument("--lams", type=float, nargs="*", default=[1e-3])
     a = ap.parse_args()
@@ -177,6 +246,8 @@ if __name__ == "__main__":
         fk, fv, pk, pv = fisher(model, ps)
         torch.save({"fk": fk, "fv": fv, "pk": pk, "pv": pv}, out / f"fisher{a.passages}.pt")
         print("time", time.time() - t)
+    elif a.cmd == "real":
+        run_real(a, model, tok, out)
     elif a.cmd == "sim":
         items = prepare(model, tok, a.split, a.count, out)
         F = torch.load(out / a.fisher)
@@ -186,3 +257,7 @@ if __name__ == "__main__":
             print(json.dumps({"lam": lam, "kscale": a.kscale, "alpha": a.alpha, "tau": a.tau, "bits_chan": round(r[0], 3), "bits_pooled": round(r[1], 3),
                               "top1": round(s["top1_agreement"], 4), "kl": round(s["kl_per_token"], 5),
                               "ppl": round(s["ppl_change"], 4)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

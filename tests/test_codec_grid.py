@@ -190,3 +190,46 @@ def test_corrupt_grid_objects_raise_codec_error():
         with pytest.raises(codec.CodecError):
             codec.decode(bad)
     assert cases > 350
+
+
+def test_calibrate_builds_a_table_that_drives_the_grid_levels(tmp_path):
+    from codec.calibrate import calibrate
+    from codec.hf import fingerprint_from_config, kv_from_cache
+    from tests.test_hf_roundtrip import tiny_llama
+
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(0)
+    passages = [torch.randint(0, 97, (1, 48), generator=g) for _ in range(3)]
+    table = calibrate(model, passages, name="tiny", context_tokens=40, continuation_tokens=8, sink_tokens=2,
+                      trim=0.05)
+    assert table.key.shape == table.value.shape == (2, 2, 16)
+    assert np.all(table.key > 0) and np.all(table.value > 0)
+    norms = np.linalg.norm(table.sink_key, axis=-1)  # a mean of unit vectors
+    assert np.all(norms > 0) and np.all(norms <= 1 + 1e-5)
+    assert table.meta["passages"] == 3 and table.meta["trim"] == 0.05
+    back = SensitivityTable.load(table.save(tmp_path / "tiny.safetensors"))
+    assert np.array_equal(back.score_profile, table.score_profile)
+    fingerprint = fingerprint_from_config(model.config, name="tiny", dtype=torch.float32)
+    with torch.no_grad():
+        kv = kv_from_cache(model(passages[0][:, :40], use_cache=True).past_key_values)
+    registry = TableRegistry([tmp_path])
+    coder = Codec(tables=registry)
+    data = coder.encode(kv, "kvcast-2", model=fingerprint)
+    assert len(coder.decode(data, expect_model=fingerprint)) == 2
+
+
+def test_sink_scores_find_tokens_that_point_like_the_sink():
+    table = random_table(2, 2, 8)
+    rng = np.random.default_rng(0)
+    sink = rng.normal(size=(2, 2, 8)).astype(np.float32)
+    sink /= np.linalg.norm(sink, axis=-1, keepdims=True)
+    table = SensitivityTable(model=table.model, key=table.key, value=table.value,
+                             distance_edges=table.distance_edges, distance_profile=table.distance_profile,
+                             sink_key=sink, score_edges=np.array([-1, 0.5, 1.01], np.float32),
+                             score_profile=np.array([0.5, 40.0], np.float32))
+    keys = rng.normal(size=(2, 2, 10, 8)).astype(np.float32)
+    keys[:, :, 6] = 3 * sink  # token 6 points exactly like the sink
+    scores = table.sink_scores(keys)
+    assert scores[6] == pytest.approx(1.0, abs=1e-5) and np.all(np.delete(scores, 6) < 0.9)
+    mult = token_multipliers(table, 100, 10, 10_000, 1.0, keys).float()
+    assert float(mult[6]) < 0.25 * float(np.median(np.delete(mult.numpy(), 6)))
