@@ -43,14 +43,16 @@ def _coded_rows(tokens: int, sink_rows: int, tokens_per_stream: int) -> tuple[in
     return tuple(int(c) for c in counts)
 
 
-def escape_level(q: torch.Tensor) -> int:
-    """The group's escape symbol magnitude: just past all but a fraction `ESCAPE_RATE` of ``|q|`` (at most
-    `ESCAPE`); every ``|q| >=`` it is stored exactly. Keeps CDF tables short when a few values are far out."""
-    if q.numel() == 0:
+def escape_level(abs_counts: torch.Tensor) -> int:
+    """The group's escape symbol magnitude from the counts of ``|q| = 0..ESCAPE`` (the last one counts all
+    larger): just past all but a fraction `ESCAPE_RATE` of the values, at most `ESCAPE`. Every ``|q| >=`` it
+    is stored exactly, which keeps CDF tables short when a few values are far out."""
+    total = int(abs_counts.sum())
+    if total == 0:
         return 0
-    a = q.abs().reshape(-1)
-    k = max(1, min(a.numel(), math.ceil((1.0 - ESCAPE_RATE) * a.numel())))
-    return int(min(ESCAPE, float(a.kthvalue(k).values) + 1))
+    allowed = math.floor(ESCAPE_RATE * total)
+    beyond = total - torch.cumsum(abs_counts, 0)          # values with |q| > m, for m = 0..ESCAPE
+    return int(min(ESCAPE, int(torch.nonzero(beyond <= allowed)[0]) + 1))
 
 
 def grid_of(steps: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
@@ -63,33 +65,47 @@ def encode_grid_layer(x: torch.Tensor, steps: torch.Tensor, multipliers: torch.T
     """Encode one group ``[heads, tokens, head_dim]`` with fp16 `steps` ``[channels]`` and `multipliers`
     ``[tokens]``. `rounding` 0.5 rounds to nearest; less widens the zero bin (a dead zone)."""
     heads, tokens, dim = x.shape
-    x = x.to(torch.float32).permute(1, 0, 2).reshape(tokens, heads * dim)
-    if not torch.isfinite(x).all():
+    channels = heads * dim
+    x = x.to(torch.float32).permute(1, 0, 2).reshape(tokens, channels)
+    lo, hi = torch.aminmax(x)
+    peak = max(-float(lo), float(hi))
+    if not math.isfinite(peak):
         raise CodecError("KV contains NaN or infinite values")
-    if x.abs().max() > FP16_MAX:
+    if peak > FP16_MAX:
         raise CodecError("KV values exceed the fp16 range")
     body = x[sink_rows:]
-    mean = (body.mean(0) if body.shape[0] else torch.zeros(x.shape[1])).to(torch.float16)
-    grid = grid_of(steps, multipliers)[sink_rows:]
-    u = (body - mean.to(torch.float32)) / grid
-    q = torch.sign(u) * torch.floor(u.abs() + rounding)
-    top = escape_level(q)
-    escaped = q.abs() >= top if top else torch.zeros_like(q, dtype=torch.bool)
-    q = q.clamp_(-top, top).to(torch.int16)
-    spread = q.to(torch.float32).std(0, correction=0) if q.shape[0] else torch.zeros(x.shape[1])
+    n = body.shape[0]
+    mean = (body.mean(0) if n else torch.zeros(channels)).to(torch.float16)
+    u = (body - mean.to(torch.float32)).div_(grid_of(steps, multipliers)[sink_rows:])
+    q = u.round_() if rounding == 0.5 else u.sign().mul_(u.abs().add_(rounding).floor_())
+    # one histogram per channel of q clipped to +-ESCAPE: class spreads, escape level and CDF counts from it
+    width = 2 * ESCAPE + 1
+    qi = q.clamp(-ESCAPE, ESCAPE).to(torch.int64).add_(ESCAPE + torch.arange(channels) * width)
+    hist = torch.bincount(qi.reshape(-1), minlength=channels * width).view(channels, width)
+    folded = hist[:, ESCAPE:].clone()
+    folded[:, 1:] += hist[:, :ESCAPE].flip(1)
+    top = escape_level(folded.sum(0))
+    values = torch.arange(-ESCAPE, ESCAPE + 1, dtype=torch.float64)
+    per_channel = hist.sum(1).clamp_min(1).to(torch.float64)
+    m1 = (hist.to(torch.float64) @ values) / per_channel
+    spread = ((hist.to(torch.float64) @ values ** 2) / per_channel - m1 ** 2).clamp_min(0).sqrt()
     level = torch.round(CLASS_OCTAVE_STEPS * torch.log2(spread.clamp_min(MIN_SPREAD))).to(torch.int64)
     _, cls = torch.unique(level, return_inverse=True)
     classes = int(cls.max()) + 1
     slots = 2 * top + 1
-    sym = (q + top).to(torch.int64)
-    idx = sym + (cls * slots).unsqueeze(0)
-    counts = torch.bincount(idx.reshape(-1), minlength=classes * slots).view(classes, slots)
+    kept = hist[:, ESCAPE - top:ESCAPE + top + 1].clone()           # |q| >= top: coded as +-top (escapes)
+    if top:
+        kept[:, 0] += hist[:, :ESCAPE - top].sum(1)
+        kept[:, -1] += hist[:, ESCAPE + top + 1:].sum(1)
+    counts = torch.zeros(classes, slots, dtype=torch.int64).index_add_(0, cls, kept)
     cdf = cachegen_cdf(counts).numpy()
+    escaped = (q.abs() >= top) if top and int(folded[:, top:].sum()) else None
+    outliers = body[escaped].to(torch.float16) if escaped is not None else torch.zeros(0, dtype=torch.float16)
+    sym = q.clamp_(-top, top).add_(top).to(torch.int16)
     rows = _coded_rows(tokens, sink_rows, tokens_per_stream)
-    streams = encode_group(StreamGroup(sym.to(torch.int16).numpy(), cdf[cls.numpy()], rows, channels_per_stream))
+    streams = encode_group(StreamGroup(sym.numpy(), cdf[cls.numpy()], rows, channels_per_stream))
     return {"mean": mean, "classes": cls.to(torch.uint8).numpy(), "cdf": cdf, "top": top,
-            "sink": x[:sink_rows].to(torch.float16), "outliers": body[escaped].to(torch.float16),
-            "streams": streams}
+            "sink": x[:sink_rows].to(torch.float16), "outliers": outliers, "streams": streams}
 
 
 def decode_grid_layer(parts: dict[str, Any], *, top: int, sink_rows: int, heads: int, tokens: int, head_dim: int,
