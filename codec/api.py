@@ -35,6 +35,7 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 from codec.pipeline import FP16_MAX as _FP16_MAX  # noqa: E402
 STREAM_ORDER = "kv,layer,token_block,channel_group"
+GRID_STREAM_ORDER = "kv,layer,token_block,class"
 
 
 @dataclass(frozen=True)
@@ -228,8 +229,7 @@ class Codec:
         steps = channel_steps(table.channel_fisher(), spec.step)           # fp16 [2, L, C]
         keys = torch.stack([k[0] for k, _ in kv]).to(torch.float32).numpy() if spec.recency else None
         mult = token_multipliers(table, token_start, tokens, context_end, spec.recency, keys)
-        params = {"sink_rows": sink_rows, "tokens_per_stream": spec.tokens_per_stream,
-                  "channels_per_stream": spec.channels_per_stream, "rounding": spec.rounding}
+        params = {"sink_rows": sink_rows, "tokens_per_stream": spec.tokens_per_stream, "rounding": spec.rounding}
         calls = []
         for i in range(2):
             for layer in range(layers):
@@ -244,16 +244,16 @@ class Codec:
                 streams.append(parts["streams"][pos:pos + n])
                 pos += n
         header["grid"] = {"context_end": context_end, "sink_rows": sink_rows,
-                          "tops": [reply["top"] for reply, _ in groups],
-                          "classes": [int(p["cdf"].shape[0]) for _, p in groups],
+                          "tops": [[int(t) for t in reply["tops"]] for reply, _ in groups],
+                          "raw_bits": [[int(b) for b in reply["raw_bits"]] for reply, _ in groups],
                           "outliers": [int(p["outliers"].numel()) for _, p in groups]}
         header["streams"] = {"count": len(streams), "tokens_per_stream": spec.tokens_per_stream,
-                             "channels_per_stream": spec.channels_per_stream, "order": STREAM_ORDER}
+                             "order": GRID_STREAM_ORDER}
         sections = [
             Section("steps", steps.numpy()), Section("multipliers", mult.numpy()),
             Section("means", torch.stack([p["mean"] for _, p in groups]).view(2, layers, channels).numpy()),
             Section("classes", np.stack([p["classes"] for _, p in groups]).reshape(2, layers, channels)),
-            Section("cdfs", np.concatenate([p["cdf"].reshape(-1) for _, p in groups])),
+            Section("cdfs", np.concatenate([p["cdf"] for _, p in groups])),
             Section("stream_lengths", np.array([len(s) for s in streams], dtype=np.uint32)),
             Section("sink", torch.stack([p["sink"] for _, p in groups]).view(2, layers, sink_rows, channels).numpy(),
                     "payload"),
@@ -263,59 +263,63 @@ class Codec:
 
     def _decode_grid(self, h: dict[str, Any], sec, spec: LevelSpec, model: ModelFingerprint, tokens: int,
                      out_dtype: torch.dtype, device) -> KV:
+        from codec.grid import cdf_length
+
         layers, heads, dim = model.layers, model.kv_heads, model.head_dim
         channels = heads * dim
         groups = 2 * layers
         g = h.get("grid")
         try:
             sink_rows = int(g["sink_rows"])
-            tops = [int(t) for t in g["tops"]]
-            classes = [int(c) for c in g["classes"]]
+            tops = [[int(t) for t in group] for group in g["tops"]]
+            raw_bits = [[int(b) for b in group] for group in g["raw_bits"]]
             outliers = [int(n) for n in g["outliers"]]
         except (KeyError, TypeError, ValueError):
             raise CodecError("header lacks a valid 'grid' table") from None
-        if not (0 <= sink_rows <= tokens) or not (len(tops) == len(classes) == len(outliers) == groups):
+        if not (0 <= sink_rows <= tokens) or not (len(tops) == len(outliers) == groups):
             raise CodecError("header's 'grid' table does not fit the object's geometry")
-        if any(not (0 <= t <= 127) for t in tops) or any(not (1 <= c <= channels) for c in classes) or any(
-                n < 0 for n in outliers):
+        if any(not (1 <= len(t) <= min(channels, 256)) for t in tops) or any(
+                not (0 <= x <= 127) for t in tops for x in t) or any(n < 0 for n in outliers) or [
+                len(t) for t in tops] != [len(b) for b in raw_bits] or any(not (0 <= x <= 7) for b in raw_bits
+                                                                       for x in b):
             raise CodecError("header's 'grid' table holds impossible values")
         blocks = -(-tokens // spec.tokens_per_stream)
-        per_group = blocks * -(-channels // spec.channels_per_stream)
+        per_group = [blocks * len(t) for t in tops]
         st = h.get("streams")
-        if not isinstance(st, dict) or st.get("count") != groups * per_group:
-            raise CodecError(f"header announces {st and st.get('count')} streams, the geometry needs "
-                             f"{groups * per_group}")
+        if not isinstance(st, dict) or st.get("count") != sum(per_group) or st.get(
+                "tokens_per_stream") != spec.tokens_per_stream:
+            raise CodecError(f"header's stream table disagrees with the geometry ({sum(per_group)} streams)")
         steps = torch.from_numpy(_section(sec, "steps", "float16", (2, layers, channels)).copy())
         mult = torch.from_numpy(_section(sec, "multipliers", "float16", (tokens,)).copy())
         means = torch.from_numpy(_section(sec, "means", "float16", (2, layers, channels)).copy())
         cls = _section(sec, "classes", "uint8", (2, layers, channels))
-        cdf_sizes = [c * (2 * t + 2) for c, t in zip(classes, tops)]
+        cdf_sizes = [sum(cdf_length(x, b) for x, b in zip(t, r)) for t, r in zip(tops, raw_bits)]
         cdfs = _section(sec, "cdfs", "int16", (sum(cdf_sizes),))
         sink = torch.from_numpy(_section(sec, "sink", "float16", (2, layers, sink_rows, channels)).copy())
         outl = torch.from_numpy(_section(sec, "outliers", "float16", (sum(outliers),)).copy())
-        lengths = _section(sec, "stream_lengths", "uint32", (groups * per_group,)).astype(np.int64)
+        lengths = _section(sec, "stream_lengths", "uint32", (sum(per_group),)).astype(np.int64)
         payload = sec.get("streams")
         if not isinstance(payload, memoryview) or int(lengths.sum()) != len(payload):
             raise CodecError("stream lengths do not match the 'streams' payload")
         if not (torch.isfinite(steps).all() and torch.isfinite(mult).all() and torch.isfinite(means).all()):
             raise CodecError("grid side information holds non-finite steps, multipliers or means")
         offsets = np.concatenate([[0], np.cumsum(lengths)])
+        first_stream = np.concatenate([[0], np.cumsum(per_group)])
         cdf_pos = np.concatenate([[0], np.cumsum(cdf_sizes)])
         out_pos = np.concatenate([[0], np.cumsum(outliers)])
         dtype_name = str(out_dtype).removeprefix("torch.")
         calls = []
         for gi in range(groups):
             i, layer = divmod(gi, layers)
+            s0, s1 = first_stream[gi], first_stream[gi + 1]
             parts = {"steps": steps[i, layer], "multipliers": mult, "mean": means[i, layer], "classes": cls[i, layer],
-                     "cdf": cdfs[cdf_pos[gi]:cdf_pos[gi + 1]].reshape(classes[gi], 2 * tops[gi] + 2),
-                     "sink": sink[i, layer], "outliers": outl[out_pos[gi]:out_pos[gi + 1]],
-                     "streams": payload[offsets[gi * per_group]:offsets[(gi + 1) * per_group]]}
+                     "cdf": cdfs[cdf_pos[gi]:cdf_pos[gi + 1]], "sink": sink[i, layer],
+                     "outliers": outl[out_pos[gi]:out_pos[gi + 1]], "streams": payload[offsets[s0]:offsets[s1]]}
             parts_meta, blob = pack_parts(parts)
-            params = {"top": tops[gi], "sink_rows": sink_rows, "heads": heads, "tokens": tokens, "head_dim": dim,
-                      "tokens_per_stream": spec.tokens_per_stream, "channels_per_stream": spec.channels_per_stream,
-                      "out_dtype": dtype_name}
+            params = {"tops": tops[gi], "raw_bits": raw_bits[gi], "sink_rows": sink_rows, "heads": heads, "tokens": tokens, "head_dim": dim,
+                      "tokens_per_stream": spec.tokens_per_stream, "out_dtype": dtype_name}
             calls.append(({"op": "decode_grid", "parts": parts_meta, "params": params,
-                           "lengths": [int(n) for n in lengths[gi * per_group:(gi + 1) * per_group]]}, blob))
+                           "lengths": [int(n) for n in lengths[s0:s1]]}, blob))
         results = self.pool.run(calls, total_symbols=groups * tokens * channels)
         ys = [unpack_parts(reply["parts"], data)["y"] for reply, data in results]
         return [(ys[layer].unsqueeze(0).to(device), ys[layers + layer].unsqueeze(0).to(device))

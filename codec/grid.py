@@ -11,10 +11,13 @@ One (K/V, layer) group ``[heads, tokens, head_dim]`` is coded as ``[tokens, chan
 * symbols are range-coded with torchac. Channels are put in classes by the spread of their symbols (half an
   octave apart); each class has one CDF estimated from the object and shipped, so side information stays
   small while each channel still gets a distribution of its own width.
-* a group's symbols are bounded by ``top`` (its escape level: about one value in 10,000 is beyond it, and
-  at most `ESCAPE`); values with ``|q| >= top`` are coded as ``+-top`` and stored exactly (fp16) in order.
+* a class whose symbols spread widely stores their low bits raw (`low_bits`) and range-codes the rest.
+* a class's symbols are bounded by its ``top`` (escape level: about one value in 10,000 is beyond it, and at
+  most `ESCAPE`); values with ``|q| >= top`` are coded as ``+-top`` and stored exactly (fp16) in order.
 
-Streams are independent per (token block, channel group), as for every entropy-coded level.
+Streams are independent per (token block, class): the symbols of a class's channels (ascending channel order)
+in a block, token-major. A stream's CDF has only its class's ``2 top + 1`` symbols, so narrow classes cost
+little side information and little range-coder time however wide the widest class of the group is.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from codec.entropy import StreamGroup, cachegen_cdf, check_cdf, decode_group, encode_group
+from codec.entropy import cachegen_cdf, check_cdf, torchac_backend
 from codec.errors import CodecError
 
 ESCAPE = 127
@@ -33,6 +36,7 @@ ESCAPE_RATE = 1e-4
 FP16_MAX = 65504.0
 CLASS_OCTAVE_STEPS = 2   # classes per octave of symbol spread
 MIN_SPREAD = 0.05
+RAW_MARGIN_BITS = 1      # low bits go raw while the symbol spread is >= 2 * 2^bits
 
 
 def _coded_rows(tokens: int, sink_rows: int, tokens_per_stream: int) -> tuple[int, ...]:
@@ -61,7 +65,7 @@ def grid_of(steps: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
 
 
 def encode_grid_layer(x: torch.Tensor, steps: torch.Tensor, multipliers: torch.Tensor, *, sink_rows: int,
-                      tokens_per_stream: int, channels_per_stream: int, rounding: float = 0.5) -> dict[str, Any]:
+                      tokens_per_stream: int, rounding: float = 0.5) -> dict[str, Any]:
     """Encode one group ``[heads, tokens, head_dim]`` with fp16 `steps` ``[channels]`` and `multipliers`
     ``[tokens]``. `rounding` 0.5 rounds to nearest; less widens the zero bin (a dead zone)."""
     heads, tokens, dim = x.shape
@@ -82,9 +86,6 @@ def encode_grid_layer(x: torch.Tensor, steps: torch.Tensor, multipliers: torch.T
     width = 2 * ESCAPE + 1
     qi = q.clamp(-ESCAPE, ESCAPE).to(torch.int64).add_(ESCAPE + torch.arange(channels) * width)
     hist = torch.bincount(qi.reshape(-1), minlength=channels * width).view(channels, width)
-    folded = hist[:, ESCAPE:].clone()
-    folded[:, 1:] += hist[:, :ESCAPE].flip(1)
-    top = escape_level(folded.sum(0))
     values = torch.arange(-ESCAPE, ESCAPE + 1, dtype=torch.float64)
     per_channel = hist.sum(1).clamp_min(1).to(torch.float64)
     m1 = (hist.to(torch.float64) @ values) / per_channel
@@ -92,45 +93,160 @@ def encode_grid_layer(x: torch.Tensor, steps: torch.Tensor, multipliers: torch.T
     level = torch.round(CLASS_OCTAVE_STEPS * torch.log2(spread.clamp_min(MIN_SPREAD))).to(torch.int64)
     _, cls = torch.unique(level, return_inverse=True)
     classes = int(cls.max()) + 1
-    slots = 2 * top + 1
-    kept = hist[:, ESCAPE - top:ESCAPE + top + 1].clone()           # |q| >= top: coded as +-top (escapes)
-    if top:
-        kept[:, 0] += hist[:, :ESCAPE - top].sum(1)
-        kept[:, -1] += hist[:, ESCAPE + top + 1:].sum(1)
-    counts = torch.zeros(classes, slots, dtype=torch.int64).index_add_(0, cls, kept)
-    cdf = cachegen_cdf(counts).numpy()
-    escaped = (q.abs() >= top) if top and int(folded[:, top:].sum()) else None
-    outliers = body[escaped].to(torch.float16) if escaped is not None else torch.zeros(0, dtype=torch.float16)
-    sym = q.clamp_(-top, top).add_(top).to(torch.int16)
-    rows = _coded_rows(tokens, sink_rows, tokens_per_stream)
-    streams = encode_group(StreamGroup(sym.numpy(), cdf[cls.numpy()], rows, channels_per_stream))
-    return {"mean": mean, "classes": cls.to(torch.uint8).numpy(), "cdf": cdf, "top": top,
-            "sink": x[:sink_rows].to(torch.float16), "outliers": outliers, "streams": streams}
+    class_hist = torch.zeros(classes, width, dtype=torch.int64).index_add_(0, cls, hist)
+    tops, cdfs = [], []
+    values_f = torch.arange(-ESCAPE, ESCAPE + 1, dtype=torch.float64)
+    tops, raw_bits, cdfs = [], [], []
+    for h in class_hist:
+        folded = h[ESCAPE:].clone()
+        folded[1:] += h[:ESCAPE].flip(0)
+        top = escape_level(folded)
+        kept = h[ESCAPE - top:ESCAPE + top + 1].clone()             # |q| >= top: coded as +-top (escapes)
+        if top:
+            kept[0] += h[:ESCAPE - top].sum()
+            kept[-1] += h[ESCAPE + top + 1:].sum()
+        n_k = max(int(h.sum()), 1)
+        sd = math.sqrt(max(float((h.double() @ values_f ** 2) / n_k - (float(h.double() @ values_f) / n_k) ** 2), 0))
+        bits = low_bits(sd, top)
+        tops.append(top)
+        raw_bits.append(bits)
+        cdfs.append(cachegen_cdf(high_counts(kept, bits).view(1, -1)).numpy()[0])
+    top_c = torch.tensor(tops, dtype=torch.float32)[cls]
+    escaped = (q.abs() >= top_c) & (top_c > 0)
+    outliers = body[escaped].to(torch.float16)
+    sym = torch.minimum(torch.maximum(q, -top_c), top_c).add_(top_c).to(torch.int16).numpy()
+    members = [np.flatnonzero(cls.numpy() == k) for k in range(classes)]
+    streams = encode_class_streams(sym, members, cdfs, raw_bits, _coded_rows(tokens, sink_rows, tokens_per_stream))
+    return {"mean": mean, "classes": cls.to(torch.uint8).numpy(), "cdf": np.concatenate(cdfs), "tops": tops,
+            "raw_bits": raw_bits, "sink": x[:sink_rows].to(torch.float16), "outliers": outliers, "streams": streams}
 
 
-def decode_grid_layer(parts: dict[str, Any], *, top: int, sink_rows: int, heads: int, tokens: int, head_dim: int,
-                      tokens_per_stream: int, channels_per_stream: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """Decode one group back to ``[heads, tokens, head_dim]``."""
+def low_bits(spread: float, top: int) -> int:
+    """Low bits of a class's symbols stored raw, not range-coded: while a symbol's spread is at least
+    ``2 * 2^bits`` its low bits are nearly uniform, so raw storage costs almost nothing in size and takes them
+    out of the range coder (whose time grows with the bits it writes)."""
+    bits = max(0, int(math.floor(math.log2(max(spread, 1.0)))) - RAW_MARGIN_BITS)
+    while bits and (2 * top) >> bits < 1:
+        bits -= 1
+    return min(bits, 7)
+
+
+def high_counts(counts: torch.Tensor, bits: int) -> torch.Tensor:
+    """Counts of ``symbol >> bits`` from counts of the symbols ``0..len-1``."""
+    if not bits:
+        return counts
+    size = 1 << bits
+    pad = (-len(counts)) % size
+    return torch.cat([counts, counts.new_zeros(pad)]).view(-1, size).sum(1)
+
+
+def cdf_length(top: int, bits: int) -> int:
+    """Entries of a class CDF: one more than its high symbols ``0..(2 top) >> bits``."""
+    return ((2 * top) >> bits) + 2
+
+
+def _expanded(cdf: np.ndarray, rows: int) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(np.broadcast_to(cdf, (rows, len(cdf)))))
+
+
+def _pack_low(values: np.ndarray, bits: int) -> bytes:
+    planes = np.unpackbits(values.astype(np.uint8).reshape(-1, 1), axis=1)[:, 8 - bits:]
+    return np.packbits(planes.reshape(-1)).tobytes()
+
+
+def _unpack_low(data: bytes, count: int, bits: int) -> np.ndarray:
+    planes = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[:count * bits].reshape(count, bits)
+    return planes.astype(np.int16) @ (1 << np.arange(bits - 1, -1, -1, dtype=np.int16))
+
+
+def encode_class_streams(sym: np.ndarray, members: list[np.ndarray], cdfs: list[np.ndarray], raw_bits: list[int],
+                         block_rows: tuple[int, ...]) -> list[bytes]:
+    """One stream per (token block, class): int16 symbols ``sym[rows_b][:, members_k]``, token-major; the
+    high part range-coded, then the `raw_bits` low bits of each symbol packed (MSB first)."""
+    backend = torchac_backend()
+    out: list[bytes] = []
+    expanded: dict[int, torch.Tensor] = {}
+    r0 = 0
+    for n in block_rows:
+        for k, idx in enumerate(members):
+            count = n * len(idx)
+            if count == 0:
+                out.append(b"")
+                continue
+            if k not in expanded:
+                expanded[k] = _expanded(cdfs[k], max(block_rows) * len(idx))
+            block = np.ascontiguousarray(sym[r0:r0 + n][:, idx]).reshape(-1)
+            bits = raw_bits[k]
+            coded = backend.encode_cdf(expanded[k][:count], torch.from_numpy(block >> bits if bits else block))
+            out.append(coded + (_pack_low(block & ((1 << bits) - 1), bits) if bits else b""))
+        r0 += n
+    return out
+
+
+def decode_class_streams(channels: int, members: list[np.ndarray], cdfs: list[np.ndarray], raw_bits: list[int],
+                         block_rows: tuple[int, ...], streams: list) -> np.ndarray:
+    """Inverse of `encode_class_streams`: int16 ``[sum(block_rows), channels]``."""
+    backend = torchac_backend()
+    out = np.zeros((int(sum(block_rows)), channels), dtype=np.int16)
+    expanded: dict[int, torch.Tensor] = {}
+    r0, i = 0, 0
+    for n in block_rows:
+        for k, idx in enumerate(members):
+            count = n * len(idx)
+            data = bytes(streams[i])
+            i += 1
+            if count == 0:
+                if data:
+                    raise CodecError("grid group: an empty stream holds data")
+                continue
+            if k not in expanded:
+                expanded[k] = _expanded(cdfs[k], max(block_rows) * len(idx))
+            bits = raw_bits[k]
+            raw = -(-count * bits // 8)
+            if len(data) < raw:
+                raise CodecError("grid group: a stream is shorter than its raw low bits")
+            high = backend.decode_cdf(expanded[k][:count], data[:len(data) - raw]).numpy()
+            values = (high << bits) | _unpack_low(data[len(data) - raw:], count, bits) if bits else high
+            out[r0:r0 + n, idx] = values.reshape(n, len(idx))
+        r0 += n
+    return out
+
+
+def decode_grid_layer(parts: dict[str, Any], *, tops: list[int], raw_bits: list[int], sink_rows: int, heads: int,
+                      tokens: int, head_dim: int, tokens_per_stream: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """Decode one group back to ``[heads, tokens, head_dim]``; `tops` and `raw_bits` are per class."""
     channels = heads * head_dim
     steps, multipliers, mean = parts["steps"], parts["multipliers"], parts["mean"]
     classes, cdf, sink, outliers = parts["classes"], parts["cdf"], parts["sink"], parts["outliers"]
     if (tuple(steps.shape), tuple(mean.shape), tuple(classes.shape), tuple(multipliers.shape)) != (
             (channels,), (channels,), (channels,), (tokens,)):
         raise CodecError("grid group side information has the wrong shape")
-    if not (0 <= top <= ESCAPE) or cdf.ndim != 2 or cdf.shape[1] != 2 * top + 2:
-        raise CodecError("grid group CDF table has the wrong shape")
-    check_cdf(cdf)
-    if classes.size and int(classes.max()) >= cdf.shape[0]:
-        raise CodecError("grid group: a channel names a CDF class that does not exist")
+    if not tops or len(raw_bits) != len(tops) or any(not (0 <= t <= ESCAPE) for t in tops) or any(
+            not (0 <= b <= 7) for b in raw_bits):
+        raise CodecError("grid group: bad class escape levels or raw bits")
+    sizes = [cdf_length(t, b) for t, b in zip(tops, raw_bits)]
+    if cdf.ndim != 1 or len(cdf) != sum(sizes):
+        raise CodecError("grid group CDF tables have the wrong shape")
     if tuple(sink.shape) != (sink_rows, channels):
         raise CodecError("grid group sink rows have the wrong shape")
+    cls = classes.astype(np.int64)
+    if cls.size and int(cls.max()) >= len(tops):
+        raise CodecError("grid group: a channel names a CDF class that does not exist")
+    bounds = np.cumsum([0] + sizes)
+    cdfs = [cdf[bounds[k]:bounds[k + 1]] for k in range(len(tops))]
+    for table in cdfs:
+        check_cdf(table.reshape(1, -1))
+    members = [np.flatnonzero(cls == k) for k in range(len(tops))]
     rows = _coded_rows(tokens, sink_rows, tokens_per_stream)
-    sym = decode_group(cdf[classes.astype(np.int64)], rows, channels_per_stream, parts["streams"])
-    q = torch.from_numpy(sym.astype(np.int32)) - top
-    if q.numel() and (int(q.max()) > top or int(q.min()) < -top):
-        raise CodecError("decoded symbol out of range for its group: corrupt stream")
+    if len(parts["streams"]) != len(rows) * len(tops):
+        raise CodecError("grid group: wrong number of streams")
+    sym = decode_class_streams(channels, members, cdfs, raw_bits, rows, parts["streams"])
+    top_c = torch.tensor(tops, dtype=torch.int32)[torch.from_numpy(cls)]
+    q = torch.from_numpy(sym.astype(np.int32)) - top_c
+    if q.numel() and bool(((q > top_c) | (q < -top_c)).any()):
+        raise CodecError("decoded symbol out of range for its class: corrupt stream")
     body = mean.to(torch.float32) + q.to(torch.float32) * grid_of(steps, multipliers)[sink_rows:]
-    escaped = q.abs() >= top if top else torch.zeros_like(q, dtype=torch.bool)
+    escaped = (q.abs() >= top_c) & (top_c > 0)
     n_escaped = int(escaped.sum())
     if n_escaped != outliers.numel():
         raise CodecError(f"grid group: {n_escaped} escaped symbols but {outliers.numel()} stored outliers")
@@ -169,10 +285,10 @@ def handle_encode_grid(meta: dict, blob: bytes) -> tuple[dict, bytes]:
     parts = unpack_parts(meta["parts"], blob)
     res = encode_grid_layer(parts["x"], parts["steps"], parts["multipliers"], **meta["params"])
     streams = res.pop("streams")
-    top = res.pop("top")
+    tops, raw_bits = res.pop("tops"), res.pop("raw_bits")
     res["streams"] = b"".join(streams)
     parts_meta, out = pack_parts(res)
-    return {"parts": parts_meta, "lengths": [len(s) for s in streams], "top": top}, out
+    return {"parts": parts_meta, "lengths": [len(s) for s in streams], "tops": tops, "raw_bits": raw_bits}, out
 
 
 def handle_decode_grid(meta: dict, blob: bytes) -> tuple[dict, bytes]:
@@ -186,6 +302,7 @@ def handle_decode_grid(meta: dict, blob: bytes) -> tuple[dict, bytes]:
     parts["streams"] = streams
     for name in ("classes", "cdf"):
         parts[name] = np.asarray(parts[name])
+    parts["streams"] = streams
     params = dict(meta["params"])
     params["out_dtype"] = TORCH_DTYPES[params["out_dtype"]]
     y = decode_grid_layer(parts, **params)

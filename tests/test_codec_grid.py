@@ -98,6 +98,11 @@ def test_ladder_trades_bits_for_error_and_recent_tokens_get_finer_steps():
     loud = make_kv(3, 2, 400, 16, torch.float16, seed=9, scale=2.0)  # errors limited by the step, not the data
     err, _ = value_error(loud, codec.decode(codec.encode(loud, "kvcast-2", sensitivity=table)))
     assert float(err[:, :, -4:].mean()) < 0.5 * float(err[:, :, 4:200].mean())
+    fine = codec.encode(loud, "kvcast-4", sensitivity=table)   # wide classes: low bits stored raw
+    assert any(b for group in codec.inspect(fine)["grid"]["raw_bits"] for b in group)
+    err, x = value_error(loud, codec.decode(fine))
+    bound = grid_bound(loud, table, "kvcast-4", 0, 400)
+    assert bool((err <= bound * (1 + 1e-5) + (x.abs() + bound) * 2 ** -10).all())  # + fp16 output rounding
 
 
 def test_grid_bytes_do_not_depend_on_worker_processes():
