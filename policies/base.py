@@ -60,7 +60,9 @@ class ChunkMenu:
     start_token: int
     tokens: int
     levels: tuple[LevelOption, ...]
-    """Loading options, best quality first (the order of `codec.levels()`)."""
+    """Loading options in the profile's order (that of `codec.levels()`). That order is *not* monotone in
+    size or quality: a policy that needs the best quality, the smallest size, or drops options that another
+    beats on everything uses `by_quality`, `smallest` or `undominated_levels`."""
     recompute_s: float
     """Time to recompute this chunk from text, given the chunks before it are ready (grows with position)."""
 
@@ -185,5 +187,66 @@ def validate_decision(obs: Observation, decision: Decision) -> None:
 
 
 def level_names(menus: Sequence[ChunkMenu]) -> tuple[str, ...]:
-    """Level names of the first chunk's menu, best quality first."""
+    """Level names of the first chunk's menu, in menu order (not necessarily best quality first)."""
     return tuple(o.level for o in menus[0].levels) if menus else ()
+
+
+def by_quality(menus: Sequence[ChunkMenu], names: Sequence[str] | None = None) -> tuple[str, ...]:
+    """`names` (default: every level of the first chunk's menu) ordered by quality loss, best first; levels of
+    equal loss by size, smallest first, then in menu order."""
+    if not menus:
+        return ()
+    menu = menus[0]
+    names = level_names(menus) if names is None else tuple(names)
+    pos = {name: i for i, name in enumerate(names)}
+    return tuple(sorted(names, key=lambda n: (menu.option(n).quality_loss, menu.option(n).nbytes, pos[n])))
+
+
+def smallest(menus: Sequence[ChunkMenu], chunk: int = 0, names: Sequence[str] | None = None) -> str:
+    """The level (of `names`, default all) with the fewest bytes on chunk `chunk` (ties: lowest loss, then
+    menu order)."""
+    menu = menus[chunk]
+    names = level_names(menus) if names is None else tuple(names)
+    pos = {name: i for i, name in enumerate(names)}
+    return min(names, key=lambda n: (menu.option(n).nbytes, menu.option(n).quality_loss, pos[n]))
+
+
+_UNDOMINATED_CACHE: dict[int, tuple[Sequence[ChunkMenu], tuple[str, ...]]] = {}
+
+
+def undominated_levels(menus: Sequence[ChunkMenu]) -> tuple[str, ...]:
+    """The levels of the first chunk's menu that no other level dominates, in menu order.
+
+    Level ``b`` is dominated when some level ``a`` is, on *every* chunk, present wherever ``b`` is and at
+    least as good in size, decode time and quality loss (``a`` earlier in menu order when they are equal on
+    every chunk). Every step of the execution model is monotone in those three, so a plan that uses ``b``
+    is never strictly better than the same plan with ``a``: planners may drop ``b`` and stay exact. Cached
+    per menus object (a session's menus are one tuple)."""
+    cached = _UNDOMINATED_CACHE.get(id(menus))
+    if cached is not None and cached[0] is menus:
+        return cached[1]
+    names = level_names(menus)
+    rows = []
+    for menu in menus:
+        by_name = {o.level: o for o in menu.levels}
+        rows.append([by_name.get(n) for n in names])
+
+    def dominates(a: int, b: int) -> bool:
+        strict = False
+        for row in rows:
+            oa, ob = row[a], row[b]
+            if ob is None:
+                continue
+            if oa is None or oa.nbytes > ob.nbytes or oa.decode_s > ob.decode_s or \
+                    oa.quality_loss > ob.quality_loss:
+                return False
+            if oa.nbytes < ob.nbytes or oa.decode_s < ob.decode_s or oa.quality_loss < ob.quality_loss:
+                strict = True
+        return strict or a < b
+
+    keep = tuple(n for b, n in enumerate(names)
+                 if not any(dominates(a, b) for a in range(len(names)) if a != b))
+    if len(_UNDOMINATED_CACHE) > 64:
+        _UNDOMINATED_CACHE.clear()
+    _UNDOMINATED_CACHE[id(menus)] = (menus, keep)
+    return keep

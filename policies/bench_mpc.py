@@ -1,7 +1,8 @@
 """Benchmark of `mpc`'s exact search against full enumeration: ``kvcast bench mpc``.
 
 The inputs are the planning problems `mpc` meets in real sessions: Mistral-7B-sized chunks of 12-20K-token
-contexts (the shipped codec profile, six levels plus text, so 7**5 = 16,807 plans per decision), the measured
+contexts (the shipped codec profile's ``kvcast`` level set by default: raw, int8, kvcast-4..1, six levels plus
+text, so 7**5 = 16,807 plans per decision; ``--levels`` picks another set), the measured
 H100 recompute costs, a 0.6 s SLO and kvcast's shipped default traces (synthetic, 0.5-10 Gbps), played on the
 streaming engine. Every decision's problem is recorded once; then full enumeration (RobustMPC's search,
 `policies.mpc.enumerate_plan`) and the branch-and-bound (`policies.mpc.search_plan`) solve the *same*
@@ -27,7 +28,10 @@ from policies.mpc import MpcPolicy, MpcProblem, enumerate_plan, search_plan
 __all__ = ["bench", "main", "print_result", "recorded_problems"]
 
 
-def _sessions(sessions: int, seed: int):
+DEFAULT_LEVELS = "kvcast"
+
+
+def _sessions(sessions: int, seed: int, levels: str = DEFAULT_LEVELS):
     from streamer.menus import ModelShape, build_menus, recompute_cost
     from streamer.profile import default_profile
     from streamer.simulate import history_mean_bps
@@ -39,17 +43,18 @@ def _sessions(sessions: int, seed: int):
     cost = recompute_cost("h100/mistral-7b")
     for _ in range(sessions):
         trace = rng.choice(traces)
-        menus = build_menus(profile, shape, rng.randint(12288, 20480), 1536, cost)
+        menus = build_menus(profile, shape, rng.randint(12288, 20480), 1536, cost, levels=levels)
         offset = rng.uniform(5.0, max(5.0, trace.duration_s - 5.0))
         yield menus, trace, offset, history_mean_bps(trace, offset, 5.0)
 
 
-def recorded_problems(sessions: int = 40, seed: int = 0) -> list[tuple[MpcProblem, tuple]]:
+def recorded_problems(sessions: int = 40, seed: int = 0, levels: str = DEFAULT_LEVELS
+                      ) -> list[tuple[MpcProblem, tuple]]:
     """Run `sessions` mpc sessions on the engine and return every decision's (problem, hints)."""
     from streamer.simulate import simulate_session
 
     out: list[tuple[MpcProblem, tuple]] = []
-    for menus, trace, offset, prior in _sessions(sessions, seed):
+    for menus, trace, offset, prior in _sessions(sessions, seed, levels):
         policy = MpcPolicy()
         policy.record = out
         simulate_session(policy, menus, trace, slo_s=0.6, offset_s=offset, rtt_s=0.01, efficiency=0.95,
@@ -85,7 +90,8 @@ class _TimedMpc(MpcPolicy):
         return decision
 
 
-def _decide_rates(sessions: int, seed: int, repeats: int) -> tuple[int, list[float], list[float]]:
+def _decide_rates(sessions: int, seed: int, repeats: int, levels: str = DEFAULT_LEVELS
+                  ) -> tuple[int, list[float], list[float]]:
     """Whole ``decide`` calls in `sessions` engine sessions: the number of calls, and per repeat the calls per
     wall-clock second and per second of CPU time (the latter does not drop when other jobs share the CPUs)."""
     from streamer.simulate import simulate_session
@@ -93,7 +99,7 @@ def _decide_rates(sessions: int, seed: int, repeats: int) -> tuple[int, list[flo
     wall_rates, cpu_rates, calls = [], [], 0
     for _ in range(repeats):
         wall = cpu = calls = 0
-        for menus, trace, offset, prior in _sessions(sessions, seed):
+        for menus, trace, offset, prior in _sessions(sessions, seed, levels):
             policy = _TimedMpc()
             simulate_session(policy, menus, trace, slo_s=0.6, offset_s=offset, rtt_s=0.01, efficiency=0.95,
                              overhead_bytes=400, prior_throughput_bps=prior)
@@ -105,9 +111,10 @@ def _decide_rates(sessions: int, seed: int, repeats: int) -> tuple[int, list[flo
     return calls, wall_rates, cpu_rates
 
 
-def bench(sessions: int = 40, enumerate_count: int = 60, repeats: int = 5, seed: int = 0) -> dict[str, Any]:
+def bench(sessions: int = 40, enumerate_count: int = 60, repeats: int = 5, seed: int = 0,
+          levels: str = DEFAULT_LEVELS) -> dict[str, Any]:
     """Run the benchmark and return its JSON-ready result (rates are medians of `repeats`)."""
-    problems = recorded_problems(sessions, seed)
+    problems = recorded_problems(sessions, seed, levels)
     full = [(p, h) for p, h in problems if p.horizon == 5]
     subset = random.Random(seed).sample(full, min(enumerate_count, len(full)))
     search_rate, search_runs = _rate(lambda p, h: search_plan(p, h), problems, repeats)
@@ -115,7 +122,7 @@ def bench(sessions: int = 40, enumerate_count: int = 60, repeats: int = 5, seed:
     search_cold_rate, _ = _rate(lambda p, h: search_plan(p), subset, repeats)
     enum_rate, enum_runs = _rate(lambda p, h: enumerate_plan(p), subset, max(1, min(repeats, 2)))
     agree = sum(search_plan(p, h) == enumerate_plan(p) for p, h in subset)
-    decide_calls, decide_runs, decide_cpu_runs = _decide_rates(sessions, seed, repeats)
+    decide_calls, decide_runs, decide_cpu_runs = _decide_rates(sessions, seed, repeats, levels)
     plans = problems[0][0].n_actions ** 5 if problems else 0
     return {
         "benchmark": "mpc_search",
@@ -124,6 +131,7 @@ def bench(sessions: int = 40, enumerate_count: int = 60, repeats: int = 5, seed:
         "load_average_1min": os.getloadavg()[0],
         "python": platform.python_version(),
         "sessions": sessions,
+        "levels": levels,
         "problems": len(problems),
         "plans_per_full_horizon": plans,
         "enumeration_problems": len(subset),
@@ -179,9 +187,10 @@ def main(sessions: int = typer.Option(40, help="Sessions whose decisions are rec
          enumerate_count: int = typer.Option(60, "--enumerate",
                                              help="Full-horizon problems also enumerated."),
          repeats: int = typer.Option(5, help="Timing repeats (the median is reported)."),
-         seed: int = typer.Option(0)) -> None:
+         seed: int = typer.Option(0),
+         levels: str = typer.Option(DEFAULT_LEVELS, help="Menu levels (set or level names).")) -> None:
     """Decisions per second of mpc's exact search vs full enumeration, on the same recorded problems."""
-    print_result(bench(sessions, enumerate_count, repeats, seed))
+    print_result(bench(sessions, enumerate_count, repeats, seed, levels))
 
 
 if __name__ == "__main__":

@@ -9,14 +9,43 @@ Predicted finish time at level ``l`` (``P`` = undecided chunks, ``tput`` = estim
 
     now + sum_{j in P} (rtt + bytes_j(l) * 8 / tput) + decode_s of the last chunk  <=  SLO
 
-Argument: ``cachegen:<window>`` uses the harmonic mean of the last `window` chunks' throughputs (default 1,
-the previous chunk). Throughput samples leave out the RTT (it is added per chunk above).
-See `policies.cachegen_code` for the variant in CacheGen's public code.
+Levels. To stay faithful, by default it only uses CacheGen's own levels (`CACHEGEN_LEVELS`: ``raw`` and
+``cachegen-3``, ``-2``, ``-1``) among those on the menu, and text; the other levels a simulation offers
+(``int8``, ``cachegen-delta-*``, ``kvcast-*``) are for the planning controllers. "Highest quality" means the
+least quality loss (the menu's order is not monotone in quality or size); "most compressed" the fewest
+bytes. A menu with none of ``cachegen-1..3`` (a custom profile, or ``kvcast simulate --levels kvcast``) is
+not CacheGen's: then the rule runs on the menu's own levels, i.e. CacheGen's controller with another codec.
+``levels=menu`` asks for that on any menu.
+
+Arguments: ``cachegen:<window>`` or ``cachegen:window=<n>+levels=<cachegen|menu>``. `window` takes the
+harmonic mean of the last `window` chunks' throughputs (default 1, the previous chunk). Throughput samples
+leave out the RTT (it is added per chunk above). See `policies.cachegen_code` for the variant in CacheGen's
+public code.
 """
 
 from __future__ import annotations
 
-from policies.base import TEXT, Decision, Observation, Policy, Session, ThroughputSample
+from collections.abc import Sequence
+
+from policies.base import TEXT, ChunkMenu, Decision, Observation, Policy, Session, ThroughputSample, by_quality, \
+    level_names, smallest
+
+CACHEGEN_LEVELS = ("raw", "cachegen-3", "cachegen-2", "cachegen-1")
+"""The levels CacheGen's controllers choose from (its three encoding levels, and the uncompressed KV)."""
+
+
+def cachegen_levels(menus: Sequence[ChunkMenu], mode: str = "cachegen") -> tuple[str, ...]:
+    """The levels a CacheGen controller tries, best quality (least loss) first: with ``mode="cachegen"`` the
+    menu's levels of `CACHEGEN_LEVELS` (the whole menu if it has none of ``cachegen-1..3``); with ``"menu"``
+    every level of the menu."""
+    if mode not in ("cachegen", "menu"):
+        raise ValueError(f"levels must be 'cachegen' or 'menu', got {mode!r}")
+    names = level_names(menus)
+    if mode == "cachegen":
+        own = tuple(n for n in names if n in CACHEGEN_LEVELS)
+        if any(n != "raw" for n in own):
+            names = own
+    return by_quality(menus, names)
 
 
 def payload_throughput_bps(sample: ThroughputSample, rtt_s: float) -> float:
@@ -30,25 +59,41 @@ class CacheGenPolicy(Policy):
 
     name = "cachegen"
 
-    def __init__(self, window: str | int = 1) -> None:
+    def __init__(self, window: str | int = 1, *, levels: str = "cachegen") -> None:
+        if isinstance(window, str) and "=" in window:
+            options, window = window, 1
+            for part in options.split("+"):
+                key, _, value = part.partition("=")
+                if key == "window":
+                    window = value
+                elif key == "levels":
+                    levels = value
+                else:
+                    raise ValueError(f"cachegen: unknown option {key!r}; known: window, levels")
         try:
             self.window = int(window)
         except ValueError:
             raise ValueError(f"cachegen:<window> needs an integer window, got {window!r}") from None
         if self.window < 1:
             raise ValueError(f"cachegen window must be >= 1, got {self.window}")
+        if levels not in ("cachegen", "menu"):
+            raise ValueError(f"cachegen: levels must be 'cachegen' or 'menu', got {levels!r}")
+        self.levels_mode = levels
 
     def reset(self, session: Session) -> None:
         super().reset(session)
         self.rtt_s = session.rtt_s
         menus = session.menus
         n = len(menus)
-        # suffix_bits[k][i]: bits of chunks i..n-1 at level k (the remaining chunks, as decisions go in order)
+        self.tried = cachegen_levels(menus, self.levels_mode)
+        """The levels this session tries, best quality first."""
+        # suffix_bits[k][i]: bits of chunks i..n-1 at level tried[k] (the remaining chunks, as decisions go
+        # in order)
         self.suffix_bits = []
-        for k in range(len(menus[0].levels)):
+        for name in self.tried:
             acc = [0.0] * (n + 1)
             for i in range(n - 1, -1, -1):
-                acc[i] = acc[i + 1] + menus[i].levels[k].nbytes * 8.0
+                acc[i] = acc[i + 1] + menus[i].option(name).nbytes * 8.0
             self.suffix_bits.append(acc)
 
     def estimate_bps(self, obs: Observation) -> float | None:
@@ -67,9 +112,8 @@ class CacheGenPolicy(Policy):
         chunk = obs.pending[0]
         menus = obs.menus
         tput = self.estimate_bps(obs)
-        first = menus[chunk]
         if tput is None:  # no history at all: the most compressed level
-            return Decision(chunk, first.levels[-1].level)
+            return Decision(chunk, smallest(menus, chunk, self.tried))
         if tput <= 0.0:
             return Decision(chunk, TEXT, predicted_bps=tput)
         budget = obs.remaining_s
@@ -77,11 +121,11 @@ class CacheGenPolicy(Policy):
         rtts = self.rtt_s * len(obs.pending)
         pending = obs.pending
         suffix = pending[-1] == len(menus) - 1 and pending[-1] - pending[0] + 1 == len(pending)
-        for k, option in enumerate(first.levels):
+        for k, name in enumerate(self.tried):
             if suffix:
                 bits = self.suffix_bits[k][chunk]
             else:
-                bits = sum(menus[j].levels[k].nbytes for j in pending) * 8.0
-            if rtts + bits / tput + last.levels[k].decode_s <= budget:
-                return Decision(chunk, option.level, predicted_bps=tput)
+                bits = sum(menus[j].option(name).nbytes for j in pending) * 8.0
+            if rtts + bits / tput + last.option(name).decode_s <= budget:
+                return Decision(chunk, name, predicted_bps=tput)
         return Decision(chunk, TEXT, predicted_bps=tput)

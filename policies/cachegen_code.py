@@ -6,18 +6,22 @@ Faithful to the artifact's decision rule (see ``reference/streaming-and-policies
 * **oracle bandwidth**: the bandwidth at the moment the chunk is sent is read from the trace
   (``needs_future``; only a simulated link can run it);
 * **static budget**: each chunk may take ``SLO / num_chunks`` seconds, with no carry-over of slack;
-* levels tried best-first; the first whose transfer time ``bytes * 8 / bandwidth`` (no RTT) is below the
-  budget wins; if none, the chunk is recomputed from text. The artifact then charges a fixed 0.2 s per text
+* levels tried best-first (least quality loss first; the menu's order is not monotone in quality); the
+  first whose transfer time ``bytes * 8 / bandwidth`` (no RTT) is below the budget wins; if none, the chunk is recomputed from text. The artifact then charges a fixed 0.2 s per text
   chunk (`ARTIFACT_TEXT_COST_S`); kvcast's engine runs the real recompute cost model instead, so the
   decisions are the artifact's and the timing is kvcast's.
 
-Argument: ``cachegen-code:<level>+<level>+...`` restricts the levels tried (the artifact tries its three
-CacheGen levels, e.g. ``cachegen-code:cachegen-3+cachegen-2+cachegen-1``); default: every menu level.
+Levels: by default CacheGen's own levels on the menu (`policies.cachegen.CACHEGEN_LEVELS`: ``raw`` and
+``cachegen-3``, ``-2``, ``-1``; the artifact tries its three levels 3, 2, 1, and ``raw`` never fits the
+budget at these sizes), or the whole menu if it has none of ``cachegen-1..3`` (see `policies.cachegen`).
+Argument: ``cachegen-code:<level>+<level>+...`` tries only the listed levels; ``cachegen-code:menu`` every
+level of the menu.
 """
 
 from __future__ import annotations
 
-from policies.base import TEXT, Decision, Observation, Policy, Session
+from policies.base import TEXT, Decision, Observation, Policy, Session, by_quality, level_names
+from policies.cachegen import cachegen_levels
 
 ARTIFACT_TEXT_COST_S = 0.2
 """Recompute cost per text chunk assumed by the artifact (``chunk_delay``); informative only here."""
@@ -37,12 +41,16 @@ class CacheGenCodePolicy(Policy):
         if session.future_bandwidth_bps is None:
             raise ValueError("cachegen-code reads the bandwidth from the trace: it needs a simulated link")
         self.budget_s = session.slo_s / len(session.menus)
-        names = [o.level for o in session.menus[0].levels]
-        if self.only is not None:
+        names = level_names(session.menus)
+        if self.only is None:
+            self.tried = cachegen_levels(session.menus, "cachegen")
+        elif self.only == ("menu",):
+            self.tried = cachegen_levels(session.menus, "menu")
+        else:
             missing = [name for name in self.only if name not in names]
             if missing:
-                raise ValueError(f"cachegen-code: levels {missing} are not on the menu {names}")
-        self.tried = tuple(name for name in names if self.only is None or name in self.only)
+                raise ValueError(f"cachegen-code: levels {missing} are not on the menu {list(names)}")
+            self.tried = by_quality(session.menus, [name for name in names if name in self.only])
 
     def decide(self, obs: Observation) -> Decision | None:
         if not obs.link_idle:

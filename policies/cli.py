@@ -21,6 +21,8 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         = 60,
         repeats: Annotated[int, typer.Option(help="Timed repeats (the median is reported).")] = 5,
         seed: Annotated[int, typer.Option(help="Seed of the sessions and of the enumerated subset.")] = 0,
+        levels: Annotated[str, typer.Option(
+            help="Menu levels: a set (all, cachegen, kvcast) or level names, comma-separated.")] = "kvcast",
         out: Annotated[Optional[Path], typer.Option(help="Also write the JSON here.")] = None,
     ) -> None:
         """mpc speed: whole decide() calls/s; its exact search vs full enumeration on the same problems."""
@@ -28,7 +30,8 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
 
         if sessions < 1 or repeats < 1 or enumerate_count < 0:
             raise typer.BadParameter("--sessions and --repeats must be >= 1, --enumerate >= 0")
-        result = bench(sessions=sessions, enumerate_count=enumerate_count, repeats=repeats, seed=seed)
+        result = bench(sessions=sessions, enumerate_count=enumerate_count, repeats=repeats, seed=seed,
+                       levels=levels)
         print_result(result)
         if out is not None:
             out.write_text(json.dumps(result, indent=2) + "\n")

@@ -14,6 +14,8 @@ controller keeps that shape and adds what Cake lacks:
   error, `policies.estimate`). The link then loads the highest undecided chunk the plan loads; the compute
   unit recomputes the lowest undecided chunk if the plan still says text. If the link is slower than
   predicted, the text prefix grows; if faster, the loaded part grows; levels move with the prediction.
+* **Any menu order.** The plan search (`plan_cake`) tries every undominated level of every loaded chunk;
+  nothing assumes the menu is ordered by size or quality.
 * **One resource when the other does not pay.** The plan may load everything (slow GPU) or recompute
   everything (slow link): Cake's reported losses come from always using both.
 
@@ -23,7 +25,7 @@ recomputed.
 
 from __future__ import annotations
 
-from policies.base import TEXT, Decision, Observation, Policy, Session, level_names
+from policies.base import TEXT, Decision, Observation, Policy, Session, smallest
 from policies.estimate import DEFAULT_PRIOR_ERROR, RobustThroughputEstimator
 from policies.mpc import DEFAULT_SLO_MARGIN
 from policies.oracle import OraclePlan, plan_cake
@@ -57,7 +59,6 @@ class HybridPolicy(Policy):
 
     def reset(self, session: Session) -> None:
         super().reset(session)
-        self._levels = level_names(session.menus)
         self._estimator = RobustThroughputEstimator(self.window, session.rtt_s, session.prior_throughput_bps,
                                                     self.prior_error)
         self._slo = session.slo_s * (1.0 - self.slo_margin)
@@ -76,8 +77,8 @@ class HybridPolicy(Policy):
         if bps is None:
             if obs.compute_idle:
                 return Decision(front, TEXT)
-            if obs.link_idle and len(pending) > 1:
-                return self._load(obs, pending[-1], self._levels[-1], None)
+            if obs.link_idle and len(pending) > 1:  # the smallest level: menus are not ordered by size
+                return self._load(obs, pending[-1], smallest(obs.menus, pending[-1]), None)
             return None
         throughput = ConstantThroughput(bps, self.session.rtt_s)
         state = PlanState.from_observation(obs, throughput, self._link_order, self._decided_at).resolved()

@@ -7,6 +7,12 @@ recomputed from the front and the others loaded from the back at the level of th
 a level fixed per decision when that action is text), with the best split ``s``. So every plan
 is judged on the whole session.
 
+Levels. The actions are the menu's levels that no other level beats on size, decode time and quality loss
+at once (`policies.base.undominated_levels`; every step of the model is monotone in those three, so the
+dropped levels can only tie), in menu order. Nothing assumes that order is monotone in size or quality:
+codec profiles list levels in `codec.levels()` order, where a kvcast level may be smaller *and* better than
+the CacheGen level before it.
+
 Prediction (`policies.estimate.RobustThroughputEstimator`): harmonic mean of the last 5 throughputs divided
 by ``1 + max`` relative prediction error of the last 5 (``1 + prior_error`` on the prior before the first
 sample); the RTT is paid once per request.
@@ -40,7 +46,7 @@ text), each trying every tail split (`enumerate_plan`). `search_plan` finds the 
 * Subtrees are searched per last action ``b``, most promising first, from an incumbent (the previous
   decision's plan, or the best uniform plan). A subtree is skipped when its bound exceeds the incumbent, or
   equals it and every plan in it comes later in enumeration order, so ties resolve as in enumeration (the
-  first plan in order wins; per step text comes first, then the levels best first).
+  first plan in order wins; per step text comes first, then the levels in menu order).
 * The tail's best split is found in O(log m) instead of O(m) (`_tail_evaluator`; the cost is piecewise
   monotone in ``s``), computing the same floats as trying every split.
 * Steps are computed by the same floating-point expressions in the enumerator and the search, so both see
@@ -54,7 +60,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from policies.base import TEXT, Decision, Observation, Policy, Session, level_names
+from policies.base import (TEXT, Decision, Observation, Policy, Session, level_names, smallest,
+                           undominated_levels)
 from policies.estimate import DEFAULT_PRIOR_ERROR, RobustThroughputEstimator
 from policies.planning import ConstantThroughput, PlanState, parse_options
 
@@ -106,9 +113,9 @@ class MpcProblem:
     """The horizon's chunk indices."""
     tail_chunks: tuple[int, ...] = field(default=())
     text_tail_level: int = 0
-    """Level of the tail's loads when the last horizon step is text: the best level with which loading the
-    whole tail alone would meet the SLO, else the fastest (fixed per decision, so the cost stays a function
-    of the plan's own actions)."""
+    """Level of the tail's loads when the last horizon step is text: the level of least quality loss with
+    which loading the whole tail alone would meet the SLO (ties: menu order), else the fastest (fixed per
+    decision, so the cost stays a function of the plan's own actions)."""
     _evaluators: list = field(default_factory=list, compare=False, repr=False)
 
     @property
@@ -138,6 +145,8 @@ class SessionTables:
     total_tokens: float
     q_span: float
     n_levels: int
+    names: tuple[str, ...] = ()
+    """The levels of the actions ``0 .. n_levels - 1`` (the menu's undominated levels, in menu order)."""
     bits: list[list[float]] = field(default_factory=list)
     decode_t: list[tuple[float, ...]] = field(default_factory=list)
     wq_t: list[tuple[float, ...]] = field(default_factory=list)
@@ -157,27 +166,32 @@ class SessionTables:
         return table
 
     @classmethod
-    def of(cls, session: Session) -> SessionTables:
+    def of(cls, session: Session, prune: bool = True) -> SessionTables:
+        """Tables of `session`'s menus; `prune` drops dominated levels (`undominated_levels`: same best
+        cost). ``q_span`` is the largest loss of *every* level on the menu either way, so pruning leaves
+        the objective unchanged."""
         menus = session.menus
-        names = level_names(menus)
+        q_span = 0.0
+        for menu in menus:
+            for opt in menu.levels:
+                if not opt.quality_loss >= 0:
+                    raise ValueError(f"chunk {menu.index} level {opt.level!r} has quality loss "
+                                     f"{opt.quality_loss}; need >= 0")
+                q_span = max(q_span, opt.quality_loss)
+        names = undominated_levels(menus) if prune else level_names(menus)
         n, nl = len(menus), len(names)
         nbytes = [[_INF] * nl for _ in range(n)]
         decode = [[0.0] * nl for _ in range(n)]
         wq = [[0.0] * nl for _ in range(n)]
-        q_span = 0.0
         for i, menu in enumerate(menus):
             by_name = {o.level: o for o in menu.levels}
             for a, name in enumerate(names):
                 opt = by_name.get(name)
                 if opt is None:
                     continue  # a level this chunk lacks: its transfer never ends
-                if not opt.quality_loss >= 0:
-                    raise ValueError(f"chunk {i} level {name!r} has quality loss {opt.quality_loss}; "
-                                     "need >= 0")
                 nbytes[i][a] = float(opt.nbytes)
                 decode[i][a] = opt.decode_s
                 wq[i][a] = menu.tokens * opt.quality_loss
-                q_span = max(q_span, opt.quality_loss)
         recompute = [m.recompute_s for m in menus]
         decode_from = [[0.0] * nl for _ in range(n + 1)]
         wq_from = [[0.0] * nl for _ in range(n + 1)]
@@ -190,7 +204,7 @@ class SessionTables:
         bits = [[x * 8.0 for x in row] for row in nbytes]
         decode_max = [max(decode[i][a] for i in range(n)) if n else 0.0 for a in range(nl)]
         return cls(nbytes, decode, wq, recompute, decode_from, wq_from, recompute_from, total,
-                   q_span if q_span > 0 else 1.0, nl, bits, [tuple(row) for row in decode],
+                   q_span if q_span > 0 else 1.0, nl, names, bits, [tuple(row) for row in decode],
                    [tuple(row) for row in wq], decode_max)
 
 
@@ -275,10 +289,12 @@ def build_problem(tables: SessionTables, pending: Sequence[int], state: PlanStat
             fold[k] = x
     text_tail_level = 0
     if m and nl:
-        # after an all-text horizon: the best level whose tail, loaded alone, fits the SLO, else the fastest
+        # after an all-text horizon: the level of least loss whose tail, loaded alone, fits the SLO (ties: the
+        # faster, then menu order), else the fastest; menus are not ordered by loss or size
         limit = slo_s - state.link_free_s
         fits = [a for a in range(nl) if tbs[a][0] <= limit]
-        text_tail_level = fits[0] if fits else min(range(nl), key=lambda a: tbs[a][0])
+        text_tail_level = (min(fits, key=lambda a: (wss[a][0], tbs[a][0], a)) if fits
+                           else min(range(nl), key=lambda a: (tbs[a][0], wss[a][0], a)))
     p = MpcProblem(
         n_levels=nl, horizon=len(h), tau=tau, dec=dec, wq=wq, r=r, tail_rp=tuple(rp), tail_tb=tuple(tbs),
         tail_ws=tuple(wss), tail_fast=tuple(fast), link0=state.link_free_s, dec0=state.decoder_free_s,
@@ -438,7 +454,7 @@ def plan_tail_level(p: MpcProblem, plan: Sequence[int]) -> int:
 
 def enumerate_plan(p: MpcProblem) -> tuple[tuple[int, ...], float]:
     """Full enumeration (RobustMPC's search, every tail split tried): the first plan with the least cost in
-    enumeration order (per step: text first, then the levels best quality first)."""
+    enumeration order (per step: text first, then the levels in menu order)."""
     best, best_cost = (), _INF
     for plan in itertools.product(action_order(p), repeat=p.horizon):
         c = plan_cost(p, plan)
@@ -448,7 +464,7 @@ def enumerate_plan(p: MpcProblem) -> tuple[tuple[int, ...], float]:
 
 
 def action_order(p: MpcProblem) -> tuple[int, ...]:
-    """Actions in enumeration order: text (index ``n_levels``) first, then the levels best first. Ties
+    """Actions in enumeration order: text (index ``n_levels``) first, then the levels in menu order. Ties
     between plans go to the first in this order, so text, which is lossless and uses no link, wins them."""
     return (p.n_levels, *range(p.n_levels))
 
@@ -672,7 +688,7 @@ class MpcPolicy(Policy):
     def reset(self, session: Session) -> None:
         super().reset(session)
         self._tables = SessionTables.of(session)
-        self._levels = level_names(session.menus)
+        self._levels = self._tables.names
         self._text = len(self._levels)
         self._estimator = RobustThroughputEstimator(self.window, session.rtt_s, session.prior_throughput_bps,
                                                     self.prior_error)
@@ -693,8 +709,11 @@ class MpcPolicy(Policy):
             return None
         bps = self._estimator.predict_bps()
         if bps is None:
-            # No prior and no sample yet: probe the link with the smallest level.
-            return self._load(obs, pending[0], self._levels[-1]) if obs.link_idle else None
+            # No prior and no sample yet: probe the link with the smallest level (not the menu's last: menus
+            # are not ordered by size).
+            if not obs.link_idle:
+                return None
+            return self._load(obs, pending[0], smallest(obs.menus, pending[0], self._levels))
         throughput = ConstantThroughput(bps, self.session.rtt_s)
         state = PlanState.from_observation(obs, throughput, self._link_order, self._decided_at).resolved()
         problem = build_problem(self._tables, pending, state, throughput, self._slo,

@@ -20,7 +20,9 @@ Both are label-setting dynamic programs over chunks whose labels are the *exact*
 decoder free, prefix ready, quality), not time buckets: a label is dropped only when another label of the
 same step is at least as good in every component (every step of the model is monotone in each component, so
 nothing it could lead to is better), or when even its optimistic completion cannot beat the incumbent.
-Not covered: orders other than these two (for example loads in an arbitrary order, or text chunks in the
+Levels that another level beats on size, decode time and quality at once are left out of both searches
+(`policies.base.undominated_levels`: they can only tie); nothing assumes the menu's order is monotone in size
+or quality. Not covered: orders other than these two (for example loads in an arbitrary order, or text chunks in the
 middle of a back-to-front load), which the built-in policies never produce.
 
 The plan is made at the first decision; it is followed decision by decision and made again from the
@@ -33,7 +35,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from policies.base import TEXT, Decision, Observation, Policy, Session
+from policies.base import TEXT, Decision, Observation, Policy, Session, undominated_levels
 from policies.planning import KnownFuture, PlanState, TransferModel
 
 __all__ = ["OraclePlan", "OraclePolicy", "plan_in_order", "plan_cake", "best_plan"]
@@ -163,11 +165,13 @@ def plan_in_order(state: PlanState, transfer: TransferModel, slo_s: float,
     fold = ctx.fold
     pending = ctx.pending
     last = len(pending) - 1
+    keep = set(undominated_levels(menus))
     for k, chunk in enumerate(pending):
         menu = menus[chunk]
         r = menu.recompute_s
         f = fold[k] if k else -_INF
-        options = [(o.level, o.nbytes, o.decode_s, menu.tokens * o.quality_loss) for o in menu.levels]
+        options = [(o.level, o.nbytes, o.decode_s, menu.tokens * o.quality_loss) for o in menu.levels
+                   if o.level in keep]
         candidates = []
         for lab in labels:
             link, dec, ready, q = lab[0], lab[1], lab[2], lab[3]
@@ -252,13 +256,15 @@ def plan_cake(state: PlanState, transfer: TransferModel, slo_s: float,
 
     consider(m, -_INF, ctx.q0, None)  # everything undecided recomputed
     labels = [(state.link_free_s, state.decoder_free_s, 0.0, ctx.q0, None, None, None, None)]
+    keep = set(undominated_levels(menus))
     for j in range(m - 1, -1, -1):
         chunk = pending[j]
         menu = menus[chunk]
+        options = [o for o in menu.levels if o.level in keep]
         candidates = []
         for lab in labels:
             link, dec, q = lab[0], lab[1], lab[3]
-            for o in menu.levels:
+            for o in options:
                 end = ctx.transfer_end(link, o.nbytes)
                 if end == _INF:
                     continue

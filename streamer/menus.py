@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, replace
 from importlib import resources
 from types import MappingProxyType
 from typing import Mapping
 
 from policies.base import ChunkMenu, LevelOption
-from streamer.profile import Profile
+from streamer.profile import Profile, ProfileError
 
-__all__ = ["DEFAULT_DECODE_VALUES_PER_S", "FALLBACK_DECODE_VALUES_PER_S", "MODEL_SHAPES", "ModelShape",
-           "RecomputeCost", "build_menus", "decode_values_per_s", "recompute_cost", "recompute_costs"]
+__all__ = ["DEFAULT_DECODE_VALUES_PER_S", "FALLBACK_DECODE_VALUES_PER_S", "LEVEL_SETS", "MODEL_SHAPES",
+           "ModelShape", "RecomputeCost", "build_menus", "decode_values_per_s", "recompute_cost", "recompute_costs",
+           "resolve_levels"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,10 +144,17 @@ DEFAULT_DECODE_VALUES_PER_S: Mapping[str, float | None] = MappingProxyType({
     "cachegen-2": 2.0e10,
     "cachegen-delta-1": 1.5e10,
     "cachegen-1": 2.0e10,
+    "kvcast-4": 1.0e10,
+    "kvcast-3": 2.0e10,
+    "kvcast-2": 2.0e10,
+    "kvcast-1": 2.0e10,
 })
 """PROVISIONAL GPU decode speeds (KV values per second) used when a profile has no GPU numbers: CacheGen's
 GPU range decoder is reported to keep up with multi-Gbps links; 2e10 values/s decodes a 1,536-token
-Mistral-7B chunk (1.0e8 values) in 5 ms. Replace with `kvcast eval codec` measurements."""
+Mistral-7B chunk (1.0e8 values) in 5 ms. kvcast's grid levels are range-coded the same way; on the CPU
+(`kvcast eval codec`, 2026-11-29) kvcast-3, -2, -1 decode at least as fast as cachegen-3, -2, -1 and
+kvcast-4 at about 0.6x cachegen-3, so they get CacheGen's figure and kvcast-4 half of it. Replace with GPU
+measurements."""
 
 FALLBACK_DECODE_VALUES_PER_S = 1.0e10
 """Decode speed of levels that are in neither the profile's GPU numbers nor the default table."""
@@ -159,17 +168,60 @@ def decode_values_per_s(profile: Profile, level: str) -> float | None:
     return DEFAULT_DECODE_VALUES_PER_S.get(level, FALLBACK_DECODE_VALUES_PER_S)
 
 
+LEVEL_SETS: Mapping[str, str] = MappingProxyType({
+    "all": "every level of the profile",
+    "cachegen": "raw, int8 and CacheGen's levels cachegen-<n>",
+    "kvcast": "raw, int8 and kvcast's levels kvcast-<n>",
+})
+"""Named level sets of `resolve_levels` (``kvcast simulate --levels``). Both codec sets keep the baselines
+``raw`` and ``int8`` so that comparing them compares the compressed levels only."""
+
+_SET_PATTERNS = {"cachegen": re.compile(r"raw|int8|cachegen-\d+"), "kvcast": re.compile(r"raw|int8|kvcast-\d+")}
+
+
+def resolve_levels(profile: Profile, spec: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """The profile levels named by `spec`, in the profile's order: None or ``all`` for every level, else a
+    comma-separated string (or a sequence) of set names of `LEVEL_SETS` and level names, united
+    (``"cachegen,cachegen-delta-3"``). ProfileError for a name that is neither a set nor a profile level, or
+    a set the profile has no level of."""
+    if spec is None:
+        return profile.level_names
+    tokens = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec) if t.strip()]
+    if not tokens:
+        raise ProfileError("no levels given (use 'all', a set name or level names)")
+    chosen: set[str] = set()
+    for token in tokens:
+        if token == "all":
+            chosen.update(profile.level_names)
+        elif token in _SET_PATTERNS:
+            names = [n for n in profile.level_names if _SET_PATTERNS[token].fullmatch(n)]
+            if not any(n not in ("raw", "int8") for n in names):
+                raise ProfileError(f"profile {profile.source or '(unnamed)'} has no level of the set {token!r} "
+                                   f"({LEVEL_SETS[token]}); it has {list(profile.level_names)}")
+            chosen.update(names)
+        else:
+            try:
+                profile.level(token)
+            except ProfileError as exc:
+                raise ProfileError(f"{exc}; or a set: {', '.join(LEVEL_SETS)}") from None
+            chosen.add(token)
+    return tuple(n for n in profile.level_names if n in chosen)
+
+
 def build_menus(profile: Profile, shape: ModelShape, context_tokens: int, chunk_tokens: int,
-                recompute: RecomputeCost, *, levels: tuple[str, ...] | None = None) -> tuple[ChunkMenu, ...]:
+                recompute: RecomputeCost, *, levels: str | tuple[str, ...] | None = None
+                ) -> tuple[ChunkMenu, ...]:
     """Menus of a ``context_tokens`` context cut into chunks of ``chunk_tokens`` (the last one may be
     shorter).
 
-    `levels` restricts the menu to some of the profile's levels (kept best quality first). The ``raw`` level's
-    size follows the model shape's ``raw_bytes_per_value``; the other levels use the profile's bits per value.
+    `levels` restricts the menu to some of the profile's levels (set names and level names, see
+    `resolve_levels`), kept in the profile's order, which need not be monotone in size or quality. The
+    ``raw`` level's size follows the model shape's ``raw_bytes_per_value``; the other levels use the
+    profile's bits per value.
     """
     if context_tokens <= 0 or chunk_tokens <= 0:
         raise ValueError(f"context_tokens and chunk_tokens must be > 0, got {context_tokens}, {chunk_tokens}")
-    rows = profile.levels if levels is None else profile.restricted(levels).levels
+    rows = profile.levels if levels is None else profile.restricted(resolve_levels(profile, levels)).levels
     if not rows:
         raise ValueError("a menu needs at least one level")
     speeds = [decode_values_per_s(profile, r.level) for r in rows]

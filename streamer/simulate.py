@@ -47,7 +47,7 @@ class SimulationConfig:
     recompute: str | None = None
     """Override of the recompute cost: ``gpu/model`` of the table, or ``a,b,c`` (see `RecomputeCost`)."""
     profile: str | None = None
-    """Path of a ``kvcast-profile/1`` JSON; None: the shipped (provisional) default profile."""
+    """Path of a ``kvcast-profile/1`` JSON; None: the shipped default profile (measured)."""
     levels: tuple[str, ...] | None = None
     """Restrict the menus to these levels of the profile (None: all)."""
     chunk_tokens: int = 1536

@@ -36,11 +36,17 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 
 # ----------------------------------------------------------------------------------------- helpers
 
-def make_menus(rng: random.Random, n: int, levels: int, decode: bool = True) -> tuple[ChunkMenu, ...]:
-    """Random menus: sizes fall and losses rise from level to level; recompute grows with position."""
+def make_menus(rng: random.Random, n: int, levels: int, decode: bool = True,
+               monotone: bool = True) -> tuple[ChunkMenu, ...]:
+    """Random menus: sizes fall and losses rise from level to level (unless `monotone` is False: then sizes
+    and losses are drawn independently per level, so the menu's order means nothing and some levels may be
+    dominated, as in the measured profile); recompute grows with position."""
     base = rng.uniform(0.5e6, 4e6)
-    ratios = sorted((rng.uniform(0.15, 1.0) for _ in range(levels)), reverse=True)
-    losses = sorted(rng.choice([0.0, rng.uniform(0, 0.1)]) for _ in range(levels))
+    ratios = [rng.uniform(0.15, 1.0) for _ in range(levels)]
+    losses = [rng.choice([0.0, rng.uniform(0, 0.1)]) for _ in range(levels)]
+    if monotone:
+        ratios.sort(reverse=True)
+        losses.sort()
     decodes = [rng.uniform(0, 0.02) if decode else 0.0 for _ in range(levels)]
     r0, slope = rng.uniform(0.01, 0.2), rng.uniform(0, 0.03)
     menus = []
@@ -96,10 +102,11 @@ class Scripted(Policy):
 @SETTINGS
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 8), levels=st.integers(1, 3),
        horizon=st.integers(1, 4), weight=st.sampled_from([0.05, 1.0, 20.0, 500.0]),
-       bw=st.sampled_from([0.0, 1e7, 1e8, 1e9, 1e12]), decided=st.sampled_from([0.0, 0.3]))
-def test_mpc_search_picks_the_enumerated_plan(seed, n, levels, horizon, weight, bw, decided):
+       bw=st.sampled_from([0.0, 1e7, 1e8, 1e9, 1e12]), decided=st.sampled_from([0.0, 0.3]),
+       monotone=st.booleans())
+def test_mpc_search_picks_the_enumerated_plan(seed, n, levels, horizon, weight, bw, decided, monotone):
     rng = random.Random(seed)
-    menus = make_menus(rng, n, levels)
+    menus = make_menus(rng, n, levels, monotone=monotone)
     session = Session(menus, slo_s=rng.uniform(0.05, 2.0), rtt_s=0.001)
     state = random_state(rng, menus, decided)
     pending = state.pending
@@ -138,9 +145,10 @@ def test_mpc_model_matches_the_planning_model_without_tail():
         session = Session(menus, slo_s=rng.uniform(0.1, 1.0))
         tp = ConstantThroughput(rng.uniform(1e7, 1e9))
         state = PlanState.initial(session)
-        problem = M.build_problem(M.SessionTables.of(session), range(4), state, tp, session.slo_s, 20.0, 4)
-        for plan in itertools.product(range(3), repeat=4):
-            names = [("l0", "l1", TEXT)[a] for a in plan]
+        tables = M.SessionTables.of(session)
+        problem = M.build_problem(tables, range(4), state, tp, session.slo_s, 20.0, 4)
+        for plan in itertools.product(range(problem.n_actions), repeat=4):
+            names = [(*tables.names, TEXT)[a] for a in plan]
             res = simulate_plan(state, list(zip(range(4), names)), tp)
             expected = res.quality_loss + problem.mu * res.overrun_s(session.slo_s)
             assert M.plan_cost(problem, plan) == pytest.approx(expected, rel=1e-9, abs=1e-12)
@@ -200,18 +208,19 @@ def test_decisions_are_valid_and_complete(seed, n, spec, bw, prior):
     assert result.ttft_s >= max(result.ready_s) - 1e-12
 
 
+@pytest.mark.parametrize("monotone", [True, False])
 @pytest.mark.parametrize("spec", POLICIES)
-def test_huge_bandwidth_means_the_best_level_everywhere(spec):
+def test_huge_bandwidth_means_the_best_level_everywhere(spec, monotone):
     rng = random.Random(3)
     for _ in range(10):
-        menus = make_menus(rng, rng.randint(1, 8), 3, decode=False)
+        menus = make_menus(rng, rng.randint(1, 8), 3, decode=False, monotone=monotone)
         slo = min(m.recompute_s for m in menus) * 0.9  # recomputing any chunk misses it; loads take ~RTTs
         tp = ConstantThroughput(1e15, 1e-6)
         result = run(spec, menus, slo, tp, 1e15)
-        # the best quality on every chunk (levels of equal loss are equally good)
+        # the best quality on every chunk (levels of equal loss are equally good), wherever it is on the menu
         assert TEXT not in result.actions
         assert [m.option(a).quality_loss for m, a in zip(menus, result.actions)] == \
-            [m.levels[0].quality_loss for m in menus]
+            [min(o.quality_loss for o in m.levels) for m in menus]
 
 
 @pytest.mark.parametrize("spec", POLICIES)
@@ -296,10 +305,10 @@ def brute_force_cake(state: PlanState, tp, slo) -> tuple[float, float, float]:
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 5), levels=st.integers(1, 3))
-def test_oracle_searches_are_exact_over_their_families(seed, n, levels):
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 5), levels=st.integers(1, 3), monotone=st.booleans())
+def test_oracle_searches_are_exact_over_their_families(seed, n, levels, monotone):
     rng = random.Random(seed)
-    menus = make_menus(rng, n, levels)
+    menus = make_menus(rng, n, levels, monotone=monotone)
     slo = rng.uniform(0.02, 1.0)
     tp = ConstantThroughput(rng.uniform(1e7, 1e9), 0.001)
     state = PlanState.initial(Session(menus, slo))
@@ -443,3 +452,160 @@ def test_policy_specs_and_errors():
     with pytest.raises(ValueError, match="future"):
         OraclePolicy().reset(Session(make_menus(random.Random(0), 2, 1), 1.0))
     assert HybridPolicy.needs_future is False and OraclePolicy.needs_future is True
+
+
+# ----------------------------------------------------------------------------------------- non-monotone menus
+
+def shuffled_menu(order: tuple[str, ...]) -> tuple[ChunkMenu, ...]:
+    """Three chunks with the measured profile's pattern: per level (bytes, decode, loss) listed in `order`;
+    "dom" is beaten on everything by "good", "fast" decodes fastest but is large."""
+    table = {"good": (2_000_000, 0.004, 0.005), "dom": (3_000_000, 0.004, 0.010),
+             "fast": (8_000_000, 0.0005, 0.0001), "tiny": (1_000_000, 0.004, 0.08)}
+    return tuple(ChunkMenu(i, 100 * i, 100, tuple(LevelOption(n, *table[n]) for n in order), 0.05 + 0.01 * i)
+                 for i in range(3))
+
+
+def test_undominated_levels_and_orders_ignore_the_menu_order():
+    from policies.base import by_quality, smallest, undominated_levels
+
+    for order in (("dom", "good", "tiny", "fast"), ("fast", "tiny", "dom", "good"), ("tiny", "good", "fast", "dom")):
+        menus = shuffled_menu(order)
+        assert undominated_levels(menus) == tuple(n for n in order if n != "dom")
+        assert by_quality(menus) == ("fast", "good", "dom", "tiny")
+        assert smallest(menus) == "tiny"
+    # equal options: the first in menu order stays
+    opts = (LevelOption("a", 10, 0.0, 0.1), LevelOption("b", 10, 0.0, 0.1))
+    assert undominated_levels((ChunkMenu(0, 0, 10, opts, 1.0),)) == ("a",)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 7), levels=st.integers(2, 4),
+       horizon=st.integers(1, 3), weight=st.sampled_from([0.05, 1.0, 20.0, 500.0]),
+       bw=st.sampled_from([1e7, 1e8, 1e9]), decided=st.sampled_from([0.0, 0.3]))
+def test_mpc_pruning_dominated_levels_keeps_the_best_cost(seed, n, levels, horizon, weight, bw, decided):
+    """On a non-monotone menu with dominated levels, the pruned problem's best cost is the unpruned one's."""
+    rng = random.Random(seed)
+    menus = make_menus(rng, n, levels, monotone=False)
+    # add a level dominated by a random one (bigger, slower, worse), somewhere in the menu
+    src = rng.randrange(levels)
+    at = rng.randrange(levels + 1)
+    menus = tuple(ChunkMenu(m.index, m.start_token, m.tokens, m.levels[:at] + (LevelOption(
+        "worse", m.levels[src].nbytes + rng.randint(0, 10**5), m.levels[src].decode_s * rng.uniform(1, 2),
+        m.levels[src].quality_loss + rng.choice([0.0, 0.01])),) + m.levels[at:], m.recompute_s) for m in menus)
+    session = Session(menus, slo_s=rng.uniform(0.05, 2.0), rtt_s=0.001)
+    state = random_state(rng, menus, decided)
+    assume(state.pending)
+    tp = ConstantThroughput(bw, 0.001)
+    pruned_tables = M.SessionTables.of(session)
+    full_tables = M.SessionTables.of(session, prune=False)
+    assert "worse" not in pruned_tables.names and pruned_tables.q_span == full_tables.q_span
+    pruned = M.build_problem(pruned_tables, state.pending, state, tp, session.slo_s, weight, horizon)
+    full = M.build_problem(full_tables, state.pending, state, tp, session.slo_s, weight, horizon)
+    plan, cost = M.search_plan(pruned)
+    assert (plan, cost) == M.enumerate_plan(pruned)
+    assert cost == M.enumerate_plan(full)[1]
+    assert M.search_plan(full) == M.enumerate_plan(full)
+
+
+def test_mpc_tail_after_text_loads_the_best_fitting_level_not_the_first():
+    menus = shuffled_menu(("tiny", "dom", "good", "fast"))
+    session = Session(menus, slo_s=1.0)
+    tables = M.SessionTables.of(session)
+    assert tables.names == ("tiny", "good", "fast")
+    problem = M.build_problem(tables, range(3), PlanState.initial(session), ConstantThroughput(1e12), 1.0,
+                              horizon=1)
+    assert tables.names[problem.text_tail_level] == "fast"  # everything fits: the least loss
+    problem = M.build_problem(tables, range(3), PlanState.initial(session), ConstantThroughput(2e8), 1.0,
+                              horizon=1)
+    # 2 chunks at 200 Mbit/s: fast 0.64 s, good 0.16 s, tiny 0.08 s all fit 1 s; fast has the least loss
+    assert tables.names[problem.text_tail_level] == "fast"
+    problem = M.build_problem(tables, range(3), PlanState.initial(session), ConstantThroughput(4e7), 1.0,
+                              horizon=1)
+    # at 40 Mbit/s: good 0.8 s fits, fast (3.2 s) does not; tiny fits too but loses more
+    assert tables.names[problem.text_tail_level] == "good"
+
+
+@pytest.mark.parametrize("spec", ["mpc", "hybrid"])
+def test_probe_without_any_estimate_uses_the_smallest_level(spec):
+    menus = shuffled_menu(("fast", "tiny", "good", "dom"))  # the smallest is not the last
+    session = Session(menus, slo_s=1.0, rtt_s=0.001)
+    policy = default_registry().create(spec)
+    result = dry_run(policy, session, ConstantThroughput(1e9, 0.001))
+    first_load = next(c for c in result.decision_order if result.actions[c] != TEXT)
+    assert result.actions[first_load] == "tiny"
+
+
+@pytest.mark.parametrize("order", [("dom", "good", "tiny", "fast"), ("fast", "tiny", "dom", "good")])
+def test_cachegen_on_a_non_monotone_menu_takes_the_least_loss_that_fits(order):
+    from policies.cachegen import CacheGenPolicy
+
+    menus = shuffled_menu(order)
+    for bw, expected in ((1e12, "fast"), (1.2e8, "good"), (6e7, "tiny"), (1e6, TEXT)):
+        session = Session(menus, slo_s=0.6, prior_throughput_bps=bw)
+        policy = CacheGenPolicy(levels="menu")
+        policy.reset(session)
+        assert policy.tried == ("fast", "good", "dom", "tiny")
+        obs = Observation(0.0, session, (0, 1, 2), (None,) * 3, (False,) * 3, True, True, 0.0, 0.0, 0.0)
+        assert policy.decide(obs).action == expected, bw
+    policy = CacheGenPolicy("levels=menu")
+    policy.reset(Session(menus, slo_s=0.6))  # no prior: the most compressed level
+    obs = Observation(0.0, policy.session, (0, 1, 2), (None,) * 3, (False,) * 3, True, True, 0.0, 0.0, 0.0)
+    assert policy.decide(obs).action == "tiny"
+
+
+def real_menus(levels=None):
+    from streamer.menus import ModelShape, build_menus, recompute_cost
+    from streamer.profile import default_profile
+
+    return build_menus(default_profile(), ModelShape.named("mistral-7b"), 16000, 1536,
+                       recompute_cost("h100/mistral-7b"), levels=levels)
+
+
+def test_cachegen_controllers_use_cachegens_levels_by_default():
+    from policies.cachegen import CACHEGEN_LEVELS
+
+    menus = real_menus()  # every level of the measured profile
+    reg = default_registry()
+    for spec in ("cachegen", "cachegen-code"):
+        policy = reg.create(spec)
+        policy.reset(Session(menus, 0.6, future_bandwidth_bps=lambda t: 1e9))
+        assert policy.tried == ("raw", "cachegen-3", "cachegen-2", "cachegen-1")
+        menu_policy = reg.create(f"{spec}:levels=menu" if spec == "cachegen" else f"{spec}:menu")
+        menu_policy.reset(Session(menus, 0.6, future_bandwidth_bps=lambda t: 1e9))
+        assert set(menu_policy.tried) == {o.level for o in menus[0].levels}
+        losses = [menus[0].option(n).quality_loss for n in menu_policy.tried]
+        assert losses == sorted(losses)
+    rng = random.Random(2)
+    times = [0.0] + sorted(rng.uniform(0, 3) for _ in range(30)) + [3.5]
+    trace = Trace(times, [rng.uniform(0.3e9, 8e9) for _ in range(len(times) - 1)], wrap=True)
+    for spec in ("cachegen", "cachegen:3", "cachegen-code"):
+        result = simulate_session(reg.create(spec), menus, trace, slo_s=0.6, rtt_s=0.01, prior_throughput_bps=2e9)
+        assert {c.action for c in result.chunks} <= set(CACHEGEN_LEVELS) | {TEXT}
+    # a menu without CacheGen's levels: the rule runs on the menu's levels
+    policy = reg.create("cachegen")
+    policy.reset(Session(real_menus("kvcast"), 0.6))
+    assert policy.tried == ("raw", "kvcast-4", "int8", "kvcast-3", "kvcast-2", "kvcast-1")
+    with pytest.raises(ValueError, match="levels must be"):
+        reg.create("cachegen:levels=fast")
+
+
+def test_planning_controllers_on_the_measured_menu_avoid_dominated_levels():
+    """Every level of the measured profile on the menu (CacheGen levels dominated by kvcast ones, menu order
+    monotone in nothing): mpc, hybrid and oracle never load a dominated level, and the oracle is never worse
+    on overrun."""
+    from policies.base import undominated_levels
+
+    menus = real_menus()
+    keep = set(undominated_levels(menus))
+    assert {"cachegen-3", "cachegen-2", "cachegen-1"}.isdisjoint(keep) and "kvcast-3" in keep
+    rng = random.Random(11)
+    for _ in range(3):
+        times = [0.0] + sorted(rng.uniform(0, 3) for _ in range(30)) + [3.5]
+        trace = Trace(times, [rng.uniform(0.2e9, 6e9) for _ in range(len(times) - 1)], wrap=True)
+        results = {spec: simulate_session(default_registry().create(spec), menus, trace, slo_s=0.6, rtt_s=0.01,
+                                          efficiency=0.95, overhead_bytes=400, prior_throughput_bps=2e9)
+                   for spec in ("mpc", "hybrid", "oracle", "cachegen")}
+        for spec in ("mpc", "hybrid", "oracle"):
+            assert {c.action for c in results[spec].chunks} <= keep | {TEXT}, spec
+            assert results["oracle"].overrun_s <= results[spec].overrun_s + 1e-9
+        assert results["oracle"].overrun_s <= results["cachegen"].overrun_s + 1e-9

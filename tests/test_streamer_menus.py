@@ -7,20 +7,29 @@ import math
 
 import pytest
 
-from streamer.menus import (DEFAULT_DECODE_VALUES_PER_S, MODEL_SHAPES, ModelShape, RecomputeCost, build_menus,
-                            recompute_cost, recompute_costs)
+from streamer.menus import (DEFAULT_DECODE_VALUES_PER_S, LEVEL_SETS, MODEL_SHAPES, ModelShape, RecomputeCost,
+                            build_menus, recompute_cost, recompute_costs, resolve_levels)
 from streamer.profile import Profile, ProfileError, default_profile
 
 
-def test_default_profile_is_valid_best_first_and_marked_provisional():
+def test_default_profile_is_the_measured_one_with_every_codec_level():
+    import codec
+
     p = default_profile()
-    assert p.provisional and "PROVISIONAL" in p.note
-    assert p.level_names[:2] == ("raw", "int8")
-    losses = [r.quality_loss for r in p.levels]
-    assert losses == sorted(losses)
+    assert not p.provisional and "kvcast eval codec" in p.note and "test" in p.note
+    assert p.level_names == tuple(codec.levels())
+    assert p.quality_metric == "kl_per_token" and p.model_layers == 30
+    for r in p.levels:
+        assert r.kl_per_token == r.quality_loss and 0 < r.bits_per_value <= 16.01
+        assert r.top1_agreement is not None and 0.5 < r.top1_agreement <= 1.0
+    assert p.level("raw").quality_loss < 1e-6  # fp16 rounding of the fp32 model's KV
+    # measured: kvcast-3 is smaller and better than cachegen-3 (after it in codec.levels()), so the
+    # profile's order is monotone in neither bits nor quality
+    k3, c3 = p.level("kvcast-3"), p.level("cachegen-3")
+    assert k3.bits_per_value < c3.bits_per_value and k3.quality_loss < c3.quality_loss
     bits = [r.bits_per_value for r in p.levels]
-    assert bits == sorted(bits, reverse=True)
-    assert p.level("cachegen-2").bits_per_value == 2.94
+    losses = [r.quality_loss for r in p.levels]
+    assert bits != sorted(bits, reverse=True) and losses != sorted(losses)
 
 
 def test_profile_round_trip(tmp_path):
@@ -36,7 +45,7 @@ def test_profile_round_trip(tmp_path):
     (lambda d: d.update(levels=[]), "'levels' must be a non-empty list"),
     (lambda d: d["levels"][1].pop("bits_per_value"), r"levels\[1\] \(int8\).bits_per_value is missing"),
     (lambda d: d["levels"][2].update(quality_loss="x"),
-     r"levels\[2\] \(cachegen-delta-3\).quality_loss must be"),
+     r"levels\[2\] \(kvcast-4\).quality_loss must be"),
     (lambda d: d["levels"][0].update(bits_per_value=-1), "must be > 0"),
     (lambda d: d["levels"][3].update(level="raw"), "appears twice"),
     (lambda d: d["levels"][3].update(level="text"), "other than 'text'"),
@@ -101,9 +110,9 @@ def test_menus_scale_the_profile_to_the_target_model():
     assert [m.start_token for m in menus] == [0, 1536, 3072]
     values = 1536 * shape.values_per_token
     row = menus[0].option("cachegen-2")
-    assert row.nbytes == math.ceil(values * 2.94 / 8)
+    assert row.nbytes == math.ceil(values * p.level("cachegen-2").bits_per_value / 8)
     assert row.decode_s == pytest.approx(values / DEFAULT_DECODE_VALUES_PER_S["cachegen-2"])
-    assert row.quality_loss == 0.0368
+    assert row.quality_loss == p.level("cachegen-2").quality_loss
     assert menus[0].option("raw").nbytes == 1536 * shape.raw_bytes_per_token
     assert menus[0].option("raw").decode_s == 0.0
     assert menus[2].recompute_s == pytest.approx(cost.prefill_s(3072, 928))
@@ -112,7 +121,8 @@ def test_menus_scale_the_profile_to_the_target_model():
 
 def test_menus_use_measured_gpu_decode_speed_and_level_restriction():
     data = default_profile().to_json_dict()
-    data["levels"][4]["gpu_decode_values_per_s"] = 1e9
+    index = [row["level"] for row in data["levels"]].index("cachegen-2")
+    data["levels"][index]["gpu_decode_values_per_s"] = 1e9
     p = Profile.from_json_dict(data)
     menus = build_menus(p, ModelShape.named("smollm2-135m"), 2048, 2048, recompute_cost("h100/smollm2-135m"),
                         levels=("cachegen-2", "raw"))
@@ -121,3 +131,23 @@ def test_menus_use_measured_gpu_decode_speed_and_level_restriction():
     with pytest.raises(ProfileError, match="no level 'zstd'"):
         build_menus(p, ModelShape.named("smollm2-135m"), 10, 10, recompute_cost("h100/smollm2-135m"),
                     levels=("zstd",))
+
+
+def test_level_sets_pick_menus_in_the_profile_order():
+    p = default_profile()
+    assert resolve_levels(p, None) == resolve_levels(p, "all") == p.level_names
+    assert resolve_levels(p, "cachegen") == ("raw", "int8", "cachegen-3", "cachegen-2", "cachegen-1")
+    assert resolve_levels(p, "kvcast") == ("raw", "int8", "kvcast-4", "kvcast-3", "kvcast-2", "kvcast-1")
+    # sets and names unite, in the profile's order
+    assert resolve_levels(p, "cachegen-delta-3,cachegen") == ("raw", "int8", "cachegen-delta-3", "cachegen-3",
+                                                              "cachegen-2", "cachegen-1")
+    assert resolve_levels(p, ("kvcast-2", "raw")) == ("raw", "kvcast-2")
+    assert set(LEVEL_SETS) == {"all", "cachegen", "kvcast"}
+    menus = build_menus(p, ModelShape.named("mistral-7b"), 4000, 1536, recompute_cost("h100/mistral-7b"),
+                        levels="kvcast")
+    assert [o.level for o in menus[0].levels] == list(resolve_levels(p, "kvcast"))
+    with pytest.raises(ProfileError, match="no level 'zstd'.*or a set: all, cachegen, kvcast"):
+        resolve_levels(p, "zstd")
+    only_cachegen = p.restricted(["raw", "cachegen-2"])
+    with pytest.raises(ProfileError, match="no level of the set 'kvcast'"):
+        resolve_levels(only_cachegen, "kvcast")
