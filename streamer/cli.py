@@ -92,7 +92,10 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
             help="Recompute cost override: gpu/model or a,b,c (s/token, s/token pair, s).")] = None,
         profile: Annotated[Optional[Path], typer.Option(
             help="kvcast-profile/1 JSON (default: the shipped profile, measured on WikiText-2 test).")] = None,
-        levels: Annotated[Optional[str], typer.Option(help="Comma-separated levels to offer (default: all).")]
+        levels: Annotated[Optional[str], typer.Option(
+            help="Codec levels on the menu, comma-separated, united: a set (all, cachegen = raw, int8, "
+                 "cachegen-N; kvcast = raw, int8, kvcast-N) or level names. Default: all. cachegen and "
+                 "cachegen-code only use CacheGen's own levels of it.")]
         = None,
         chunk_tokens: Annotated[int, typer.Option(help="Tokens per chunk.")] = 1536,
         context_tokens: Annotated[str, typer.Option(
@@ -238,13 +241,16 @@ def run_simulation(traces: list[Any], config: Any, out: Path, *, workers: int | 
     summary = summarize(sessions, seed=config.seed)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     title = (f"{len(traces)} traces x {config.contexts} contexts, SLO {config.slo_s:g} s, {config.model}, "
-             f"{config.gpu}")
+             f"{config.gpu}, levels {','.join(config.levels) if config.levels else 'all'}")
     (out / "summary.md").write_text(f"# kvcast simulate: {title}\n\n95% bootstrap CIs in brackets.\n\n"
                                     + markdown_table(summary))
     plot_ttft_cdf(sessions, out / "ttft_cdf.png", slo_s=config.slo_s)
     plot_pareto(summary, out / "pareto.png")
-    run = {"config": config.to_json_dict(), "traces": len(traces), "sessions": len(sessions),
-           "chunks": chunks,
+    from streamer.menus import resolve_levels
+
+    menu_levels = list(resolve_levels(config.load_profile(), config.levels))
+    run = {"config": config.to_json_dict(), "menu_levels": menu_levels, "traces": len(traces),
+           "sessions": len(sessions), "chunks": chunks,
            "wall_s": wall, "chunks_per_s": chunks / wall if wall > 0 else None,
            "skipped_traces": [{"path": p, "error": e} for p, e in (skipped or [])]}
     (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")

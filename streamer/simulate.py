@@ -49,7 +49,9 @@ class SimulationConfig:
     profile: str | None = None
     """Path of a ``kvcast-profile/1`` JSON; None: the shipped default profile (measured)."""
     levels: tuple[str, ...] | None = None
-    """Restrict the menus to these levels of the profile (None: all)."""
+    """The codec levels on the menu: set names (``all``, ``cachegen``, ``kvcast``; `streamer.menus.LEVEL_SETS`)
+    and level names of the profile, united, kept in the profile's order (None: all). The CacheGen controllers
+    use only CacheGen's own levels of the menu; `mpc`, `hybrid` and `oracle` use all of it."""
     chunk_tokens: int = 1536
     """Tokens per chunk (CacheGen used ~1.5K)."""
     context_tokens: tuple[int, int] = (12288, 20480)

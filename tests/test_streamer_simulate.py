@@ -100,6 +100,41 @@ def test_all_zero_trace_is_reported_or_skipped(trace_dir, tmp_path):
     assert run["traces"] == 2 and run["skipped_traces"][0]["path"].endswith("dead")
 
 
+@pytest.mark.parametrize("levels, menu", [
+    ("cachegen", ["raw", "int8", "cachegen-3", "cachegen-2", "cachegen-1"]),
+    ("kvcast", ["raw", "int8", "kvcast-4", "kvcast-3", "kvcast-2", "kvcast-1"]),
+    ("kvcast-2,cachegen-1,raw", ["raw", "kvcast-2", "cachegen-1"]),
+    ("all", None),
+])
+def test_simulate_levels_choose_the_menu(trace_dir, tmp_path, levels, menu):
+    from policies.cachegen import CACHEGEN_LEVELS
+    from streamer.profile import default_profile
+
+    menu = menu or list(default_profile().level_names)
+    out = tmp_path / "out"
+    result = simulate(["--traces", str(trace_dir), "--policies", "cachegen,cachegen-code,mpc,oracle", "--out",
+                       str(out), "--contexts", "3", "--workers", "1", "--levels", levels])
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "run.json").read_text())
+    assert run["menu_levels"] == menu
+    chunks = [json.loads(line) for line in (out / "chunks.jsonl").read_text().splitlines()]
+    used = {}
+    for c in chunks:
+        used.setdefault(c["policy"], set()).add(c["action"])
+    for policy, actions in used.items():
+        assert actions <= set(menu) | {"text"}, policy
+    if any(n.startswith("cachegen-") for n in menu):  # CacheGen's controllers keep to CacheGen's levels
+        assert used["cachegen"] <= set(CACHEGEN_LEVELS) | {"text"}
+        assert used["cachegen-code"] <= set(CACHEGEN_LEVELS) | {"text"}
+
+
+def test_simulate_levels_errors_name_the_level(tmp_path):
+    result = simulate(["--policies", "text", "--out", str(tmp_path / "z"), "--levels", "cachegen,zstd"])
+    assert result.exit_code == 2 and "no level 'zstd'" in result.output
+    result = simulate(["--policies", "fixed:cachegen-2", "--out", str(tmp_path / "z"), "--levels", "kvcast"])
+    assert result.exit_code == 2 and "cachegen-2" in result.output
+
+
 def test_bad_options_are_reported_before_running(tmp_path):
     result = simulate(["--policies", "nosuch", "--out", str(tmp_path / "z")])
     assert result.exit_code == 2 and "unknown policy 'nosuch'" in result.output
