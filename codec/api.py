@@ -26,7 +26,7 @@ import torch
 
 from codec.container import Section, Unpacked, pack, unpack
 from codec.entropy import CoderPool
-from codec.pipeline import dequantize_absmax, pack_parts, quantize_absmax, unpack_parts
+from codec.pipeline import dequantize_absmax, pack_parts, quantize_absmax, split_payload, unpack_parts
 from codec.errors import CodecError
 from codec.levels import LevelRegistry, LevelSpec
 from codec.sensitivity import SensitivityTable, TableRegistry
@@ -205,10 +205,7 @@ class Codec:
             cdfs[i].append(parts["cdf"])
             if spec.delta_group:
                 anchors.append(parts["anchors"])
-            pos = 0
-            for n in reply["lengths"]:
-                streams.append(parts["streams"][pos:pos + n])
-                pos += n
+            streams.extend(split_payload(parts["streams"], reply["lengths"]))
         header["streams"] = {"count": len(streams), "tokens_per_stream": spec.tokens_per_stream,
                              "channels_per_stream": spec.channels_per_stream, "order": STREAM_ORDER}
         sections = [Section("scales", torch.stack(scales).view(2, layers, tokens).numpy()),
@@ -239,10 +236,7 @@ class Codec:
         groups = [(reply, unpack_parts(reply["parts"], data)) for reply, data in results]
         streams: list[bytes] = []
         for reply, parts in groups:
-            pos = 0
-            for n in reply["lengths"]:
-                streams.append(parts["streams"][pos:pos + n])
-                pos += n
+            streams.extend(split_payload(parts["streams"], reply["lengths"]))
         header["grid"] = {"context_end": context_end, "sink_rows": sink_rows,
                           "tops": [[int(t) for t in reply["tops"]] for reply, _ in groups],
                           "raw_bits": [[int(b) for b in reply["raw_bits"]] for reply, _ in groups],

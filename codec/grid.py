@@ -292,17 +292,12 @@ def handle_encode_grid(meta: dict, blob: bytes) -> tuple[dict, bytes]:
 
 
 def handle_decode_grid(meta: dict, blob: bytes) -> tuple[dict, bytes]:
-    from codec.pipeline import TORCH_DTYPES, pack_parts, unpack_parts
+    from codec.pipeline import TORCH_DTYPES, pack_parts, split_payload, unpack_parts
 
     parts = unpack_parts(meta["parts"], blob)
-    payload, pos, streams = parts["streams"], 0, []
-    for n in meta["lengths"]:
-        streams.append(payload[pos:pos + n])
-        pos += n
-    parts["streams"] = streams
+    parts["streams"] = split_payload(parts["streams"], meta["lengths"])
     for name in ("classes", "cdf"):
         parts[name] = np.asarray(parts[name])
-    parts["streams"] = streams
     params = dict(meta["params"])
     params["out_dtype"] = TORCH_DTYPES[params["out_dtype"]]
     y = decode_grid_layer(parts, **params)

@@ -203,13 +203,18 @@ def handle_encode(meta: dict, blob: bytes) -> tuple[dict, bytes]:
     return {"parts": parts_meta, "lengths": [len(s) for s in streams]}, out
 
 
+def split_payload(payload: bytes | memoryview, lengths: Sequence[int]) -> list:
+    """Cut a concatenation of streams back into streams of the given lengths."""
+    out, pos = [], 0
+    for n in lengths:
+        out.append(payload[pos:pos + n])
+        pos += n
+    return out
+
+
 def handle_decode(meta: dict, blob: bytes) -> tuple[dict, bytes]:
     parts = unpack_parts(meta["parts"], blob)
-    payload, pos, streams = parts["streams"], 0, []
-    for n in meta["lengths"]:
-        streams.append(payload[pos:pos + n])
-        pos += n
-    parts["streams"] = streams
+    parts["streams"] = split_payload(parts["streams"], meta["lengths"])
     y = decode_layer(parts, **meta["params"])
     parts_meta, out = pack_parts({"y": y})
     return {"parts": parts_meta}, out
@@ -234,11 +239,3 @@ def handle(meta: dict, blob: bytes) -> tuple[dict, bytes]:
     except KeyError:
         raise CodecError(f"unknown coder op {op!r}") from None
     return handler(meta, blob)
-
-
-def split_streams(reply: dict, blob_parts: dict[str, Any]) -> list[bytes]:
-    payload, pos, out = blob_parts["streams"], 0, []
-    for n in reply["lengths"]:
-        out.append(payload[pos:pos + n])
-        pos += n
-    return out
