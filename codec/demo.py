@@ -22,6 +22,7 @@ from codec.evaluate import (
     find_datasets_dir,
     passages_from_text,
     read_text,
+    warm_up_levels,
 )
 from codec.hf import cache_from_kv, kv_from_cache, kv_values
 
@@ -67,10 +68,11 @@ def run_demo(*, out: Path = Path("out/demo"), context_tokens: int = 1536, next_t
     rows: list[dict[str, Any]] = []
     out.mkdir(parents=True, exist_ok=True)
     decoded_by_level: dict[str, Any] = {}
+    with console.status("Warming up the coder ..."):
+        warm_up_levels(levels, kv, fingerprint)
     with console.status("Encoding ...") as status:
         for level in levels:
             status.update(f"Level {level}: encode, decode, continue ...")
-            codec.decode(codec.encode([(k[:, :, :8], v[:, :, :8]) for k, v in kv], level, model=fingerprint))
             t0 = time.perf_counter()
             data = codec.encode(kv, level, model=fingerprint)
             t1 = time.perf_counter()

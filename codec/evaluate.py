@@ -315,7 +315,7 @@ def run_codec_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any 
                 kv = kv_from_cache(model(ctx, use_cache=True, logits_to_keep=1).past_key_values)
             exact = continuation_logits(model, kv, fed)
             if index == 0:
-                _warm_up(levels, kv, fingerprint)
+                warm_up_levels(levels, kv, fingerprint)
             for row in rows[:len(levels)]:
                 advance(f"passage {index + 1}/{len(passages)}: {row.name}")
                 _score_level(row, kv, fed, targets, exact, model, fingerprint, settings)
@@ -381,10 +381,12 @@ def _score_level(row: _Row, kv: KV, fed: torch.Tensor, targets: torch.Tensor, ex
                             "encode_s": t1 - t0, "decode_s": t2 - t1, **sums.summary()})
 
 
-def _warm_up(levels: Sequence[str], kv: KV, fingerprint: Any) -> None:
-    """One small encode/decode per level, so one-time set-up (extension build, worker start) is not timed."""
+def warm_up_levels(levels: Sequence[str], kv: KV, fingerprint: Any) -> None:
+    """Start the coder processes and run one small encode/decode per level, so one-time set-up (extension
+    build, worker start, table load) is not timed."""
     import codec
 
+    codec.default_codec().pool.warm_up()
     part = slice_kv(kv, 0, min(16, kv_tokens(kv)))
     for level in levels:
         codec.decode(codec.encode(part, level, model=fingerprint))
