@@ -18,22 +18,24 @@ Header fields (JSON, see `codec.container` for the binary layout)::
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from codec.container import Section, Unpacked, pack, unpack
 from codec.entropy import CoderPool
-from codec.pipeline import dequantize_absmax, pack_parts, quantize_absmax, split_payload, unpack_parts
 from codec.errors import CodecError
 from codec.levels import LevelRegistry, LevelSpec
+from codec.pipeline import dequantize_absmax, pack_parts, quantize_absmax, split_payload, unpack_parts
 from codec.sensitivity import SensitivityTable, TableRegistry
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-from codec.pipeline import FP16_MAX as _FP16_MAX  # noqa: E402
+from codec.pipeline import FP16_MAX as _FP16_MAX
+
 STREAM_ORDER = "kv,layer,token_block,channel_group"
 GRID_STREAM_ORDER = "kv,layer,token_block,class"
 
@@ -53,14 +55,14 @@ class ModelFingerprint:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelFingerprint":
+    def from_dict(cls, d: dict[str, Any]) -> ModelFingerprint:
         try:
             return cls(name=str(d["name"]), layers=int(d["layers"]), kv_heads=int(d["kv_heads"]),
                        head_dim=int(d["head_dim"]), dtype=str(d["dtype"]), rope=d.get("rope"))
         except (KeyError, TypeError, ValueError) as exc:
             raise CodecError(f"malformed model fingerprint in header: {exc}") from None
 
-    def same_shape(self, other: "ModelFingerprint") -> bool:
+    def same_shape(self, other: ModelFingerprint) -> bool:
         return (self.layers, self.kv_heads, self.head_dim) == (other.layers, other.kv_heads, other.head_dim)
 
 

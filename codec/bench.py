@@ -49,7 +49,6 @@ def run_codec_bench(*, tokens: int = 2048, levels: str = "", repeats: int = 5, w
     import codec
     from codec.api import Codec
     from codec.entropy import CoderPool
-
     from codec.sensitivity import SensitivityTable
 
     if source == "smollm2":

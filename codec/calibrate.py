@@ -11,8 +11,9 @@ per-position curve gives the distance-from-end profile (`codec.sensitivity`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -19,7 +18,7 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         repeats: int = typer.Option(5, help="Timed repetitions per level (median reported)."),
         workers: int = typer.Option(0, help="Coder processes (0: one per core)."),
         source: str = typer.Option("synthetic", help="'synthetic' (SmolLM2-shaped random KV) or 'smollm2'."),
-        out: Optional[Path] = typer.Option(None, help="Also write the JSON here."),
+        out: Path | None = typer.Option(None, help="Also write the JSON here."),
     ) -> None:
         """Encode/decode speed per level: Msymbols/s and MB/s of fp16 in/out."""
         from codec.bench import run_codec_bench
@@ -41,8 +40,8 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
                                       "'' for none."),
         split: str = typer.Option("test", help="'test' (wikitext-2-raw/wiki.test.raw, for reporting) or 'valid' "
                                   "(wikitext-2/valid.txt, for tuning)."),
-        datasets: Optional[Path] = typer.Option(None, help="Datasets folder (default: ../shared/datasets)."),
-        text_file: Optional[Path] = typer.Option(None, "--text-file", help="Evaluate on this UTF-8 text instead."),
+        datasets: Path | None = typer.Option(None, help="Datasets folder (default: ../shared/datasets)."),
+        text_file: Path | None = typer.Option(None, "--text-file", help="Evaluate on this UTF-8 text instead."),
         threads: int = typer.Option(2, help="torch threads (0: torch's default)."),
     ) -> None:
         """Rate (bits/value) vs quality (KL, top-1, ΔPPL) of every level on SmolLM2-135M and WikiText-2."""
@@ -75,8 +74,8 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         tokens: int = typer.Option(1536, help="Context tokens."),
         next_tokens: int = typer.Option(128, "--next-tokens", help="Next tokens scored on the decoded cache."),
         levels: str = typer.Option("", help="Comma-separated levels (default: all)."),
-        text_file: Optional[Path] = typer.Option(None, "--text-file", help="Use this UTF-8 text file."),
-        datasets: Optional[Path] = typer.Option(None, help="Datasets folder (default: ../shared/datasets)."),
+        text_file: Path | None = typer.Option(None, "--text-file", help="Use this UTF-8 text file."),
+        datasets: Path | None = typer.Option(None, help="Datasets folder (default: ../shared/datasets)."),
         save_bitstreams: bool = typer.Option(False, "--save-bitstreams", help="Also write each level's object."),
         threads: int = typer.Option(2, help="torch threads (0: torch's default)."),
     ) -> None:
@@ -106,8 +105,8 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
                                    "per-channel means (secondary sinks)."),
         context_tokens: int = typer.Option(2048, "--context-tokens"),
         continuation_tokens: int = typer.Option(256, "--continuation-tokens"),
-        datasets: Optional[Path] = typer.Option(None, help="Datasets folder (default: ../shared/datasets)."),
-        text_file: Optional[Path] = typer.Option(None, "--text-file", help="Calibrate on this UTF-8 text instead."),
+        datasets: Path | None = typer.Option(None, help="Datasets folder (default: ../shared/datasets)."),
+        text_file: Path | None = typer.Option(None, "--text-file", help="Calibrate on this UTF-8 text instead."),
         threads: int = typer.Option(2, help="torch threads (0: torch's default)."),
     ) -> None:
         """Measure SmolLM2-135M's KV sensitivity (Fisher) table from real text, for the kvcast-* levels."""

@@ -125,7 +125,7 @@ def low_bits(spread: float, top: int) -> int:
     """Low bits of a class's symbols stored raw, not range-coded: while a symbol's spread is at least
     ``2 * 2^bits`` its low bits are nearly uniform, so raw storage costs almost nothing in size and takes them
     out of the range coder (whose time grows with the bits it writes)."""
-    bits = max(0, int(math.floor(math.log2(max(spread, 1.0)))) - RAW_MARGIN_BITS)
+    bits = max(0, math.floor(math.log2(max(spread, 1.0))) - RAW_MARGIN_BITS)
     while bits and (2 * top) >> bits < 1:
         bits -= 1
     return min(bits, 7)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from codec.errors import CodecError
 
@@ -100,7 +101,7 @@ class LevelSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LevelSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> LevelSpec:
         try:
             kw = dict(d)
             kw["key_bins"] = tuple((float(e), int(b)) for e, b in kw.get("key_bins", ()))
@@ -215,7 +216,7 @@ class LevelRegistry:
         return list(self.specs)
 
     @classmethod
-    def default(cls) -> "LevelRegistry":
+    def default(cls) -> LevelRegistry:
         reg = cls()
         for spec in builtin_levels():
             reg.add(spec)

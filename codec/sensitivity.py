@@ -16,9 +16,10 @@ decoder never needs one, because the steps it uses travel in the object.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -129,17 +130,17 @@ class SensitivityTable:
         return path
 
     @classmethod
-    def load(cls, path: Path) -> "SensitivityTable":
+    def load(cls, path: Path) -> SensitivityTable:
         """Read a table written by `save`; `CodecError` if it is not one."""
         from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="numpy") as f:
                 meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
         except FileNotFoundError:
             raise CodecError(f"sensitivity table {path} does not exist") from None
-        except Exception as exc:  # safetensors raises its own error types for malformed files
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for bad files
             raise CodecError(f"{path}: not a safetensors sensitivity table ({exc})") from None
         if meta.get("format") != TABLE_FORMAT:
             raise CodecError(f"{path}: format {meta.get('format')!r}, expected {TABLE_FORMAT!r}")
@@ -154,7 +155,7 @@ class SensitivityTable:
             raise CodecError(f"{path}: incomplete sensitivity table ({exc})") from None
 
     @classmethod
-    def uniform(cls, layers: int, kv_heads: int, head_dim: int, *, fisher: float = 1e-7, name: str = "") -> "SensitivityTable":
+    def uniform(cls, layers: int, kv_heads: int, head_dim: int, *, fisher: float = 1e-7, name: str = "") -> SensitivityTable:
         """A flat table (every channel and distance equally sensitive): for models nobody calibrated, and tests."""
         shape = (layers, kv_heads, head_dim)
         return cls(model={"name": name, "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim},

@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
-from codec.evaluate import EvalSettings, QualitySums, continuation_logits, corpus_path, passages_from_text, read_text
+from codec.evaluate import (
+    EvalSettings,
+    QualitySums,
+    continuation_logits,
+    corpus_path,
+    passages_from_text,
+    read_text,
+)
 from codec.hf import cache_from_kv, kv_from_cache
 from codec.model import load_smollm2
 
@@ -193,9 +199,7 @@ def real_eval(model, items, spec, table, fingerprint):
 
 
 def run_real(a, model, tok, out):
-    import dataclasses
 
-    import codec as kvc
     from codec.levels import LevelSpec
     from codec.sensitivity import SensitivityTable
 
