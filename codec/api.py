@@ -169,7 +169,8 @@ class Codec:
                 raise CodecError(f"sensitivity table is for {table.model}, not {model}")
             if table.key.shape != (layers, heads, head_dim):
                 raise CodecError(f"sensitivity table shape {table.key.shape} does not match the KV's")
-            return self._encode_grid(kv, spec, header, table, token_start, context_end)
+            return self._encode_grid(kv, spec, header, table, token_start, context_end,
+                                     (layers, heads, tokens, head_dim))
         if spec.quantizer == "fp16":
             x, _ = stack_kv(kv)
             if (x.abs() > _FP16_MAX).any():
@@ -219,10 +220,10 @@ class Codec:
         return pack(header, sections)
 
     def _encode_grid(self, kv, spec: LevelSpec, header: dict[str, Any], table: SensitivityTable, token_start: int,
-                     context_end: int) -> bytes:
+                     context_end: int, shape: tuple[int, int, int, int]) -> bytes:
         from codec.grid import channel_steps, token_multipliers
 
-        layers, heads, tokens, head_dim, _ = check_kv(kv)
+        layers, heads, tokens, head_dim = shape
         channels = heads * head_dim
         sink_rows = max(0, min(tokens, spec.sink_tokens - token_start))
         steps = channel_steps(table.channel_fisher(), spec.step)           # fp16 [2, L, C]
@@ -312,7 +313,8 @@ class Codec:
                      "cdf": cdfs[cdf_pos[gi]:cdf_pos[gi + 1]], "sink": sink[i, layer],
                      "outliers": outl[out_pos[gi]:out_pos[gi + 1]], "streams": payload[offsets[s0]:offsets[s1]]}
             parts_meta, blob = pack_parts(parts)
-            params = {"tops": tops[gi], "raw_bits": raw_bits[gi], "sink_rows": sink_rows, "heads": heads, "tokens": tokens, "head_dim": dim,
+            params = {"tops": tops[gi], "raw_bits": raw_bits[gi], "sink_rows": sink_rows, "heads": heads,
+                      "tokens": tokens, "head_dim": dim,
                       "tokens_per_stream": spec.tokens_per_stream, "out_dtype": dtype_name}
             calls.append(({"op": "decode_grid", "parts": parts_meta, "params": params,
                            "lengths": [int(n) for n in lengths[s0:s1]]}, blob))

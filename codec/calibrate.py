@@ -18,7 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from codec.sensitivity import TABLES_DIR, SensitivityTable, profile_from_positions, score_profile
+from codec.sensitivity import (
+    TABLES_DIR,
+    SensitivityTable,
+    binned,
+    profile_from_positions,
+    score_profile,
+    sink_scores,
+)
 
 DEFAULT_SINK_TOKENS = 4
 DEFAULT_TRIM = 0.01
@@ -68,11 +75,7 @@ def calibrate(model: Any, passages: list[torch.Tensor], *, name: str, context_to
         if progress:
             progress(f"passage {index + 1}/{len(passages)} ({time.perf_counter() - started:.0f} s)")
     sink_key = (sink_sum / len(passages)).float().numpy()  # mean of unit vectors: shorter if they disagree
-    probe = SensitivityTable.uniform(layers, heads, dim)
-    probe = SensitivityTable(model=probe.model, key=probe.key, value=probe.value, distance_edges=probe.distance_edges,
-                             distance_profile=probe.distance_profile, sink_key=sink_key,
-                             score_edges=np.array([-1.0, 1.0], np.float32), score_profile=np.ones(1, np.float32))
-    scores = np.stack([probe.sink_scores(k) for k in body_keys])                  # [passages, body]
+    scores = np.stack([sink_scores(k, sink_key) for k in body_keys])              # [passages, body]
     fisher = np.stack([g.sum((0, 1, 2, 4), dtype=np.float64) for g in body_grads])  # per token
     distance = np.arange(fisher.shape[1] - 1, -1, -1)
     # alternate: each profile is measured on the Fisher the other one leaves unexplained
@@ -80,10 +83,9 @@ def calibrate(model: Any, passages: list[torch.Tensor], *, name: str, context_to
     for _ in range(2):
         curve = np.concatenate([np.zeros(sink_tokens), (fisher / score_w).mean(0)])
         edges, profile = profile_from_positions(curve, sink_tokens)
-        dist_w = probe_distance_weight(edges, profile, distance)
+        dist_w = binned(edges, profile, distance)
         s_edges, s_profile = score_profile(scores.ravel(), (fisher / dist_w).ravel())
-        idx = np.clip(np.searchsorted(s_edges, scores, side="right") - 1, 0, len(s_profile) - 1)
-        score_w = s_profile.astype(np.float64)[idx]
+        score_w = binned(s_edges, s_profile, scores)
     # channels: Fisher per token divided by the token's modelled weight, so that F(t, c) ~ w_t * F_c
     token_w = dist_w[None, :] * score_w
     residual = fisher / token_w
@@ -122,11 +124,6 @@ def calibrate_smollm2(*, split: str = "valid", passages: int = 8, context_tokens
                       continuation_tokens=continuation_tokens, trim=trim, source=f"{source.parent.name}/{source.name}",
                       progress=note)
     return table.save(Path(out_dir) / table_filename(loaded.name))
-
-
-def probe_distance_weight(edges: np.ndarray, profile: np.ndarray, distance: np.ndarray) -> np.ndarray:
-    idx = np.clip(np.searchsorted(edges, distance, side="right") - 1, 0, len(profile) - 1)
-    return profile.astype(np.float64)[idx]
 
 
 def table_summary(table: SensitivityTable) -> dict[str, Any]:

@@ -92,25 +92,16 @@ class SensitivityTable:
 
     def distance_weight(self, distances: np.ndarray) -> np.ndarray:
         """Relative sensitivity of tokens at these distances from the context's end (1 = the mean)."""
-        d = np.asarray(distances, dtype=np.float64)
-        idx = np.clip(np.searchsorted(self.distance_edges, d, side="right") - 1, 0, len(self.distance_profile) - 1)
-        return self.distance_profile.astype(np.float64)[idx]
+        return binned(self.distance_edges, self.distance_profile, distances)
 
     def sink_scores(self, keys: np.ndarray) -> np.ndarray:
-        """Sink score per token of keys ``[layers, kv_heads, tokens, head_dim]``: mean cosine to `sink_key`."""
-        if self.sink_key is None:
-            return np.zeros(keys.shape[2])
-        k = np.asarray(keys, dtype=np.float32)
-        norms = np.linalg.norm(k, axis=-1)
-        dots = np.einsum("lhtd,lhd->lht", k, self.sink_key.astype(np.float32))
-        return (dots / np.maximum(norms, 1e-12)).mean((0, 1)).astype(np.float64)
+        """Sink score per token of keys ``[layers, kv_heads, tokens, head_dim]`` (0 without a sink key)."""
+        return np.zeros(keys.shape[2]) if self.sink_key is None else sink_scores(keys, self.sink_key)
 
     def score_weight(self, scores: np.ndarray) -> np.ndarray:
         """Relative sensitivity of tokens with these sink scores (1 where the table has no score profile)."""
-        if self.score_profile is None:
-            return np.ones(len(scores))
-        idx = np.clip(np.searchsorted(self.score_edges, scores, side="right") - 1, 0, len(self.score_profile) - 1)
-        return self.score_profile.astype(np.float64)[idx]
+        return np.ones(len(scores)) if self.score_profile is None else binned(self.score_edges, self.score_profile,
+                                                                              scores)
 
     # -- storage ----------------------------------------------------------------------------------------
 
@@ -155,13 +146,29 @@ class SensitivityTable:
             raise CodecError(f"{path}: incomplete sensitivity table ({exc})") from None
 
     @classmethod
-    def uniform(cls, layers: int, kv_heads: int, head_dim: int, *, fisher: float = 1e-7, name: str = "") -> SensitivityTable:
+    def uniform(cls, layers: int, kv_heads: int, head_dim: int, *, fisher: float = 1e-7,
+                name: str = "") -> SensitivityTable:
         """A flat table (every channel and distance equally sensitive): for models nobody calibrated, and tests."""
         shape = (layers, kv_heads, head_dim)
         return cls(model={"name": name, "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim},
                    key=np.full(shape, fisher, np.float32), value=np.full(shape, fisher, np.float32),
                    distance_edges=np.array([0.0, 1e9], np.float32), distance_profile=np.ones(1, np.float32),
                    meta={"kind": "uniform"})
+
+
+def binned(edges: np.ndarray, profile: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``profile`` of the bin of each ``x`` (bins ``[edges[i], edges[i+1])``; outside values take the end bins)."""
+    idx = np.clip(np.searchsorted(edges, np.asarray(x, dtype=np.float64), side="right") - 1, 0, len(profile) - 1)
+    return profile.astype(np.float64)[idx]
+
+
+def sink_scores(keys: np.ndarray, sink_key: np.ndarray) -> np.ndarray:
+    """Mean cosine over layers and heads of each token's key ``[layers, kv_heads, tokens, head_dim]`` with the
+    sink key direction ``[layers, kv_heads, head_dim]``."""
+    k = np.asarray(keys, dtype=np.float32)
+    norms = np.linalg.norm(k, axis=-1)
+    dots = np.einsum("lhtd,lhd->lht", k, sink_key.astype(np.float32))
+    return (dots / np.maximum(norms, 1e-12)).mean((0, 1)).astype(np.float64)
 
 
 def score_profile(scores: np.ndarray, fisher: np.ndarray,
