@@ -86,18 +86,12 @@ def encode_grid_layer(x: torch.Tensor, steps: torch.Tensor, multipliers: torch.T
     width = 2 * ESCAPE + 1
     qi = q.clamp(-ESCAPE, ESCAPE).to(torch.int64).add_(ESCAPE + torch.arange(channels) * width)
     hist = torch.bincount(qi.reshape(-1), minlength=channels * width).view(channels, width)
-    values = torch.arange(-ESCAPE, ESCAPE + 1, dtype=torch.float64)
-    per_channel = hist.sum(1).clamp_min(1).to(torch.float64)
-    m1 = (hist.to(torch.float64) @ values) / per_channel
-    spread = ((hist.to(torch.float64) @ values ** 2) / per_channel - m1 ** 2).clamp_min(0).sqrt()
-    level = torch.round(CLASS_OCTAVE_STEPS * torch.log2(spread.clamp_min(MIN_SPREAD))).to(torch.int64)
-    _, cls = torch.unique(level, return_inverse=True)
+    level = torch.round(CLASS_OCTAVE_STEPS * torch.log2(histogram_spread(hist).clamp_min(MIN_SPREAD)))
+    _, cls = torch.unique(level.to(torch.int64), return_inverse=True)
     classes = int(cls.max()) + 1
     class_hist = torch.zeros(classes, width, dtype=torch.int64).index_add_(0, cls, hist)
-    tops, cdfs = [], []
-    values_f = torch.arange(-ESCAPE, ESCAPE + 1, dtype=torch.float64)
     tops, raw_bits, cdfs = [], [], []
-    for h in class_hist:
+    for h, spread in zip(class_hist, histogram_spread(class_hist).tolist()):
         folded = h[ESCAPE:].clone()
         folded[1:] += h[:ESCAPE].flip(0)
         top = escape_level(folded)
@@ -105,9 +99,7 @@ def encode_grid_layer(x: torch.Tensor, steps: torch.Tensor, multipliers: torch.T
         if top:
             kept[0] += h[:ESCAPE - top].sum()
             kept[-1] += h[ESCAPE + top + 1:].sum()
-        n_k = max(int(h.sum()), 1)
-        sd = math.sqrt(max(float((h.double() @ values_f ** 2) / n_k - (float(h.double() @ values_f) / n_k) ** 2), 0))
-        bits = low_bits(sd, top)
+        bits = low_bits(spread, top)
         tops.append(top)
         raw_bits.append(bits)
         cdfs.append(cachegen_cdf(high_counts(kept, bits).view(1, -1)).numpy()[0])
@@ -119,6 +111,15 @@ def encode_grid_layer(x: torch.Tensor, steps: torch.Tensor, multipliers: torch.T
     streams = encode_class_streams(sym, members, cdfs, raw_bits, _coded_rows(tokens, sink_rows, tokens_per_stream))
     return {"mean": mean, "classes": cls.to(torch.uint8).numpy(), "cdf": np.concatenate(cdfs), "tops": tops,
             "raw_bits": raw_bits, "sink": x[:sink_rows].to(torch.float16), "outliers": outliers, "streams": streams}
+
+
+def histogram_spread(hist: torch.Tensor) -> torch.Tensor:
+    """Standard deviation of the symbols ``-ESCAPE..ESCAPE`` counted in each row of `hist`."""
+    values = torch.arange(-ESCAPE, ESCAPE + 1, dtype=torch.float64)
+    h = hist.to(torch.float64)
+    n = h.sum(1).clamp_min(1)
+    mean = (h @ values) / n
+    return ((h @ values ** 2) / n - mean ** 2).clamp_min(0).sqrt()
 
 
 def low_bits(spread: float, top: int) -> int:
