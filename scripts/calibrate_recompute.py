@@ -153,7 +153,9 @@ def nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
     if not (np.isfinite(a).all() and np.isfinite(y).all()):
         raise ValueError("nnls: non-finite input")
     n = a.shape[1]
-    norms = np.linalg.norm(a, axis=0)
+    peak = np.abs(a).max(axis=0)
+    peak[peak == 0] = 1.0
+    norms = np.linalg.norm(a / peak, axis=0) * peak  # scaled first: tiny columns must not underflow to 0
     norms[norms == 0] = 1.0
     an = a / norms
     best_x, best_r = np.zeros(n), float(np.dot(y, y))
