@@ -152,9 +152,9 @@ DEFAULT_DECODE_VALUES_PER_S: Mapping[str, float | None] = MappingProxyType({
 """PROVISIONAL GPU decode speeds (KV values per second) used when a profile has no GPU numbers: CacheGen's
 GPU range decoder is reported to keep up with multi-Gbps links; 2e10 values/s decodes a 1,536-token
 Mistral-7B chunk (1.0e8 values) in 5 ms. kvcast's grid levels are range-coded the same way; on the CPU
-(`kvcast eval codec`, 2026-11-29) kvcast-3, -2, -1 decode at least as fast as cachegen-3, -2, -1 and
-kvcast-4 at about 0.6x cachegen-3, so they get CacheGen's figure and kvcast-4 half of it. Replace with GPU
-measurements."""
+(`kvcast bench codec --source smollm2`, 2026-11-29) kvcast-3, -2, -1 decode at 0.8-1.3x the speed of
+cachegen-2 and kvcast-4, the widest alphabet, at about 0.6x, so they get CacheGen's figure and kvcast-4
+(conservatively) half of it. Replace with GPU measurements."""
 
 FALLBACK_DECODE_VALUES_PER_S = 1.0e10
 """Decode speed of levels that are in neither the profile's GPU numbers nor the default table."""
