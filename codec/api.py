@@ -29,13 +29,12 @@ from codec.container import Section, Unpacked, pack, unpack
 from codec.entropy import CoderPool
 from codec.errors import CodecError
 from codec.levels import LevelRegistry, LevelSpec
+from codec.pipeline import FP16_MAX as _FP16_MAX
 from codec.pipeline import dequantize_absmax, pack_parts, quantize_absmax, split_payload, unpack_parts
 from codec.sensitivity import SensitivityTable, TableRegistry
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-from codec.pipeline import FP16_MAX as _FP16_MAX
-
 STREAM_ORDER = "kv,layer,token_block,channel_group"
 GRID_STREAM_ORDER = "kv,layer,token_block,class"
 
@@ -165,8 +164,6 @@ class Codec:
             if not isinstance(context_end, int) or context_end < token_start + 1:
                 raise CodecError(f"context_end must be an int past the object's first token, got {context_end!r}")
             table = sensitivity if sensitivity is not None else self.tables.find(model)
-            if sensitivity is None and not table.matches(model):
-                raise CodecError(f"sensitivity table is for {table.model}, not {model}")
             if table.key.shape != (layers, heads, head_dim):
                 raise CodecError(f"sensitivity table shape {table.key.shape} does not match the KV's")
             return self._encode_grid(kv, spec, header, table, token_start, context_end,

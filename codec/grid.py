@@ -30,21 +30,18 @@ import torch
 
 from codec.entropy import cachegen_cdf, check_cdf, torchac_backend
 from codec.errors import CodecError
+from codec.pipeline import FP16_MAX, TORCH_DTYPES, block_rows, pack_parts, split_payload, unpack_parts
 
 ESCAPE = 127
 ESCAPE_RATE = 1e-4
-FP16_MAX = 65504.0
 CLASS_OCTAVE_STEPS = 2   # classes per octave of symbol spread
 MIN_SPREAD = 0.05
 RAW_MARGIN_BITS = 1      # low bits go raw while the symbol spread is >= 2 * 2^bits
 
 
 def _coded_rows(tokens: int, sink_rows: int, tokens_per_stream: int) -> tuple[int, ...]:
-    coded = torch.ones(tokens, dtype=torch.int64)
-    coded[:sink_rows] = 0
-    counts = torch.zeros(-(-tokens // tokens_per_stream), dtype=torch.int64)
-    counts.index_add_(0, torch.arange(tokens) // tokens_per_stream, coded)
-    return tuple(int(c) for c in counts)
+    """Quantized (non-sink) tokens per stream block."""
+    return block_rows(torch.arange(tokens) >= sink_rows, tokens_per_stream)
 
 
 def escape_level(abs_counts: torch.Tensor) -> int:
@@ -281,8 +278,6 @@ def channel_steps(fisher: np.ndarray, step: float) -> torch.Tensor:
 
 
 def handle_encode_grid(meta: dict, blob: bytes) -> tuple[dict, bytes]:
-    from codec.pipeline import pack_parts, unpack_parts
-
     parts = unpack_parts(meta["parts"], blob)
     res = encode_grid_layer(parts["x"], parts["steps"], parts["multipliers"], **meta["params"])
     streams = res.pop("streams")
@@ -293,8 +288,6 @@ def handle_encode_grid(meta: dict, blob: bytes) -> tuple[dict, bytes]:
 
 
 def handle_decode_grid(meta: dict, blob: bytes) -> tuple[dict, bytes]:
-    from codec.pipeline import TORCH_DTYPES, pack_parts, split_payload, unpack_parts
-
     parts = unpack_parts(meta["parts"], blob)
     parts["streams"] = split_payload(parts["streams"], meta["lengths"])
     for name in ("classes", "cdf"):

@@ -10,6 +10,7 @@ quantizer works on ``[tokens, channels]`` with ``channels = kv_heads * head_dim`
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import numpy as np
@@ -220,13 +221,14 @@ def handle_decode(meta: dict, blob: bytes) -> tuple[dict, bytes]:
     return {"parts": parts_meta}, out
 
 
-def _grid_handlers() -> dict:
+@functools.cache
+def handlers() -> dict:
+    """Coder ops by name: this module's per-layer ops and `codec.grid`'s (imported here, not at the top,
+    because `codec.grid` builds on this module)."""
     from codec.grid import handle_decode_grid, handle_encode_grid
 
-    return {"encode_grid": handle_encode_grid, "decode_grid": handle_decode_grid}
-
-
-HANDLERS = {"encode_layer": handle_encode, "decode_layer": handle_decode, **_grid_handlers()}
+    return {"encode_layer": handle_encode, "decode_layer": handle_decode, "encode_grid": handle_encode_grid,
+            "decode_grid": handle_decode_grid}
 
 
 def handle(meta: dict, blob: bytes) -> tuple[dict, bytes]:
@@ -235,7 +237,7 @@ def handle(meta: dict, blob: bytes) -> tuple[dict, bytes]:
     if op == "ping":
         return {}, b""
     try:
-        handler = HANDLERS[op]
+        handler = handlers()[op]
     except KeyError:
         raise CodecError(f"unknown coder op {op!r}") from None
     return handler(meta, blob)
