@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from codec.api import KV, Codec, ModelFingerprint, default_codec
-from codec.errors import CodecError
-from codec.levels import LevelRegistry, LevelSpec
-from codec.sensitivity import SensitivityTable, TableRegistry
+from kvcast.codec.api import KV, Codec, ModelFingerprint, default_codec
+from kvcast.codec.errors import CodecError
+from kvcast.codec.levels import LevelRegistry, LevelSpec
+from kvcast.codec.sensitivity import SensitivityTable, TableRegistry
 
 __all__ = ["CodecError", "Codec", "KV", "LevelRegistry", "LevelSpec", "ModelFingerprint", "SensitivityTable", "TableRegistry", "decode", "describe",
            "encode", "inspect", "levels"]

@@ -3,7 +3,7 @@
 KV layout everywhere: a list with one ``(key, value)`` pair per layer, each a tensor
 ``[1, kv_heads, tokens, head_dim]`` as transformers holds them (fp16, bf16 or fp32).
 
-Header fields (JSON, see `codec.container` for the binary layout)::
+Header fields (JSON, see `kvcast.codec.container` for the binary layout)::
 
     codec      "kvcast"
     level      the full LevelSpec of the level used (the decoder reads it, not its own tables)
@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from codec.container import Section, Unpacked, pack, unpack
-from codec.entropy import CoderPool
-from codec.errors import CodecError
-from codec.levels import LevelRegistry, LevelSpec
-from codec.pipeline import FP16_MAX as _FP16_MAX
-from codec.pipeline import dequantize_absmax, pack_parts, quantize_absmax, split_payload, unpack_parts
-from codec.sensitivity import SensitivityTable, TableRegistry
+from kvcast.codec.container import Section, Unpacked, pack, unpack
+from kvcast.codec.entropy import CoderPool
+from kvcast.codec.errors import CodecError
+from kvcast.codec.levels import LevelRegistry, LevelSpec
+from kvcast.codec.pipeline import FP16_MAX as _FP16_MAX
+from kvcast.codec.pipeline import dequantize_absmax, pack_parts, quantize_absmax, split_payload, unpack_parts
+from kvcast.codec.sensitivity import SensitivityTable, TableRegistry
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -218,7 +218,7 @@ class Codec:
 
     def _encode_grid(self, kv, spec: LevelSpec, header: dict[str, Any], table: SensitivityTable, token_start: int,
                      context_end: int, shape: tuple[int, int, int, int]) -> bytes:
-        from codec.grid import channel_steps, token_multipliers
+        from kvcast.codec.grid import channel_steps, token_multipliers
 
         layers, heads, tokens, head_dim = shape
         channels = heads * head_dim
@@ -257,7 +257,7 @@ class Codec:
 
     def _decode_grid(self, h: dict[str, Any], sec, spec: LevelSpec, model: ModelFingerprint, tokens: int,
                      out_dtype: torch.dtype, device) -> KV:
-        from codec.grid import cdf_length
+        from kvcast.codec.grid import cdf_length
 
         layers, heads, dim = model.layers, model.kv_heads, model.head_dim
         channels = heads * dim
@@ -458,5 +458,5 @@ def _section(sec: dict[str, Any], name: str, dtype: str, shape: tuple[int, ...])
 
 @functools.cache
 def default_codec() -> Codec:
-    """The process-wide codec behind `codec.encode`/`decode` (built-in levels, one coder process per core)."""
+    """The process-wide codec behind `kvcast.codec.encode`/`decode` (built-in levels, one coder process per core)."""
     return Codec()

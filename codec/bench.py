@@ -29,9 +29,9 @@ def synthetic_kv(tokens: int, layers: int = 30, heads: int = 3, dim: int = 64, s
 def smollm2_kv(tokens: int):
     """fp16 KV of SmolLM2-135M over `tokens` tokens of WikiText-2, and the model's fingerprint (needs the
     model and ../shared/datasets)."""
-    from codec.evaluate import EvalSettings, corpus_path, passages_from_text, read_text
-    from codec.hf import kv_from_cache
-    from codec.model import load_smollm2
+    from kvcast.codec.evaluate import EvalSettings, corpus_path, passages_from_text, read_text
+    from kvcast.codec.hf import kv_from_cache
+    from kvcast.codec.model import load_smollm2
 
     lm = load_smollm2(threads=os.cpu_count() or 1, progress=True)
     source = corpus_path(EvalSettings(split="test"))
@@ -46,10 +46,10 @@ def run_codec_bench(*, tokens: int = 2048, levels: str = "", repeats: int = 5, w
     from rich.console import Console
     from rich.table import Table
 
-    import codec
-    from codec.api import Codec
-    from codec.entropy import CoderPool
-    from codec.sensitivity import SensitivityTable
+    from kvcast import codec
+    from kvcast.codec.api import Codec
+    from kvcast.codec.entropy import CoderPool
+    from kvcast.codec.sensitivity import SensitivityTable
 
     if source == "smollm2":
         kv, model = smollm2_kv(tokens)

@@ -5,7 +5,7 @@ sample each continuation token from the model's own distribution (so the squared
 Fisher information of the model's predictive distribution, the quantity a KL to the exact model expands
 into) and back-propagate its log-likelihood to the KV. The squared gradients, averaged over passages,
 context tokens past the sink and continuation tokens, give the per-channel table; summed over channels, the
-per-position curve gives the distance-from-end profile (`codec.sensitivity`).
+per-position curve gives the distance-from-end profile (`kvcast.codec.sensitivity`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from codec.sensitivity import (
+from kvcast.codec.sensitivity import (
     TABLES_DIR,
     SensitivityTable,
     binned,
@@ -48,7 +48,7 @@ def calibrate(model: Any, passages: list[torch.Tensor], *, name: str, context_to
     gradients divided by ``w_t``. `trim`: the fraction of each passage's tokens that this model explains
     worst (largest Fisher / ``w_t``) left out of ``F_c``: a few such tokens would otherwise set every step.
     """
-    from codec.hf import cache_from_kv, fingerprint_from_config, kv_from_cache
+    from kvcast.codec.hf import cache_from_kv, fingerprint_from_config, kv_from_cache
 
     fingerprint = fingerprint_from_config(model.config, name=name, dtype=model.dtype)
     layers, heads, dim = fingerprint.layers, fingerprint.kv_heads, fingerprint.head_dim
@@ -111,8 +111,8 @@ def calibrate_smollm2(*, split: str = "valid", passages: int = 8, context_tokens
                       continuation_tokens: int = 256, trim: float = DEFAULT_TRIM, out_dir: Path = TABLES_DIR,
                       datasets: Path | None = None, text_file: Path | None = None, progress: bool = True) -> Path:
     """Calibrate SmolLM2-135M on a WikiText-2 split (or a text file) and write its table to `out_dir`."""
-    from codec.evaluate import EvalSettings, corpus_path, passages_from_text, read_text
-    from codec.model import load_smollm2
+    from kvcast.codec.evaluate import EvalSettings, corpus_path, passages_from_text, read_text
+    from kvcast.codec.model import load_smollm2
 
     settings = EvalSettings(split=split, passages=passages, datasets=datasets, text_file=text_file)
     source = corpus_path(settings)

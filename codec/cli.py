@@ -21,7 +21,7 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         out: Path | None = typer.Option(None, help="Also write the JSON here."),
     ) -> None:
         """Encode/decode speed per level: Msymbols/s and MB/s of fp16 in/out."""
-        from codec.bench import run_codec_bench
+        from kvcast.codec.bench import run_codec_bench
 
         run_codec_bench(tokens=tokens, levels=levels, repeats=repeats, workers=workers, source=source, out=out)
 
@@ -48,8 +48,8 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         import torch
         from rich.console import Console
 
-        from codec.evaluate import EvalError, EvalSettings, rich_table, run_codec_eval, write_outputs
-        from codec.model import ModelUnavailable
+        from kvcast.codec.evaluate import EvalError, EvalSettings, rich_table, run_codec_eval, write_outputs
+        from kvcast.codec.model import ModelUnavailable
 
         if threads:
             torch.set_num_threads(threads)
@@ -82,9 +82,9 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         """The main job on embedded defaults: a real passage's KV through every codec level on SmolLM2-135M."""
         from rich.console import Console
 
-        from codec.demo import run_demo
-        from codec.evaluate import EvalError
-        from codec.model import ModelUnavailable
+        from kvcast.codec.demo import run_demo
+        from kvcast.codec.evaluate import EvalError
+        from kvcast.codec.model import ModelUnavailable
 
         console = Console() if sys.stdout.isatty() else Console(width=160)
         try:
@@ -114,11 +114,11 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
 
         import torch
 
-        from codec.calibrate import calibrate_smollm2, table_summary
-        from codec.errors import CodecError
-        from codec.evaluate import EvalError
-        from codec.model import ModelUnavailable
-        from codec.sensitivity import SensitivityTable
+        from kvcast.codec.calibrate import calibrate_smollm2, table_summary
+        from kvcast.codec.errors import CodecError
+        from kvcast.codec.evaluate import EvalError
+        from kvcast.codec.model import ModelUnavailable
+        from kvcast.codec.sensitivity import SensitivityTable
 
         if threads:
             torch.set_num_threads(threads)

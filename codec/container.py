@@ -8,7 +8,7 @@ Layout (all integers little-endian)::
     10      2     flags (u16), 0
     12      4     header length H (u32): UTF-8 JSON, at most 1 MiB
     16      8     body length B (u64)
-    24      H     header (JSON object; see `codec.api` for its fields)
+    24      H     header (JSON object; see `kvcast.codec.api` for its fields)
     24+H    B     body: the sections listed in header["sections"], back to back, in that order
     24+H+B  4     CRC32C (Castagnoli) of every byte before it
 
@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import crc32c
 import numpy as np
 
-from codec.errors import CodecError
+from kvcast.codec.errors import CodecError
 
 MAGIC = b"\x89KVCAST\n"
 FORMAT_VERSION = 1

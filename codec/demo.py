@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from codec.evaluate import (
+from kvcast.codec.evaluate import (
     EvalError,
     QualitySums,
     SPLITS,
@@ -24,7 +24,7 @@ from codec.evaluate import (
     read_text,
     warm_up_levels,
 )
-from codec.hf import cache_from_kv, kv_from_cache, kv_values
+from kvcast.codec.hf import cache_from_kv, kv_from_cache, kv_values
 
 DEMO_FORMAT = "kvcast-demo/1"
 
@@ -34,10 +34,10 @@ def run_demo(*, out: Path = Path("out/demo"), context_tokens: int = 1536, next_t
              threads: int | None = 2, save_bitstreams: bool = False, sample_tokens: int = 24,
              console: Any = None) -> dict[str, Any]:
     """Run the demo, print its table to `console` (a rich Console) and write ``demo.json`` under `out`."""
-    import codec
+    from kvcast import codec
     from rich.console import Console
 
-    from codec.model import load_smollm2
+    from kvcast.codec.model import load_smollm2
 
     console = console or Console()
     started = time.perf_counter()

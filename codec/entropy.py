@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from codec.errors import CodecError
+from kvcast.codec.errors import CodecError
 
 CDF_PRECISION_BITS = 16
 CDF_TOTAL = 1 << CDF_PRECISION_BITS
@@ -147,17 +147,17 @@ def decode_group(cdf: np.ndarray, block_rows: Sequence[int], channels_per_stream
 
 
 class _Worker:
-    """One `codec.worker` subprocess and its pipes."""
+    """One `kvcast.codec.worker` subprocess and its pipes."""
 
     def __init__(self) -> None:
         import subprocess
         import sys
 
-        self.proc = subprocess.Popen([sys.executable, "-m", "codec.worker"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "kvcast.codec.worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, cwd=str(Path(__file__).resolve().parent.parent))
 
     def call(self, meta: dict, blob: bytes) -> tuple[dict, bytes]:
-        from codec.worker import read_message, write_message
+        from kvcast.codec.worker import read_message, write_message
 
         try:
             write_message(self.proc.stdin, meta, blob)
@@ -180,7 +180,7 @@ class _Worker:
 class CoderPool:
     """Encodes and decodes stream groups, in worker processes when the work is large enough.
 
-    torchac holds the GIL, so threads alone would not help: each worker is a `codec.worker` subprocess,
+    torchac holds the GIL, so threads alone would not help: each worker is a `kvcast.codec.worker` subprocess,
     driven by one thread here (pipe I/O releases the GIL). Workers start lazily, once, and are reused; a
     group is always coded whole by one worker, so the output does not depend on the number of workers.
     """
@@ -225,9 +225,9 @@ class CoderPool:
             return results  # type: ignore[return-value]
 
     def run(self, calls: Sequence[tuple[dict, bytes]], total_symbols: int) -> list[tuple[dict, bytes]]:
-        """Run `codec.pipeline.handle` on every call, in workers when the object is large enough."""
+        """Run `kvcast.codec.pipeline.handle` on every call, in workers when the object is large enough."""
         if not self._parallel(total_symbols):
-            from codec.pipeline import handle
+            from kvcast.codec.pipeline import handle
 
             return [handle(meta, blob) for meta, blob in calls]
         return self._run(calls)

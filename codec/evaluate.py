@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from codec.hf import KV, cache_from_kv, kv_from_cache, kv_tokens, kv_values, slice_kv
+from kvcast.codec.hf import KV, cache_from_kv, kv_from_cache, kv_tokens, kv_values, slice_kv
 
 EVAL_FORMAT = "kvcast-eval-codec/1"
 PROFILE_FORMAT = "kvcast-profile/1"
@@ -278,10 +278,10 @@ def run_codec_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any 
                    progress: bool = True) -> dict[str, Any]:
     """Measure every level and baseline of `settings`; returns the ``kvcast-eval-codec/1`` results dict.
 
-    `model`/`tokenizer` default to SmolLM2-135M-Instruct (`codec.model.load_smollm2`).
+    `model`/`tokenizer` default to SmolLM2-135M-Instruct (`kvcast.codec.model.load_smollm2`).
     """
-    import codec
-    from codec.hf import fingerprint_from_config
+    from kvcast import codec
+    from kvcast.codec.hf import fingerprint_from_config
 
     started = time.perf_counter()
     levels = list(settings.levels) if settings.levels is not None else codec.levels()
@@ -295,7 +295,7 @@ def run_codec_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any 
     if model is not None and tokenizer is None:
         raise EvalError("pass the model's tokenizer along with the model")
     if model is None:
-        from codec.model import load_smollm2
+        from kvcast.codec.model import load_smollm2
 
         loaded = load_smollm2(progress=progress)
         model, tokenizer, model_name = loaded.model, loaded.tokenizer, loaded.name
@@ -348,8 +348,7 @@ def run_codec_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any 
 
 def _score_level(row: _Row, kv: KV, fed: torch.Tensor, targets: torch.Tensor, exact: torch.Tensor, model: Any,
                  fingerprint: Any, settings: EvalSettings) -> None:
-    import codec
-
+    from kvcast import codec
     t0 = time.perf_counter()
     data = codec.encode(kv, row.name, model=fingerprint)
     t1 = time.perf_counter()
@@ -384,8 +383,7 @@ def _score_level(row: _Row, kv: KV, fed: torch.Tensor, targets: torch.Tensor, ex
 def warm_up_levels(levels: Sequence[str], kv: KV, fingerprint: Any) -> None:
     """Start the coder processes and run one small encode/decode per level, so one-time set-up (extension
     build, worker start, table load) is not timed."""
-    import codec
-
+    from kvcast import codec
     codec.default_codec().pool.warm_up()
     part = slice_kv(kv, 0, min(16, kv_tokens(kv)))
     for level in levels:

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from codec.entropy import cachegen_cdf, check_cdf, torchac_backend
-from codec.errors import CodecError
-from codec.pipeline import FP16_MAX, TORCH_DTYPES, block_rows, pack_parts, split_payload, unpack_parts
+from kvcast.codec.entropy import cachegen_cdf, check_cdf, torchac_backend
+from kvcast.codec.errors import CodecError
+from kvcast.codec.pipeline import FP16_MAX, TORCH_DTYPES, block_rows, pack_parts, split_payload, unpack_parts
 
 ESCAPE = 127
 ESCAPE_RATE = 1e-4

@@ -110,11 +110,11 @@ def rope_parameters(config: Any) -> dict[str, Any] | None:
 
 
 def fingerprint_from_config(config: Any, *, name: str | None = None, dtype: torch.dtype | str | None = None):
-    """The `codec.ModelFingerprint` of a transformers model config.
+    """The `kvcast.codec.ModelFingerprint` of a transformers model config.
 
     `name` defaults to the config's ``name_or_path``; `dtype` (of the KV) defaults to the config's dtype.
     """
-    from codec import ModelFingerprint
+    from kvcast.codec import ModelFingerprint
 
     shape = model_shape(config)
     if name is None:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from codec.errors import CodecError
+from kvcast.codec.errors import CodecError
 
 QUANTIZERS = ("fp16", "absmax_token", "grid")
 CODERS = ("none", "torchac")
@@ -32,7 +32,7 @@ class LevelSpec:
     """``fp16``: values stored as IEEE half floats (lossless for fp16 input).
     ``absmax_token``: CacheGen's symmetric uniform quantizer, one absmax scale per (K/V, layer, token) over
     all channels of all heads, ``b`` bins -> ``b - 1`` symbols ``round(x * M / s + M)``, ``M = b/2 - 1``.
-    ``grid``: kvcast's sensitivity-weighted uniform grid (`codec.grid`): channel steps ``step / sqrt(F_c)`` from
+    ``grid``: kvcast's sensitivity-weighted uniform grid (`kvcast.codec.grid`): channel steps ``step / sqrt(F_c)`` from
     the model's Fisher table, scaled per token by its modelled sensitivity, class-shared CDFs."""
     coder: str = "none"
     """``none``: fixed width (fp16, or int8 for 256 bins); ``torchac``: range coding with CDFs."""
@@ -184,7 +184,7 @@ _GRID_LADDER = (
 
 
 def grid_levels() -> list[LevelSpec]:
-    """kvcast's own levels (`codec.grid`), best quality first."""
+    """kvcast's own levels (`kvcast.codec.grid`), best quality first."""
     return [LevelSpec(
         name, "grid", coder="torchac", step=step, recency=strength, sink_tokens=4, family="kvcast",
         description=(f"kvcast grid level ({aim}): channel steps lambda/sqrt(F_c) from the model's Fisher table "

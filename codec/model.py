@@ -45,8 +45,8 @@ class LoadedModel:
         return self.model.config
 
     def fingerprint(self, dtype: Any = None):
-        """The `codec.ModelFingerprint` of this model's KV (`dtype` defaults to the model's)."""
-        from codec.hf import fingerprint_from_config
+        """The `kvcast.codec.ModelFingerprint` of this model's KV (`dtype` defaults to the model's)."""
+        from kvcast.codec.hf import fingerprint_from_config
 
         return fingerprint_from_config(self.config, name=self.name, dtype=dtype)
 

@@ -1,7 +1,7 @@
 """The per-(K/V, layer) pipeline of entropy-coded levels: quantize, transform, estimate CDFs, range-code.
 
 Each (K or V, layer) *group* is independent: its scales, CDFs, anchors and streams depend on nothing else,
-so groups are coded in parallel worker processes (`codec.worker`) or in-process for small objects, by the
+so groups are coded in parallel worker processes (`kvcast.codec.worker`) or in-process for small objects, by the
 same functions. A group travels as a small JSON description plus typed binary parts (`pack_parts`).
 
 Group tensor layout: ``[kv_heads, tokens, head_dim]`` as transformers holds one layer's K or V; the
@@ -16,8 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from codec.entropy import StreamGroup, cachegen_cdf, check_cdf, decode_group, encode_group
-from codec.errors import CodecError
+from kvcast.codec.entropy import StreamGroup, cachegen_cdf, check_cdf, decode_group, encode_group
+from kvcast.codec.errors import CodecError
 
 FP16_MAX = 65504.0
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
@@ -223,9 +223,9 @@ def handle_decode(meta: dict, blob: bytes) -> tuple[dict, bytes]:
 
 @functools.cache
 def handlers() -> dict:
-    """Coder ops by name: this module's per-layer ops and `codec.grid`'s (imported here, not at the top,
-    because `codec.grid` builds on this module)."""
-    from codec.grid import handle_decode_grid, handle_encode_grid
+    """Coder ops by name: this module's per-layer ops and `kvcast.codec.grid`'s (imported here, not at the top,
+    because `kvcast.codec.grid` builds on this module)."""
+    from kvcast.codec.grid import handle_decode_grid, handle_encode_grid
 
     return {"encode_layer": handle_encode, "decode_layer": handle_decode, "encode_grid": handle_encode_grid,
             "decode_grid": handle_decode_grid}

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from codec.errors import CodecError
+from kvcast.codec.errors import CodecError
 
 TABLE_FORMAT = "kvcast-sensitivity/1"
 TABLES_DIR = Path(__file__).resolve().parent / "tables"
@@ -35,7 +35,7 @@ class SensitivityTable:
     """Fisher sensitivity of one model's KV, per channel and by distance from the context's end."""
 
     model: dict[str, Any]
-    """Fingerprint of the model (``codec.ModelFingerprint.to_dict()``)."""
+    """Fingerprint of the model (``kvcast.codec.ModelFingerprint.to_dict()``)."""
     key: np.ndarray
     """float32 ``[layers, kv_heads, head_dim]``: mean Fisher of each key channel (context tokens past the sink)."""
     value: np.ndarray

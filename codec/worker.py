@@ -5,7 +5,7 @@ binary protocol (no pickle, no re-import of the caller's main module). Every mes
 
     u32 JSON length | JSON object | u64 blob length | blob
 
-Requests are those of `codec.pipeline.handle` (``encode_layer``, ``decode_layer``, ``ping``): the JSON holds
+Requests are those of `kvcast.codec.pipeline.handle` (``encode_layer``, ``decode_layer``, ``ping``): the JSON holds
 the op, its parameters and a description of the typed parts packed in the blob. Errors reply
 ``{"error": "..."}`` and the worker keeps serving.
 """
@@ -47,9 +47,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from codec.entropy import torchac_backend
-    from codec.errors import CodecError
-    from codec.pipeline import handle
+    from kvcast.codec.entropy import torchac_backend
+    from kvcast.codec.errors import CodecError
+    from kvcast.codec.pipeline import handle
 
     torchac_backend()
     inp, out = sys.stdin.buffer, sys.stdout.buffer

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import typer
 
-import codec.cli
-import policies.cli
-import streamer.cli
-import traces.cli
+from kvcast.codec import cli as codec_cli
+from kvcast.policies import cli as policies_cli
+from kvcast.streamer import cli as streamer_cli
+from kvcast.traces import cli as traces_cli
 
 app = typer.Typer(help="kvcast: KV-cache codec, streaming engine, network simulation and controllers.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -18,11 +18,11 @@ bench_app = typer.Typer(help="Benchmarks: print JSON and a table.", no_args_is_h
 eval_app = typer.Typer(help="Quality evaluations on a real model.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 app.add_typer(eval_app, name="eval")
-app.add_typer(traces.cli.app, name="traces")
+app.add_typer(traces_cli.app, name="traces")
 
-codec.cli.register(app=app, bench=bench_app, evaluate=eval_app)
-streamer.cli.register(app=app, bench=bench_app, evaluate=eval_app)
-policies.cli.register(app=app, bench=bench_app, evaluate=eval_app)
+codec_cli.register(app=app, bench=bench_app, evaluate=eval_app)
+streamer_cli.register(app=app, bench=bench_app, evaluate=eval_app)
+policies_cli.register(app=app, bench=bench_app, evaluate=eval_app)
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import math
 from collections import deque
 from typing import Callable
 
-from traces.trace import Trace
+from kvcast.traces.trace import Trace
 
 __all__ = ["FairShareChannel", "Flow"]
 

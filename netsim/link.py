@@ -1,8 +1,8 @@
 """The `Link` interface: send one chunk's bytes, learn when they were delivered.
 
 A link is the only network-facing object the streaming engine touches. Every time is a reading of the
-running asyncio loop's clock (``loop.time()``): virtual seconds under `netsim.VirtualTimeLoop`, monotonic wall
-seconds under a normal event loop. The same engine code therefore runs over `netsim.SimPyLink` (a trace
+running asyncio loop's clock (``loop.time()``): virtual seconds under `kvcast.netsim.VirtualTimeLoop`, monotonic wall
+seconds under a normal event loop. The same engine code therefore runs over `kvcast.netsim.SimPyLink` (a trace
 replayed in virtual time) and over a real network link.
 """
 
@@ -60,7 +60,7 @@ class LinkOracle(Protocol):
 class Link(abc.ABC):
     """Moves a chunk's bytes from the store to the GPU host; one request per call.
 
-    Implementations: `netsim.SimPyLink` (a throughput trace in virtual time), `netsim.TimerTraceLink` (a trace
+    Implementations: `kvcast.netsim.SimPyLink` (a throughput trace in virtual time), `kvcast.netsim.TimerTraceLink` (a trace
     in the running loop's own clock, real time included) and, in a later issue, an aiohttp link.
     """
 

@@ -1,6 +1,6 @@
 """Links that replay a throughput `Trace`: `SimPyLink` (virtual time) and `TimerTraceLink` (the loop's clock).
 
-Both share one model (`netsim.fair_share.FairShareChannel`): RTT per request, payload efficiency,
+Both share one model (`kvcast.netsim.fair_share.FairShareChannel`): RTT per request, payload efficiency,
 per-request overhead bytes, processor sharing among concurrent transfers, exact integration of the
 piecewise-constant trace. They differ only in how they wait for the next event.
 """
@@ -14,9 +14,9 @@ from typing import Any
 
 import simpy
 
-from netsim.fair_share import FairShareChannel, Flow
-from netsim.link import Link, TransferTiming
-from traces.trace import Trace
+from kvcast.netsim.fair_share import FairShareChannel, Flow
+from kvcast.netsim.link import Link, TransferTiming
+from kvcast.traces.trace import Trace
 
 __all__ = ["SimPyLink", "TimerTraceLink", "TraceLinkOracle"]
 
@@ -45,7 +45,7 @@ def _timing(flow: Flow) -> TransferTiming:
 
 
 class TraceLinkOracle:
-    """The future of a trace-replaying link (`netsim.LinkOracle`)."""
+    """The future of a trace-replaying link (`kvcast.netsim.LinkOracle`)."""
 
     def __init__(self, channel: FairShareChannel) -> None:
         self._channel = channel
@@ -119,7 +119,7 @@ class _TraceLink(Link):
 class SimPyLink(_TraceLink):
     """A `Trace` replayed in the virtual time of a SimPy environment.
 
-    Use it from asyncio code running on a `netsim.VirtualTimeLoop` over the same environment
+    Use it from asyncio code running on a `kvcast.netsim.VirtualTimeLoop` over the same environment
     (``await link.transfer(n)``), or from SimPy processes (``timing = yield link.request(n)``), e.g. to add
     cross traffic that shares the bandwidth with the engine's transfers.
 

@@ -25,7 +25,7 @@ The execution model that observations describe (the engine in `streamer/` implem
   finishing a chunk. Returning ``None`` when nothing at all is in flight is an error (it would wait forever).
 
 A policy author subclasses `Policy`, implements `decide`, and registers it with
-`policies.registry.register` (or a ``kvcast.policies`` entry point in a third-party package).
+`kvcast.policies.registry.register` (or a ``kvcast.policies`` entry point in a third-party package).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class ChunkMenu:
     start_token: int
     tokens: int
     levels: tuple[LevelOption, ...]
-    """Loading options in the profile's order (that of `codec.levels()`). That order is *not* monotone in
+    """Loading options in the profile's order (that of `kvcast.codec.levels()`). That order is *not* monotone in
     size or quality: a policy that needs the best quality, the smallest size, or drops options that another
     beats on everything uses `by_quality`, `smallest` or `undominated_levels`."""
     recompute_s: float

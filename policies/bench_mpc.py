@@ -5,7 +5,7 @@ contexts (the shipped codec profile's ``kvcast`` level set by default: raw, int8
 text, so 7**5 = 16,807 plans per decision; ``--levels`` picks another set), the measured
 H100 recompute costs, a 0.6 s SLO and kvcast's shipped default traces (synthetic, 0.5-10 Gbps), played on the
 streaming engine. Every decision's problem is recorded once; then full enumeration (RobustMPC's search,
-`policies.mpc.enumerate_plan`) and the branch-and-bound (`policies.mpc.search_plan`) solve the *same*
+`kvcast.policies.mpc.enumerate_plan`) and the branch-and-bound (`kvcast.policies.mpc.search_plan`) solve the *same*
 problems, and the plans are compared. A third figure times whole `decide` calls (state estimate, problem
 set-up and search) in the sessions themselves. Prints JSON (decisions per second, medians of repeats, plan
 agreement) on stdout and a table on stderr; ``python -m policies.bench_mpc`` does the same.
@@ -23,7 +23,7 @@ from typing import Any
 
 import typer
 
-from policies.mpc import MpcPolicy, MpcProblem, enumerate_plan, search_plan
+from kvcast.policies.mpc import MpcPolicy, MpcProblem, enumerate_plan, search_plan
 
 __all__ = ["bench", "main", "print_result", "recorded_problems"]
 
@@ -32,10 +32,10 @@ DEFAULT_LEVELS = "kvcast"
 
 
 def _sessions(sessions: int, seed: int, levels: str = DEFAULT_LEVELS):
-    from streamer.menus import ModelShape, build_menus, recompute_cost
-    from streamer.profile import default_profile
-    from streamer.simulate import history_mean_bps
-    from traces.defaults import default_traces
+    from kvcast.streamer.menus import ModelShape, build_menus, recompute_cost
+    from kvcast.streamer.profile import default_profile
+    from kvcast.streamer.simulate import history_mean_bps
+    from kvcast.traces.defaults import default_traces
 
     rng = random.Random(seed)
     traces = default_traces()
@@ -51,7 +51,7 @@ def _sessions(sessions: int, seed: int, levels: str = DEFAULT_LEVELS):
 def recorded_problems(sessions: int = 40, seed: int = 0, levels: str = DEFAULT_LEVELS
                       ) -> list[tuple[MpcProblem, tuple]]:
     """Run `sessions` mpc sessions on the engine and return every decision's (problem, hints)."""
-    from streamer.simulate import simulate_session
+    from kvcast.streamer.simulate import simulate_session
 
     out: list[tuple[MpcProblem, tuple]] = []
     for menus, trace, offset, prior in _sessions(sessions, seed, levels):
@@ -94,7 +94,7 @@ def _decide_rates(sessions: int, seed: int, repeats: int, levels: str = DEFAULT_
                   ) -> tuple[int, list[float], list[float]]:
     """Whole ``decide`` calls in `sessions` engine sessions: the number of calls, and per repeat the calls per
     wall-clock second and per second of CPU time (the latter does not drop when other jobs share the CPUs)."""
-    from streamer.simulate import simulate_session
+    from kvcast.streamer.simulate import simulate_session
 
     wall_rates, cpu_rates, calls = [], [], 0
     for _ in range(repeats):

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from policies.registry import PolicyRegistry
+from kvcast.policies.registry import PolicyRegistry
 
 
 def register_all(registry: PolicyRegistry) -> None:
     """Add every built-in policy to `registry` (each module adds its own)."""
-    from policies.cachegen import CacheGenPolicy
-    from policies.cachegen_code import CacheGenCodePolicy
-    from policies.fixed import FixedLevelPolicy
-    from policies.hybrid import HybridPolicy
-    from policies.mpc import MpcPolicy
-    from policies.oracle import OraclePolicy
-    from policies.raw import RawPolicy
-    from policies.text import TextPolicy
+    from kvcast.policies.cachegen import CacheGenPolicy
+    from kvcast.policies.cachegen_code import CacheGenCodePolicy
+    from kvcast.policies.fixed import FixedLevelPolicy
+    from kvcast.policies.hybrid import HybridPolicy
+    from kvcast.policies.mpc import MpcPolicy
+    from kvcast.policies.oracle import OraclePolicy
+    from kvcast.policies.raw import RawPolicy
+    from kvcast.policies.text import TextPolicy
 
     registry.register("fixed", FixedLevelPolicy)
     registry.register("raw", RawPolicy)

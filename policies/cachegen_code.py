@@ -11,17 +11,17 @@ Faithful to the artifact's decision rule (see ``reference/streaming-and-policies
   chunk (`ARTIFACT_TEXT_COST_S`); kvcast's engine runs the real recompute cost model instead, so the
   decisions are the artifact's and the timing is kvcast's.
 
-Levels: by default CacheGen's own levels on the menu (`policies.cachegen.CACHEGEN_LEVELS`: ``raw`` and
+Levels: by default CacheGen's own levels on the menu (`kvcast.policies.cachegen.CACHEGEN_LEVELS`: ``raw`` and
 ``cachegen-3``, ``-2``, ``-1``; the artifact tries its three levels 3, 2, 1, and ``raw`` never fits the
-budget at these sizes), or the whole menu if it has none of ``cachegen-1..3`` (see `policies.cachegen`).
+budget at these sizes), or the whole menu if it has none of ``cachegen-1..3`` (see `kvcast.policies.cachegen`).
 Argument: ``cachegen-code:<level>+<level>+...`` tries only the listed levels; ``cachegen-code:menu`` every
 level of the menu.
 """
 
 from __future__ import annotations
 
-from policies.base import TEXT, Decision, Observation, Policy, Session, by_quality, level_names
-from policies.cachegen import cachegen_levels
+from kvcast.policies.base import TEXT, Decision, Observation, Policy, Session, by_quality, level_names
+from kvcast.policies.cachegen import cachegen_levels
 
 ARTIFACT_TEXT_COST_S = 0.2
 """Recompute cost per text chunk assumed by the artifact (``chunk_delay``); informative only here."""

@@ -26,7 +26,7 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         out: Annotated[Optional[Path], typer.Option(help="Also write the JSON here.")] = None,
     ) -> None:
         """mpc speed: whole decide() calls/s; its exact search vs full enumeration on the same problems."""
-        from policies.bench_mpc import bench, print_result
+        from kvcast.policies.bench_mpc import bench, print_result
 
         if sessions < 1 or repeats < 1 or enumerate_count < 0:
             raise typer.BadParameter("--sessions and --repeats must be >= 1, --enumerate >= 0")

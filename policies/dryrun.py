@@ -1,12 +1,12 @@
-"""Run a policy against the execution model of `policies.base`, without SimPy, asyncio or a network.
+"""Run a policy against the execution model of `kvcast.policies.base`, without SimPy, asyncio or a network.
 
 `dry_run(policy, session, transfer)` is a minimal discrete-event executor that follows the streaming engine
-(`streamer.engine.StreamingEngine`) step for step: one transfer at a time on the link, in decision order; a
+(`kvcast.streamer.engine.StreamingEngine`) step for step: one transfer at a time on the link, in decision order; a
 FIFO decoder; a compute unit that runs the queued text chunk with the *lowest index* first, scheduled once
 every chunk before it has a known ready time and started when they are all ready. The policy is asked at
 the same points as in the engine (a transfer or a recompute ending, and, after a ``None`` answer with nothing
 in flight, the next chunk becoming ready) and sees the same `Observation` estimates. Transfers take
-``transfer.transfer_end_s(start, nbytes)``, a `policies.planning.TransferModel` (a constant throughput, or any
+``transfer.transfer_end_s(start, nbytes)``, a `kvcast.policies.planning.TransferModel` (a constant throughput, or any
 function of time such as a trace's), in place of the engine's link.
 
 A policy author can unit test a controller with it in microseconds; kvcast's tests do, and check it against
@@ -20,8 +20,8 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from policies.base import TEXT, Observation, Policy, Session, ThroughputSample, validate_decision
-from policies.planning import TransferModel, session_quality_loss
+from kvcast.policies.base import TEXT, Observation, Policy, Session, ThroughputSample, validate_decision
+from kvcast.policies.planning import TransferModel, session_quality_loss
 
 __all__ = ["DryRunResult", "PolicyStalled", "dry_run"]
 
@@ -48,7 +48,7 @@ class DryRunResult:
     ttft_s: float
     slo_met: bool
     quality_loss: float
-    """Token-weighted mean quality loss (`policies.planning.session_quality_loss`)."""
+    """Token-weighted mean quality loss (`kvcast.policies.planning.session_quality_loss`)."""
     decisions: int
     """Calls of ``decide`` that returned a decision."""
     samples: tuple[ThroughputSample, ...]
@@ -59,7 +59,7 @@ def dry_run(policy: Policy, session: Session, transfer: TransferModel, max_event
     """Play one session: ``policy.reset(session)``, then ``decide`` at every decision point until done.
 
     Raises `PolicyStalled` if the session cannot finish, and ValueError/KeyError for a decision that is not
-    allowed (`policies.base.validate_decision`).
+    allowed (`kvcast.policies.base.validate_decision`).
     """
     return _DryRun(policy, session, transfer).run(max_events)
 

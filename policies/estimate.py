@@ -9,7 +9,7 @@ As in Pensieve, errors are measured against sample-based predictions only. Befor
 prediction is the session's prior (historical throughput) divided by ``1 + prior_error``: a prior from
 other sessions is less certain than a measurement of this one. Unlike Pensieve, a sample's throughput leaves
 out the round-trip time (``bits / (duration - rtt)``), because the planning model
-(`policies.planning.ConstantThroughput`) adds the RTT once per request itself.
+(`kvcast.policies.planning.ConstantThroughput`) adds the RTT once per request itself.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
-from policies.base import ThroughputSample
+from kvcast.policies.base import ThroughputSample
 
 __all__ = ["RobustThroughputEstimator", "DEFAULT_PRIOR_ERROR"]
 

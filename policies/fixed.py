@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from policies.base import Decision, Observation, Policy, Session, level_names
+from kvcast.policies.base import Decision, Observation, Policy, Session, level_names
 
 
 class FixedLevelPolicy(Policy):

@@ -8,12 +8,12 @@ a level fixed per decision when that action is text), with the best split ``s``.
 is judged on the whole session.
 
 Levels. The actions are the menu's levels that no other level beats on size, decode time and quality loss
-at once (`policies.base.undominated_levels`; every step of the model is monotone in those three, so the
+at once (`kvcast.policies.base.undominated_levels`; every step of the model is monotone in those three, so the
 dropped levels can only tie), in menu order. Nothing assumes that order is monotone in size or quality:
-codec profiles list levels in `codec.levels()` order, where a kvcast level may be smaller *and* better than
+codec profiles list levels in `kvcast.codec.levels()` order, where a kvcast level may be smaller *and* better than
 the CacheGen level before it.
 
-Prediction (`policies.estimate.RobustThroughputEstimator`): harmonic mean of the last 5 throughputs divided
+Prediction (`kvcast.policies.estimate.RobustThroughputEstimator`): harmonic mean of the last 5 throughputs divided
 by ``1 + max`` relative prediction error of the last 5 (``1 + prior_error`` on the prior before the first
 sample); the RTT is paid once per request.
 
@@ -60,10 +60,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from policies.base import (TEXT, Decision, Observation, Policy, Session, level_names, smallest,
+from kvcast.policies.base import (TEXT, Decision, Observation, Policy, Session, level_names, smallest,
                            undominated_levels)
-from policies.estimate import DEFAULT_PRIOR_ERROR, RobustThroughputEstimator
-from policies.planning import ConstantThroughput, PlanState, parse_options
+from kvcast.policies.estimate import DEFAULT_PRIOR_ERROR, RobustThroughputEstimator
+from kvcast.policies.planning import ConstantThroughput, PlanState, parse_options
 
 __all__ = ["MpcPolicy", "MpcProblem", "build_problem", "plan_cost", "enumerate_plan", "search_plan",
            "SessionTables", "DEFAULT_HORIZON", "DEFAULT_OVERRUN_WEIGHT"]

@@ -7,7 +7,7 @@ quality: it bounds the others on violations, and on quality at equal violations.
 more can have less quality loss; the Pareto plot shows both.)
 
 Plan families. The search is **exact** (every plan of the family is considered, none by approximation)
-over the union of two families, each played on the planning model (`policies.planning`) with the link's
+over the union of two families, each played on the planning model (`kvcast.policies.planning`) with the link's
 exact future (`Session.future_transfer_end_s`):
 
 * **in order**: every undecided chunk, in index order, takes a codec level or text; loads are transferred
@@ -21,7 +21,7 @@ decoder free, prefix ready, quality), not time buckets: a label is dropped only 
 same step is at least as good in every component (every step of the model is monotone in each component, so
 nothing it could lead to is better), or when even its optimistic completion cannot beat the incumbent.
 Levels that another level beats on size, decode time and quality at once are left out of both searches
-(`policies.base.undominated_levels`: they can only tie); nothing assumes the menu's order is monotone in size
+(`kvcast.policies.base.undominated_levels`: they can only tie); nothing assumes the menu's order is monotone in size
 or quality. Not covered: orders other than these two (for example loads in an arbitrary order, or text chunks in the
 middle of a back-to-front load), which the built-in policies never produce.
 
@@ -35,8 +35,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from policies.base import TEXT, Decision, Observation, Policy, Session, undominated_levels
-from policies.planning import KnownFuture, PlanState, TransferModel
+from kvcast.policies.base import TEXT, Decision, Observation, Policy, Session, undominated_levels
+from kvcast.policies.planning import KnownFuture, PlanState, TransferModel
 
 __all__ = ["OraclePlan", "OraclePolicy", "plan_in_order", "plan_cake", "best_plan"]
 

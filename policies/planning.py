@@ -1,4 +1,4 @@
-"""Planning model: a pure, fast model of the execution model in `policies.base`.
+"""Planning model: a pure, fast model of the execution model in `kvcast.policies.base`.
 
 Planning policies (``mpc``, ``hybrid``, ``oracle``) ask "if I took these actions from here, when would every
 chunk be ready, and what would the TTFT be?". This module answers it without SimPy or asyncio:
@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from policies.base import TEXT, ChunkMenu, Observation, Session
+from kvcast.policies.base import TEXT, ChunkMenu, Observation, Session
 
 __all__ = [
     "TEXT_QUALITY_LOSS",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from policies.fixed import FixedLevelPolicy
+from kvcast.policies.fixed import FixedLevelPolicy
 
 
 class RawPolicy(FixedLevelPolicy):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from typing import Callable
 
-from policies.base import Policy
+from kvcast.policies.base import Policy
 
 PolicyFactory = Callable[..., Policy]
 ENTRY_POINT_GROUP = "kvcast.policies"
@@ -61,7 +61,7 @@ class PolicyRegistry:
 
 def default_registry() -> PolicyRegistry:
     """A registry with kvcast's built-in policies and installed third-party ones."""
-    from policies import builtin
+    from kvcast.policies import builtin
 
     registry = PolicyRegistry()
     builtin.register_all(registry)

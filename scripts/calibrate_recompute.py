@@ -2,7 +2,7 @@
 """Calibrate the streamer's recompute (prefill) cost model on a GPU.
 
 The streamer prices recomputing a chunk of ``len`` tokens whose prefix of ``pos`` tokens is already cached as
-(`streamer.menus.RecomputeCost`)::
+(`kvcast.streamer.menus.RecomputeCost`)::
 
     prefill_s(pos, len) = c_s + a_s_per_token * len + b_s_per_token_pair * len * (pos + len / 2)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from codec.evaluate import (
+from kvcast.codec.evaluate import (
     EvalSettings,
     QualitySums,
     continuation_logits,
@@ -20,8 +20,8 @@ from codec.evaluate import (
     passages_from_text,
     read_text,
 )
-from codec.hf import cache_from_kv, kv_from_cache
-from codec.model import load_smollm2
+from kvcast.codec.hf import cache_from_kv, kv_from_cache
+from kvcast.codec.model import load_smollm2
 
 SINK = 4
 
@@ -165,7 +165,7 @@ def table_variant(table, profile: str):
     """The table with another distance profile: 'data' (as calibrated), 'flat', or 'pow:ALPHA:TAU'."""
     import numpy as np
 
-    from codec.sensitivity import SensitivityTable
+    from kvcast.codec.sensitivity import SensitivityTable
 
     if profile == "data":
         return table
@@ -182,8 +182,7 @@ def table_variant(table, profile: str):
 
 
 def real_eval(model, items, spec, table, fingerprint):
-    import codec as kvc
-
+    from kvcast import codec as kvc
     sums = QualitySums()
     bits = []
     for it in items:
@@ -200,8 +199,8 @@ def real_eval(model, items, spec, table, fingerprint):
 
 def run_real(a, model, tok, out):
 
-    from codec.levels import LevelSpec
-    from codec.sensitivity import SensitivityTable
+    from kvcast.codec.levels import LevelSpec
+    from kvcast.codec.sensitivity import SensitivityTable
 
     items = prepare(model, tok, a.split, a.count, out)
     fingerprint = load_fp(model)
@@ -216,8 +215,8 @@ def run_real(a, model, tok, out):
 
 
 def load_fp(model):
-    from codec.hf import fingerprint_from_config
-    from codec.model import SMOLLM2_NAME
+    from kvcast.codec.hf import fingerprint_from_config
+    from kvcast.codec.model import SMOLLM2_NAME
 
     return fingerprint_from_config(model.config, name=SMOLLM2_NAME, dtype=model.dtype)
 

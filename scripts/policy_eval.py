@@ -66,8 +66,8 @@ def menu_policies(menu: str, same_mu_weight: float | None) -> tuple[str, ...]:
 def same_mu_weight(menu: str, reference: str = "cachegen") -> float | None:
     """mpc's overrun weight on `menu` that gives it the overrun price ``mu`` it has on the `reference` menu
     (``mu = weight * q_span / SLO``, ``q_span`` the largest loss on the menu), or None if they are equal."""
-    from streamer.menus import resolve_levels
-    from streamer.profile import default_profile
+    from kvcast.streamer.menus import resolve_levels
+    from kvcast.streamer.profile import default_profile
 
     profile = default_profile()
 
@@ -231,7 +231,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--skip-simulate", action="store_true", help="summarise existing OUT/<menu>/sessions.jsonl")
     args = ap.parse_args()
-    from streamer.report import summarize
+    from kvcast.streamer.report import summarize
 
     out = Path(args.out)
     menus = [m.strip() for m in args.menus.split(",") if m.strip()]

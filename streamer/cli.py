@@ -34,11 +34,11 @@ def _load(traces: list[Path] | None, on_bad_trace: str,
     """The traces to simulate and the skipped files (path, error)."""
     from rich.markup import escape
 
-    from traces.readers import load_traces
-    from traces.trace import TraceError
+    from kvcast.traces.readers import load_traces
+    from kvcast.traces.trace import TraceError
 
     if not traces:
-        from traces.defaults import default_traces
+        from kvcast.traces.defaults import default_traces
 
         return list(default_traces()), []
     try:
@@ -129,7 +129,7 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         from rich.console import Console
         from rich.markup import escape
 
-        from streamer.simulate import SimulationConfig
+        from kvcast.streamer.simulate import SimulationConfig
 
         console = Console(stderr=True)
         if on_bad_trace not in ("error", "skip"):
@@ -192,10 +192,10 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
 def _check_config(config: Any) -> None:
     """Fail early, before any worker starts, on a bad policy, profile, shape or cost: every policy runs one
     short session on a constant trace (ValueError with the policy's name otherwise)."""
-    from policies.registry import default_registry
-    from streamer.menus import build_menus
-    from streamer.simulate import simulate_session
-    from traces.trace import Trace
+    from kvcast.policies.registry import default_registry
+    from kvcast.streamer.menus import build_menus
+    from kvcast.streamer.simulate import simulate_session
+    from kvcast.traces.trace import Trace
 
     registry = default_registry()
     profile = config.load_profile()
@@ -217,8 +217,8 @@ def run_simulation(traces: list[Any], config: Any, out: Path, *, workers: int | 
     from rich.console import Console
     from tqdm import tqdm
 
-    from streamer.report import markdown_table, plot_pareto, plot_ttft_cdf, rich_table, summarize
-    from streamer.simulate import run_sweep
+    from kvcast.streamer.report import markdown_table, plot_pareto, plot_ttft_cdf, rich_table, summarize
+    from kvcast.streamer.simulate import run_sweep
 
     console = console or Console(stderr=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -246,7 +246,7 @@ def run_simulation(traces: list[Any], config: Any, out: Path, *, workers: int | 
                                     + markdown_table(summary))
     plot_ttft_cdf(sessions, out / "ttft_cdf.png", slo_s=config.slo_s)
     plot_pareto(summary, out / "pareto.png")
-    from streamer.menus import resolve_levels
+    from kvcast.streamer.menus import resolve_levels
 
     menu_levels = list(resolve_levels(config.load_profile(), config.levels))
     run = {"config": config.to_json_dict(), "menu_levels": menu_levels, "traces": len(traces),
@@ -269,11 +269,11 @@ def _devnull() -> str:
 def run_bench_sim(*, policy: str, sessions: int, repeats: int, context_tokens: int,
                   chunk_tokens: int) -> dict[str, Any]:
     """Time `sessions` sessions of `policy` per repeat in this process (default traces, default config)."""
-    from policies.registry import default_registry
-    from streamer.menus import build_menus
-    from streamer.simulate import SimulationConfig, history_mean_bps, session_in_virtual_time
-    from netsim.virtual_time import VirtualTimeLoop
-    from traces.defaults import default_traces
+    from kvcast.policies.registry import default_registry
+    from kvcast.streamer.menus import build_menus
+    from kvcast.streamer.simulate import SimulationConfig, history_mean_bps, session_in_virtual_time
+    from kvcast.netsim.virtual_time import VirtualTimeLoop
+    from kvcast.traces.defaults import default_traces
 
     config = SimulationConfig(policies=(policy,), chunk_tokens=chunk_tokens)
     menus = build_menus(config.load_profile(), config.shape(), context_tokens, chunk_tokens,
@@ -315,8 +315,8 @@ def run_bench_sim(*, policy: str, sessions: int, repeats: int, context_tokens: i
 def run_bench_sweep(n_traces: int, policies: tuple[str, ...], traces: list[Any] | None,
                     workers: int | None) -> dict[str, Any]:
     """Time a full sweep (pool, chunk log built) over `n_traces` traces x 20 contexts; extrapolate to 350."""
-    from streamer.simulate import SimulationConfig, run_sweep
-    from traces.defaults import default_traces
+    from kvcast.streamer.simulate import SimulationConfig, run_sweep
+    from kvcast.traces.defaults import default_traces
 
     pool = list(traces) if traces else list(default_traces())
     chosen = [pool[i % len(pool)].with_name(f"{pool[i % len(pool)].name}~{i}") for i in range(n_traces)]

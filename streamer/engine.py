@@ -1,9 +1,9 @@
 """The streaming engine: one session of loading a context's KV cache, chunk by chunk, as a policy decides.
 
-It implements the execution model documented in `policies.base` (link, decoder and compute unit working
+It implements the execution model documented in `kvcast.policies.base` (link, decoder and compute unit working
 concurrently; the policy asked whenever the link or the compute unit runs dry). It is plain asyncio: it
 reads ``loop.time()``, schedules its own completions with ``loop.call_at`` and waits on the link's transfer
-futures. On a `netsim.VirtualTimeLoop` over a `netsim.SimPyLink` it runs in virtual time; on a normal event
+futures. On a `kvcast.netsim.VirtualTimeLoop` over a `kvcast.netsim.SimPyLink` it runs in virtual time; on a normal event
 loop over a real link it runs in real time. Nothing else changes.
 
 Example (virtual time)::
@@ -30,8 +30,8 @@ from collections import deque
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
 
-from netsim.link import Link, TransferOutcome
-from policies.base import TEXT, ChunkMenu, Decision, Observation, Policy, Session, ThroughputSample
+from kvcast.netsim.link import Link, TransferOutcome
+from kvcast.policies.base import TEXT, ChunkMenu, Decision, Observation, Policy, Session, ThroughputSample
 
 __all__ = ["ChunkRecord", "PolicyError", "SessionResult", "StreamingEngine", "stream_context"]
 

@@ -16,8 +16,8 @@ from importlib import resources
 from types import MappingProxyType
 from typing import Mapping
 
-from policies.base import ChunkMenu, LevelOption
-from streamer.profile import Profile, ProfileError
+from kvcast.policies.base import ChunkMenu, LevelOption
+from kvcast.streamer.profile import Profile, ProfileError
 
 __all__ = ["DEFAULT_DECODE_VALUES_PER_S", "FALLBACK_DECODE_VALUES_PER_S", "LEVEL_SETS", "MODEL_SHAPES",
            "ModelShape", "RecomputeCost", "build_menus", "decode_values_per_s", "recompute_cost", "recompute_costs",

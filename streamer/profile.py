@@ -1,6 +1,6 @@
 """Codec profiles: what each codec level costs and loses, measured on a real model (JSON).
 
-Format ``kvcast-profile/1`` (written by ``kvcast eval codec``; levels in ``codec.levels()`` order, which is
+Format ``kvcast-profile/1`` (written by ``kvcast eval codec``; levels in ``kvcast.codec.levels()`` order, which is
 monotone in neither bits nor quality: a kvcast level can be smaller *and* better than the CacheGen level listed
 before it)::
 

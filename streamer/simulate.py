@@ -21,14 +21,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from netsim.trace_link import SimPyLink
-from netsim.virtual_time import VirtualTimeLoop
-from policies.base import ChunkMenu, Policy
-from policies.registry import PolicyRegistry, default_registry
-from streamer.engine import SessionResult, StreamingEngine
-from streamer.menus import ModelShape, RecomputeCost, build_menus, recompute_cost
-from streamer.profile import Profile, default_profile
-from traces.trace import Trace
+from kvcast.netsim.trace_link import SimPyLink
+from kvcast.netsim.virtual_time import VirtualTimeLoop
+from kvcast.policies.base import ChunkMenu, Policy
+from kvcast.policies.registry import PolicyRegistry, default_registry
+from kvcast.streamer.engine import SessionResult, StreamingEngine
+from kvcast.streamer.menus import ModelShape, RecomputeCost, build_menus, recompute_cost
+from kvcast.streamer.profile import Profile, default_profile
+from kvcast.traces.trace import Trace
 
 __all__ = ["SimulationConfig", "SessionSetup", "history_mean_bps", "plan_sessions", "run_sweep",
            "session_in_virtual_time", "simulate_session"]
@@ -41,7 +41,7 @@ class SimulationConfig:
     policies: tuple[str, ...] = ("text", "raw", "fixed:cachegen-2", "cachegen", "cachegen-code")
     """Policy specs (``name`` or ``name:argument``)."""
     model: str = "mistral-7b"
-    """Model shape: a name of `streamer.menus.MODEL_SHAPES` or ``layers,kv_heads,head_dim``."""
+    """Model shape: a name of `kvcast.streamer.menus.MODEL_SHAPES` or ``layers,kv_heads,head_dim``."""
     gpu: str = "h100"
     """GPU of the recompute cost table (``gpu/model`` must be in ``recompute_costs.json``)."""
     recompute: str | None = None
@@ -49,7 +49,7 @@ class SimulationConfig:
     profile: str | None = None
     """Path of a ``kvcast-profile/1`` JSON; None: the shipped default profile (measured)."""
     levels: tuple[str, ...] | None = None
-    """The codec levels on the menu: set names (``all``, ``cachegen``, ``kvcast``; `streamer.menus.LEVEL_SETS`)
+    """The codec levels on the menu: set names (``all``, ``cachegen``, ``kvcast``; `kvcast.streamer.menus.LEVEL_SETS`)
     and level names of the profile, united, kept in the profile's order (None: all). The CacheGen controllers
     use only CacheGen's own levels of the menu; `mpc`, `hybrid` and `oracle` use all of it."""
     chunk_tokens: int = 1536

@@ -11,9 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import codec
-from codec.api import ModelFingerprint
-from codec.container import CRC, PREFIX
+from kvcast import codec
+from kvcast.codec.api import ModelFingerprint
+from kvcast.codec.container import CRC, PREFIX
 from tests.test_codec_roundtrip import make_kv
 
 import crc32c

@@ -8,11 +8,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import codec
-from codec.api import Codec, ModelFingerprint
-from codec.entropy import CoderPool
-from codec.grid import channel_steps, token_multipliers
-from codec.sensitivity import TABLES_DIR, SensitivityTable, TableRegistry, profile_from_positions
+from kvcast import codec
+from kvcast.codec.api import Codec, ModelFingerprint
+from kvcast.codec.entropy import CoderPool
+from kvcast.codec.grid import channel_steps, token_multipliers
+from kvcast.codec.sensitivity import TABLES_DIR, SensitivityTable, TableRegistry, profile_from_positions
 from tests.test_codec_roundtrip import DTYPES, make_kv
 
 GRID = [lv for lv in codec.levels() if codec.describe(lv)["quantizer"] == "grid"]
@@ -167,8 +167,8 @@ def test_shipped_smollm2_table_is_found_and_sane():
 
 
 def test_calibrate_builds_a_table_that_drives_the_grid_levels(tmp_path):
-    from codec.calibrate import calibrate
-    from codec.hf import fingerprint_from_config, kv_from_cache
+    from kvcast.codec.calibrate import calibrate
+    from kvcast.codec.hf import fingerprint_from_config, kv_from_cache
     from tests.test_hf_roundtrip import tiny_llama
 
     model = tiny_llama()

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
-import codec  # noqa: E402
-from codec.evaluate import (  # noqa: E402
+from kvcast import codec  # noqa: E402
+from kvcast.codec.evaluate import (  # noqa: E402
     SPLITS,
     EvalError,
     EvalSettings,
@@ -33,8 +33,8 @@ from codec.evaluate import (  # noqa: E402
     run_codec_eval,
     write_outputs,
 )
-from codec.hf import kv_from_cache, kv_tokens  # noqa: E402
-from codec.model import smollm2_available  # noqa: E402
+from kvcast.codec.hf import kv_from_cache, kv_tokens  # noqa: E402
+from kvcast.codec.model import smollm2_available  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
@@ -272,7 +272,7 @@ def test_eval_smoke_on_smollm2_and_wikitext(tmp_path):
 def test_demo_small_run_writes_json_and_prints_the_table(tmp_path):
     from rich.console import Console
 
-    from codec.demo import run_demo
+    from kvcast.codec.demo import run_demo
 
     console = Console(record=True, width=160)
     result = run_demo(out=tmp_path, context_tokens=96, next_tokens=16, levels=["raw", "cachegen-1"],

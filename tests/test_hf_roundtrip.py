@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
-import codec  # noqa: E402
-from codec.hf import (  # noqa: E402
+from kvcast import codec  # noqa: E402
+from kvcast.codec.hf import (  # noqa: E402
     cache_from_kv,
     cast_kv,
     check_kv_matches,
@@ -28,7 +28,7 @@ from codec.hf import (  # noqa: E402
     rope_parameters,
     slice_kv,
 )
-from codec.model import smollm2_available  # noqa: E402
+from kvcast.codec.model import smollm2_available  # noqa: E402
 
 
 def tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=16, seed=0):
@@ -190,7 +190,7 @@ needs_model = pytest.mark.skipif(not smollm2_available(),
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from codec.model import load_smollm2
+    from kvcast.codec.model import load_smollm2
 
     return load_smollm2(progress=False)
 

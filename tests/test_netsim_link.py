@@ -10,8 +10,8 @@ import simpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netsim import SimPyLink, TimerTraceLink, VirtualTimeLoop, run_virtual
-from traces.trace import Trace
+from kvcast.netsim import SimPyLink, TimerTraceLink, VirtualTimeLoop, run_virtual
+from kvcast.traces.trace import Trace
 
 REL = 1e-9
 
@@ -209,7 +209,7 @@ def test_virtual_loop_sleeps_without_waiting_and_orders_timers():
 
 
 def test_virtual_loop_reports_a_deadlock():
-    from netsim import VirtualTimeDeadlock
+    from kvcast.netsim import VirtualTimeDeadlock
 
     async def main():
         await asyncio.get_running_loop().create_future()

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from policies import mpc as M
-from policies.base import (
+from kvcast.policies import mpc as M
+from kvcast.policies.base import (
     TEXT,
     ChunkMenu,
     Decision,
@@ -22,14 +22,14 @@ from policies.base import (
     Session,
     ThroughputSample,
 )
-from policies.dryrun import dry_run
-from policies.estimate import RobustThroughputEstimator
-from policies.hybrid import HybridPolicy
-from policies.oracle import OraclePolicy, best_plan, plan_cake, plan_in_order
-from policies.planning import ConstantThroughput, PlanState, parse_options, simulate_plan
-from policies.registry import default_registry
-from streamer.simulate import simulate_session
-from traces.trace import Trace
+from kvcast.policies.dryrun import dry_run
+from kvcast.policies.estimate import RobustThroughputEstimator
+from kvcast.policies.hybrid import HybridPolicy
+from kvcast.policies.oracle import OraclePolicy, best_plan, plan_cake, plan_in_order
+from kvcast.policies.planning import ConstantThroughput, PlanState, parse_options, simulate_plan
+from kvcast.policies.registry import default_registry
+from kvcast.streamer.simulate import simulate_session
+from kvcast.traces.trace import Trace
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -156,7 +156,7 @@ def test_mpc_model_matches_the_planning_model_without_tail():
 
 def test_mpc_decides_many_chunks_per_second_is_a_benchmark_not_a_test():
     """Speed lives in ``kvcast bench mpc``; here only that the bench's inputs run."""
-    from policies import bench_mpc
+    from kvcast.policies import bench_mpc
 
     problems = bench_mpc.recorded_problems(sessions=2, seed=1)
     assert problems and all(M.search_plan(p, h) == M.enumerate_plan(p) for p, h in problems[:5])
@@ -322,8 +322,8 @@ def test_oracle_searches_are_exact_over_their_families(seed, n, levels, monotone
 
 def test_oracle_follows_its_plan_on_a_real_trace_link():
     """On the engine over a SimPy link replaying a varying trace, the oracle's plan is exact: no re-plan."""
-    from streamer.menus import ModelShape, build_menus, recompute_cost
-    from streamer.profile import default_profile
+    from kvcast.streamer.menus import ModelShape, build_menus, recompute_cost
+    from kvcast.streamer.profile import default_profile
 
     menus = build_menus(default_profile(), ModelShape.named("mistral-7b"), 14000, 1536,
                         recompute_cost("h100/mistral-7b"))
@@ -466,7 +466,7 @@ def shuffled_menu(order: tuple[str, ...]) -> tuple[ChunkMenu, ...]:
 
 
 def test_undominated_levels_and_orders_ignore_the_menu_order():
-    from policies.base import by_quality, smallest, undominated_levels
+    from kvcast.policies.base import by_quality, smallest, undominated_levels
 
     for order in (("dom", "good", "tiny", "fast"), ("fast", "tiny", "dom", "good"), ("tiny", "good", "fast", "dom")):
         menus = shuffled_menu(order)
@@ -537,7 +537,7 @@ def test_probe_without_any_estimate_uses_the_smallest_level(spec):
 
 @pytest.mark.parametrize("order", [("dom", "good", "tiny", "fast"), ("fast", "tiny", "dom", "good")])
 def test_cachegen_on_a_non_monotone_menu_takes_the_least_loss_that_fits(order):
-    from policies.cachegen import CacheGenPolicy
+    from kvcast.policies.cachegen import CacheGenPolicy
 
     menus = shuffled_menu(order)
     for bw, expected in ((1e12, "fast"), (1.2e8, "good"), (6e7, "tiny"), (1e6, TEXT)):
@@ -554,15 +554,15 @@ def test_cachegen_on_a_non_monotone_menu_takes_the_least_loss_that_fits(order):
 
 
 def real_menus(levels=None):
-    from streamer.menus import ModelShape, build_menus, recompute_cost
-    from streamer.profile import default_profile
+    from kvcast.streamer.menus import ModelShape, build_menus, recompute_cost
+    from kvcast.streamer.profile import default_profile
 
     return build_menus(default_profile(), ModelShape.named("mistral-7b"), 16000, 1536,
                        recompute_cost("h100/mistral-7b"), levels=levels)
 
 
 def test_cachegen_controllers_use_cachegens_levels_by_default():
-    from policies.cachegen import CACHEGEN_LEVELS
+    from kvcast.policies.cachegen import CACHEGEN_LEVELS
 
     menus = real_menus()  # every level of the measured profile
     reg = default_registry()
@@ -593,7 +593,7 @@ def test_planning_controllers_on_the_measured_menu_avoid_dominated_levels():
     """Every level of the measured profile on the menu (CacheGen levels dominated by kvcast ones, menu order
     monotone in nothing): mpc, hybrid and oracle never load a dominated level, and the oracle is never worse
     on overrun."""
-    from policies.base import undominated_levels
+    from kvcast.policies.base import undominated_levels
 
     menus = real_menus()
     keep = set(undominated_levels(menus))

@@ -6,15 +6,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netsim import SimPyLink, VirtualTimeLoop
-from policies.base import TEXT, ChunkMenu, LevelOption, Observation, Session, ThroughputSample
-from policies.cachegen import CacheGenPolicy
-from policies.cachegen_code import CacheGenCodePolicy
-from policies.registry import default_registry
-from streamer.engine import StreamingEngine
-from streamer.menus import ModelShape, build_menus, recompute_cost
-from streamer.profile import default_profile
-from traces.trace import Trace
+from kvcast.netsim import SimPyLink, VirtualTimeLoop
+from kvcast.policies.base import TEXT, ChunkMenu, LevelOption, Observation, Session, ThroughputSample
+from kvcast.policies.cachegen import CacheGenPolicy
+from kvcast.policies.cachegen_code import CacheGenCodePolicy
+from kvcast.policies.registry import default_registry
+from kvcast.streamer.engine import StreamingEngine
+from kvcast.streamer.menus import ModelShape, build_menus, recompute_cost
+from kvcast.streamer.profile import default_profile
+from kvcast.traces.trace import Trace
 
 LEVELS = (("hi", 4_000_000, 0.0), ("mid", 2_000_000, 0.01), ("lo", 1_000_000, 0.05))  # name, bytes, loss
 

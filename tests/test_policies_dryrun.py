@@ -1,4 +1,4 @@
-"""The dry-run executor (`policies.dryrun`) against the streaming engine: same decisions, same times."""
+"""The dry-run executor (`kvcast.policies.dryrun`) against the streaming engine: same decisions, same times."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policies.base import TEXT, ChunkMenu, Decision, LevelOption, Observation, Policy, Session
-from policies.dryrun import PolicyStalled, dry_run
-from policies.planning import ConstantThroughput, KnownFuture
-from policies.registry import default_registry
-from streamer.simulate import simulate_session
+from kvcast.policies.base import TEXT, ChunkMenu, Decision, LevelOption, Observation, Policy, Session
+from kvcast.policies.dryrun import PolicyStalled, dry_run
+from kvcast.policies.planning import ConstantThroughput, KnownFuture
+from kvcast.policies.registry import default_registry
+from kvcast.streamer.simulate import simulate_session
 from tests.test_policies_advanced import SETTINGS, make_menus
-from traces.trace import Trace
+from kvcast.traces.trace import Trace
 
 
 class Queued(Policy):

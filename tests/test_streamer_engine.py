@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netsim import Link, SimPyLink, TimerTraceLink, VirtualTimeLoop
-from policies.base import TEXT, ChunkMenu, Decision, LevelOption, Observation, Policy
-from policies.fixed import FixedLevelPolicy
-from streamer.engine import PolicyError, StreamingEngine
-from traces.trace import Trace
+from kvcast.netsim import Link, SimPyLink, TimerTraceLink, VirtualTimeLoop
+from kvcast.policies.base import TEXT, ChunkMenu, Decision, LevelOption, Observation, Policy
+from kvcast.policies.fixed import FixedLevelPolicy
+from kvcast.streamer.engine import PolicyError, StreamingEngine
+from kvcast.traces.trace import Trace
 
 MB = 1_000_000
 ONE_MB_PER_S = Trace([0.0, 1000.0], [8e6])  # 1 MB/s, constant

@@ -7,14 +7,13 @@ import math
 
 import pytest
 
-from streamer.menus import (DEFAULT_DECODE_VALUES_PER_S, LEVEL_SETS, MODEL_SHAPES, ModelShape, RecomputeCost,
+from kvcast.streamer.menus import (DEFAULT_DECODE_VALUES_PER_S, LEVEL_SETS, MODEL_SHAPES, ModelShape, RecomputeCost,
                             build_menus, recompute_cost, recompute_costs, resolve_levels)
-from streamer.profile import Profile, ProfileError, default_profile
+from kvcast.streamer.profile import Profile, ProfileError, default_profile
 
 
 def test_default_profile_is_the_measured_one_with_every_codec_level():
-    import codec
-
+    from kvcast import codec
     p = default_profile()
     assert not p.provisional and "kvcast eval codec" in p.note and "test" in p.note
     assert p.level_names == tuple(codec.levels())

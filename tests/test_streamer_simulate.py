@@ -8,9 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from kvcast.cli import app
-from streamer.report import summarize
-from streamer.simulate import SimulationConfig, history_mean_bps, plan_sessions, run_sweep, trace_keys
-from traces.trace import Trace
+from kvcast.streamer.report import summarize
+from kvcast.streamer.simulate import SimulationConfig, history_mean_bps, plan_sessions, run_sweep, trace_keys
+from kvcast.traces.trace import Trace
 
 POLICIES = "text,raw,fixed:cachegen-2,cachegen,cachegen-code"
 
@@ -45,7 +45,7 @@ def test_simulate_writes_summary_tables_logs_and_plots(trace_dir, tmp_path):
     by = {s["policy"]: s for s in summary}
     assert by["text"]["quality_loss_mean"] == 0.0 and by["text"]["bytes_mean"] == 0.0
     assert by["raw"]["bytes_mean"] > by["fixed:cachegen-2"]["bytes_mean"] > 0
-    from streamer.profile import default_profile
+    from kvcast.streamer.profile import default_profile
 
     assert by["fixed:cachegen-2"]["quality_loss_mean"] == \
         pytest.approx(default_profile().level("cachegen-2").quality_loss)
@@ -107,8 +107,8 @@ def test_all_zero_trace_is_reported_or_skipped(trace_dir, tmp_path):
     ("all", None),
 ])
 def test_simulate_levels_choose_the_menu(trace_dir, tmp_path, levels, menu):
-    from policies.cachegen import CACHEGEN_LEVELS
-    from streamer.profile import default_profile
+    from kvcast.policies.cachegen import CACHEGEN_LEVELS
+    from kvcast.streamer.profile import default_profile
 
     menu = menu or list(default_profile().level_names)
     out = tmp_path / "out"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from traces.cli import app
+from kvcast.traces.cli import app
 
 runner = CliRunner()
 

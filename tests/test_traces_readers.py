@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from traces.readers import (
+from kvcast.traces.readers import (
     FORMATS,
     MAHIMAHI_PACKET_BITS,
     ReadOptions,
@@ -19,7 +19,7 @@ from traces.readers import (
     load_traces,
     read_trace_file,
 )
-from traces.trace import ChunkTrace, Trace, TraceError
+from kvcast.traces.trace import ChunkTrace, Trace, TraceError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 MANIFEST = SHARED / "MANIFEST.tsv"

@@ -7,15 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from traces.defaults import (
+from kvcast.traces.defaults import (
     DEFAULT_SPECS,
     default_trace_dir,
     default_traces,
     generate_default_traces,
     write_default_traces,
 )
-from traces.synthetic import markov_on_off, random_walk, uniform_chunks
-from traces.trace import ChunkTrace, Trace
+from kvcast.traces.synthetic import markov_on_off, random_walk, uniform_chunks
+from kvcast.traces.trace import ChunkTrace, Trace
 
 
 def same(a: Trace, b: Trace) -> bool:

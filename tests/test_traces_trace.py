@@ -1,4 +1,4 @@
-"""Property tests of `traces.trace.Trace`: integration against a brute-force reference, inversion, wrap-around,
+"""Property tests of `kvcast.traces.trace.Trace`: integration against a brute-force reference, inversion, wrap-around,
 scaling and the derived-trace operations."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from traces.trace import ChunkTrace, Trace, TraceError
+from kvcast.traces.trace import ChunkTrace, Trace, TraceError
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from traces.trace import Trace
+from kvcast.traces.trace import Trace
 
 __all__ = ["run_benchmark"]
 
@@ -71,7 +71,7 @@ def run_benchmark(sizes: tuple[int, ...] = (10, 1_000, 100_000), calls: int = 20
 
 
 def main() -> None:
-    from traces.cli import bench
+    from kvcast.traces.cli import bench
 
     bench(calls=20_000, repeats=7)
 

@@ -16,7 +16,7 @@ _FORMAT_HELP = ("Read every file as this format (pensieve_time_mbps, mahimahi_pk
 
 
 def _options(scale: float, mahimahi_bin_s: float, chunk_duration_s: float) -> Any:
-    from traces.readers import ReadOptions
+    from kvcast.traces.readers import ReadOptions
 
     try:
         return ReadOptions(chunk_duration_s=chunk_duration_s, mahimahi_bin_s=mahimahi_bin_s,
@@ -26,7 +26,7 @@ def _options(scale: float, mahimahi_bin_s: float, chunk_duration_s: float) -> An
 
 
 def _check_format(fmt: str | None) -> None:
-    from traces.readers import FORMATS
+    from kvcast.traces.readers import FORMATS
 
     if fmt is not None and fmt not in FORMATS:
         raise typer.BadParameter(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
@@ -60,8 +60,8 @@ def stats(
     from rich.markup import escape
     from rich.table import Table
 
-    from traces.readers import load_traces
-    from traces.trace import TraceError
+    from kvcast.traces.readers import load_traces
+    from kvcast.traces.trace import TraceError
 
     _check_format(fmt)
     opts = _options(scale, mahimahi_bin_s, chunk_duration_s)
@@ -135,8 +135,8 @@ def plot(
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from traces.readers import read_trace_file
-    from traces.trace import TraceError
+    from kvcast.traces.readers import read_trace_file
+    from kvcast.traces.trace import TraceError
 
     _check_format(fmt)
     try:
@@ -181,7 +181,7 @@ def write_defaults(
                                                             "traces/default).")] = None,
 ) -> None:
     """(Re)generate kvcast's default synthetic traces from their seeds."""
-    from traces.defaults import write_default_traces
+    from kvcast.traces.defaults import write_default_traces
 
     for path in write_default_traces(directory):
         typer.echo(str(path))
@@ -196,10 +196,10 @@ def bench(
     from rich.console import Console
     from rich.table import Table
 
-    from traces.bench import run_benchmark
+    from kvcast.traces.bench import run_benchmark
 
     rows = run_benchmark(calls=calls, repeats=repeats)
-    typer.echo(json.dumps({"benchmark": "traces.integration", "statistic": "median", "rows": rows}, indent=2))
+    typer.echo(json.dumps({"benchmark": "kvcast.traces.integration", "statistic": "median", "rows": rows}, indent=2))
     table = Table(title="Trace integration cost (medians)")
     for col in ("segments", "wrap", "transfer_end_s µs/call", "delivered_bits µs/call",
                 "transfer_end_s vec ns/elem", "delivered_bits vec ns/elem"):

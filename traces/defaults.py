@@ -17,8 +17,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from traces import synthetic
-from traces.trace import Trace, TraceError
+from kvcast.traces import synthetic
+from kvcast.traces.trace import Trace, TraceError
 
 __all__ = [
     "DEFAULT_SPECS",
@@ -32,7 +32,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DefaultTraceSpec:
-    """One default trace: a generator of ``traces.synthetic`` with its keyword arguments and seed."""
+    """One default trace: a generator of ``kvcast.traces.synthetic`` with its keyword arguments and seed."""
 
     name: str
     generator: str
@@ -94,7 +94,7 @@ def write_default_traces(directory: str | os.PathLike[str] | None = None) -> lis
 
 def default_traces() -> list[Trace]:
     """The shipped default traces, read from ``traces/default/*.json`` in ``DEFAULT_SPECS`` order."""
-    from traces.readers import load_trace
+    from kvcast.traces.readers import load_trace
 
     folder = default_trace_dir()
     traces = []

@@ -30,7 +30,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from traces.trace import ChunkTrace, Trace, TraceError
+from kvcast.traces.trace import ChunkTrace, Trace, TraceError
 
 __all__ = [
     "DEFAULT_CHUNK_DURATION_S",

@@ -11,7 +11,7 @@ from typing import Literal
 
 import numpy as np
 
-from traces.trace import ChunkTrace, Trace
+from kvcast.traces.trace import ChunkTrace, Trace
 
 __all__ = ["markov_on_off", "random_walk", "uniform_chunks"]
 
