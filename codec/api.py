@@ -7,7 +7,7 @@ Header fields (JSON, see `kvcast.codec.container` for the binary layout)::
 
     codec      "kvcast"
     level      the full LevelSpec of the level used (the decoder reads it, not its own tables)
-    model      fingerprint: name, layers, kv_heads, head_dim, dtype, rope (or null)
+    model      fingerprint (`kvcast.codec.fingerprint`): name, layers, kv_heads, head_dim, dtype, rope (or null)
     tokens     {"start": first token position, "count": tokens}
     dtype      the input dtype, restored by decode() unless told otherwise
     bins       {"key": [bins per layer], "value": [...]} (quantized levels)
@@ -19,50 +19,26 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from kvcast.codec.container import Section, Unpacked, pack, unpack
-from kvcast.codec.entropy import CoderPool
 from kvcast.codec.errors import CodecError
+from kvcast.codec.fingerprint import ModelFingerprint
+from kvcast.codec.grid import cdf_length, channel_steps, token_multipliers
 from kvcast.codec.levels import LevelRegistry, LevelSpec
-from kvcast.codec.pipeline import FP16_MAX as _FP16_MAX
-from kvcast.codec.pipeline import dequantize_absmax, pack_parts, quantize_absmax, split_payload, unpack_parts
+from kvcast.codec.packing import FP16_MAX as _FP16_MAX
+from kvcast.codec.packing import pack_parts, split_payload, unpack_parts
+from kvcast.codec.pipeline import dequantize_absmax, quantize_absmax
+from kvcast.codec.pool import CoderPool
 from kvcast.codec.sensitivity import SensitivityTable, TableRegistry
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 STREAM_ORDER = "kv,layer,token_block,channel_group"
 GRID_STREAM_ORDER = "kv,layer,token_block,class"
-
-
-@dataclass(frozen=True)
-class ModelFingerprint:
-    """What a KV object must match to be used with a model."""
-
-    name: str
-    layers: int
-    kv_heads: int
-    head_dim: int
-    dtype: str
-    rope: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelFingerprint:
-        try:
-            return cls(name=str(d["name"]), layers=int(d["layers"]), kv_heads=int(d["kv_heads"]),
-                       head_dim=int(d["head_dim"]), dtype=str(d["dtype"]), rope=d.get("rope"))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CodecError(f"malformed model fingerprint in header: {exc}") from None
-
-    def same_shape(self, other: ModelFingerprint) -> bool:
-        return (self.layers, self.kv_heads, self.head_dim) == (other.layers, other.kv_heads, other.head_dim)
 
 
 # ----------------------------------------------------------------------------------------------- layout
@@ -218,8 +194,6 @@ class Codec:
 
     def _encode_grid(self, kv, spec: LevelSpec, header: dict[str, Any], table: SensitivityTable, token_start: int,
                      context_end: int, shape: tuple[int, int, int, int]) -> bytes:
-        from kvcast.codec.grid import channel_steps, token_multipliers
-
         layers, heads, tokens, head_dim = shape
         channels = heads * head_dim
         sink_rows = max(0, min(tokens, spec.sink_tokens - token_start))
@@ -257,8 +231,6 @@ class Codec:
 
     def _decode_grid(self, h: dict[str, Any], sec, spec: LevelSpec, model: ModelFingerprint, tokens: int,
                      out_dtype: torch.dtype, device) -> KV:
-        from kvcast.codec.grid import cdf_length
-
         layers, heads, dim = model.layers, model.kv_heads, model.head_dim
         channels = heads * dim
         groups = 2 * layers

@@ -1,22 +1,51 @@
-"""`kvcast bench codec`: encode/decode speed per level, as JSON and a table.
+"""`kvcast bench codec`: encode/decode speed per level, returned as a `kvcast.benchmark.result` dict.
 
 Speed is quoted per object: Msymbols/s = KV values / second / 1e6, and MB/s of fp16 KV in (encode) and out
 (decode). Times are medians over `repeats` runs, after one warm-up run that also starts the coder workers.
+One row per level. torch is imported inside the functions; printing is the CLI's job (`kvcast.codec.cli`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
-from pathlib import Path
+from dataclasses import asdict, dataclass
+from typing import Any
 
-import torch
+from kvcast.benchmark import result
+
+__all__ = ["CodecBenchSettings", "bench_codec", "smollm2_kv", "synthetic_kv"]
+
+SOURCES = ("synthetic", "smollm2")
+
+
+@dataclass(frozen=True)
+class CodecBenchSettings:
+    """Inputs of `bench_codec`."""
+
+    tokens: int = 2048
+    """Tokens per object."""
+    levels: tuple[str, ...] | None = None
+    """Levels timed, in this order (None: every level of the codec)."""
+    repeats: int = 5
+    """Timed repetitions per level; the median is reported."""
+    workers: int = 0
+    """Coder processes (0: one per core)."""
+    source: str = "synthetic"
+    """``synthetic`` (SmolLM2-shaped random KV) or ``smollm2`` (the model's KV of WikiText-2 test)."""
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1 or self.repeats < 1 or self.workers < 0:
+            raise ValueError("tokens and repeats must be >= 1, workers >= 0")
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {self.source!r}")
 
 
 def synthetic_kv(tokens: int, layers: int = 30, heads: int = 3, dim: int = 64, seed: int = 0):
     """SmolLM2-shaped fp16 KV with per-channel outliers in keys (random, not a model's)."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     kv = []
     for _ in range(layers):
@@ -29,6 +58,8 @@ def synthetic_kv(tokens: int, layers: int = 30, heads: int = 3, dim: int = 64, s
 def smollm2_kv(tokens: int):
     """fp16 KV of SmolLM2-135M over `tokens` tokens of WikiText-2, and the model's fingerprint (needs the
     model and ../shared/datasets)."""
+    import torch
+
     from kvcast.codec.evaluate import EvalSettings, corpus_path, passages_from_text, read_text
     from kvcast.codec.hf import kv_from_cache
     from kvcast.codec.model import load_smollm2
@@ -38,29 +69,30 @@ def smollm2_kv(tokens: int):
     ids = passages_from_text(read_text(source), lm.tokenizer, 1, tokens, source=str(source))[0].token_ids
     with torch.no_grad():
         out = lm.model(ids, use_cache=True, logits_to_keep=1)
-    return [(k.half(), v.half()) for k, v in kv_from_cache(out.past_key_values)], lm.fingerprint(torch.float16)
+    return [(k.half(), v.half()) for k, v in kv_from_cache(out.cache)], lm.fingerprint(torch.float16)
 
 
-def run_codec_bench(*, tokens: int = 2048, levels: str = "", repeats: int = 5, workers: int = 0,
-                    source: str = "synthetic", out: Path | None = None) -> dict:
-    from rich.console import Console
-    from rich.table import Table
-
+def bench_codec(settings: CodecBenchSettings = CodecBenchSettings()) -> dict[str, Any]:
+    """Encode and decode one `settings.tokens`-token object at every level; one row per level."""
     from kvcast import codec
     from kvcast.codec.api import Codec
-    from kvcast.codec.entropy import CoderPool
+    from kvcast.codec.pool import CoderPool
     from kvcast.codec.sensitivity import SensitivityTable
 
-    if source == "smollm2":
+    tokens, repeats = settings.tokens, settings.repeats
+    if settings.source == "smollm2":
         kv, model = smollm2_kv(tokens)
         table = None  # the shipped SmolLM2 table, found by the fingerprint
     else:
         kv, model = synthetic_kv(tokens), None
         table = SensitivityTable.uniform(len(kv), kv[0][0].shape[1], kv[0][0].shape[3])
-    names = [n.strip() for n in levels.split(",") if n.strip()] or codec.levels()
+    names = list(settings.levels) if settings.levels else codec.levels()
+    unknown = [n for n in names if n not in codec.levels()]
+    if unknown:
+        raise ValueError(f"unknown level(s) {', '.join(unknown)}; the codec has {', '.join(codec.levels())}")
     values = 2 * len(kv) * kv[0][0].shape[1] * tokens * kv[0][0].shape[3]
     rows = []
-    with CoderPool(workers=workers or None) as pool:
+    with CoderPool(workers=settings.workers or None) as pool:
         c = Codec(pool=pool)
         pool.warm_up()
         for name in names:
@@ -81,18 +113,7 @@ def run_codec_bench(*, tokens: int = 2048, levels: str = "", repeats: int = 5, w
                          "encode_s": te, "decode_s": td,
                          "encode_msym_per_s": values / te / 1e6, "decode_msym_per_s": values / td / 1e6,
                          "encode_mb_per_s_fp16": 2 * values / te / 1e6, "decode_mb_per_s_fp16": 2 * values / td / 1e6})
-        result = {"source": source, "tokens": tokens, "values": values, "workers": pool.workers,
-                  "repeats": repeats, "cpu_count": os.cpu_count(), "levels": rows}
-    table = Table(title=f"codec speed: {tokens}-token object, {values / 1e6:.1f} M values, {result['workers']} workers")
-    for col in ("level", "bits/value", "enc Msym/s", "dec Msym/s", "enc MB/s", "dec MB/s"):
-        table.add_column(col, justify="right" if col != "level" else "left")
-    for r in rows:
-        table.add_row(r["level"], f"{r['bits_per_value']:.3f}", f"{r['encode_msym_per_s']:.1f}",
-                      f"{r['decode_msym_per_s']:.1f}", f"{r['encode_mb_per_s_fp16']:.0f}",
-                      f"{r['decode_mb_per_s_fp16']:.0f}")
-    print(json.dumps(result, indent=2))
-    Console().print(table)
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2))
-    return result
+        workers = pool.workers
+    summary = {"values": values, "layers": len(kv), "kv_heads": kv[0][0].shape[1],
+               "head_dim": kv[0][0].shape[3], "workers": workers, "levels": len(rows)}
+    return result("codec", asdict(settings), rows, summary)

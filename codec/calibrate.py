@@ -5,7 +5,9 @@ sample each continuation token from the model's own distribution (so the squared
 Fisher information of the model's predictive distribution, the quantity a KL to the exact model expands
 into) and back-propagate its log-likelihood to the KV. The squared gradients, averaged over passages,
 context tokens past the sink and continuation tokens, give the per-channel table; summed over channels, the
-per-position curve gives the distance-from-end profile (`kvcast.codec.sensitivity`).
+per-position curve gives the distance-from-end profile (`kvcast.codec.sensitivity`). The table records the
+model's fingerprint and its KV signature (`kvcast.codec.fingerprint.KVSignature`), by which the encoder finds
+it for any copy of the same model.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvcast.codec.evaluate import EvalSettings, corpus_path, passages_from_text, read_text
+from kvcast.codec.hf import cache_from_kv, fingerprint_from_config, kv_from_cache
+from kvcast.codec.model import load_smollm2
 from kvcast.codec.sensitivity import (
     TABLES_DIR,
     SensitivityTable,
@@ -26,9 +31,10 @@ from kvcast.codec.sensitivity import (
     score_profile,
     sink_scores,
 )
+from kvcast.codec.settings import CalibrateSettings as _CAL
 
 DEFAULT_SINK_TOKENS = 4
-DEFAULT_TRIM = 0.01
+DEFAULT_TRIM = _CAL.trim
 
 
 def table_filename(name: str) -> str:
@@ -48,8 +54,6 @@ def calibrate(model: Any, passages: list[torch.Tensor], *, name: str, context_to
     gradients divided by ``w_t``. `trim`: the fraction of each passage's tokens that this model explains
     worst (largest Fisher / ``w_t``) left out of ``F_c``: a few such tokens would otherwise set every step.
     """
-    from kvcast.codec.hf import cache_from_kv, fingerprint_from_config, kv_from_cache
-
     fingerprint = fingerprint_from_config(model.config, name=name, dtype=model.dtype)
     layers, heads, dim = fingerprint.layers, fingerprint.kv_heads, fingerprint.head_dim
     sink_sum = torch.zeros(layers, heads, dim, dtype=torch.float64)
@@ -60,11 +64,11 @@ def calibrate(model: Any, passages: list[torch.Tensor], *, name: str, context_to
         ctx = ids[:, :context_tokens]
         fed = ids[:, context_tokens:context_tokens + continuation_tokens]
         with torch.inference_mode():
-            kv = kv_from_cache(model(ctx, use_cache=True, logits_to_keep=1).past_key_values)
+            kv = kv_from_cache(model(ctx, use_cache=True, logits_to_keep=1).cache)
         leaves = [(k.clone().requires_grad_(True), v.clone().requires_grad_(True)) for k, v in kv]
         cache = cache_from_kv(leaves, model.config, dtype=model.dtype)
         with torch.enable_grad():
-            logp = torch.log_softmax(model(fed, past_key_values=cache, use_cache=True).logits[0].float(), -1)
+            logp = torch.log_softmax(model(fed, cache=cache, use_cache=True).logits[0].float(), -1)
             sampled = torch.multinomial(logp.detach().exp(), 1, generator=generator)
             logp.gather(-1, sampled).sum().backward()
         grads = torch.stack([torch.stack([k.grad[0], v.grad[0]]) for k, v in leaves], 1)  # [2, L, H, T, D]
@@ -97,7 +101,8 @@ def calibrate(model: Any, passages: list[torch.Tensor], *, name: str, context_to
         channel_sum += np.einsum("klhtd,t->klhd", grads[:, :, :, keep], 1.0 / token_w[p, keep])
     channel = channel_sum / (kept * continuation_tokens)
     return SensitivityTable(
-        model=fingerprint.to_dict(), key=channel[0].astype(np.float32), value=channel[1].astype(np.float32),
+        model=fingerprint.to_dict(), kv_signature=fingerprint.kv_signature,
+        key=channel[0].astype(np.float32), value=channel[1].astype(np.float32),
         distance_edges=edges, distance_profile=profile,
         sink_key=sink_key, score_edges=s_edges, score_profile=s_profile,
         meta={"source": source, "passages": len(passages), "context_tokens": context_tokens,
@@ -107,13 +112,12 @@ def calibrate(model: Any, passages: list[torch.Tensor], *, name: str, context_to
               "seconds": round(time.perf_counter() - started, 1)})
 
 
-def calibrate_smollm2(*, split: str = "valid", passages: int = 8, context_tokens: int = 2048,
-                      continuation_tokens: int = 256, trim: float = DEFAULT_TRIM, out_dir: Path = TABLES_DIR,
+def calibrate_smollm2(*, split: str = _CAL.split, passages: int = _CAL.passages,
+                      context_tokens: int = _CAL.context_tokens, continuation_tokens: int = _CAL.continuation_tokens,
+                      trim: float = DEFAULT_TRIM, out_dir: Path | None = _CAL.out_dir,
                       datasets: Path | None = None, text_file: Path | None = None, progress: bool = True) -> Path:
-    """Calibrate SmolLM2-135M on a WikiText-2 split (or a text file) and write its table to `out_dir`."""
-    from kvcast.codec.evaluate import EvalSettings, corpus_path, passages_from_text, read_text
-    from kvcast.codec.model import load_smollm2
-
+    """Calibrate SmolLM2-135M on a WikiText-2 split (or a text file) and write its table to `out_dir`
+    (None: the shipped tables folder). Defaults: `kvcast.codec.settings.CalibrateSettings`."""
     settings = EvalSettings(split=split, passages=passages, datasets=datasets, text_file=text_file)
     source = corpus_path(settings)
     loaded = load_smollm2(progress=progress)
@@ -123,7 +127,7 @@ def calibrate_smollm2(*, split: str = "valid", passages: int = 8, context_tokens
     table = calibrate(loaded.model, [p.token_ids for p in found], name=loaded.name, context_tokens=context_tokens,
                       continuation_tokens=continuation_tokens, trim=trim, source=f"{source.parent.name}/{source.name}",
                       progress=note)
-    return table.save(Path(out_dir) / table_filename(loaded.name))
+    return table.save(Path(TABLES_DIR if out_dir is None else out_dir) / table_filename(loaded.name))
 
 
 def table_summary(table: SensitivityTable) -> dict[str, Any]:

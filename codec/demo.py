@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
+from kvcast import codec
 from kvcast.codec.evaluate import (
+    SPLITS,
     EvalError,
     QualitySums,
-    SPLITS,
     continuation_logits,
     find_datasets_dir,
     passages_from_text,
@@ -25,19 +26,19 @@ from kvcast.codec.evaluate import (
     warm_up_levels,
 )
 from kvcast.codec.hf import cache_from_kv, kv_from_cache, kv_values
+from kvcast.codec.model import load_smollm2
+from kvcast.codec.settings import DemoSettings as _DEMO
 
 DEMO_FORMAT = "kvcast-demo/1"
 
 
-def run_demo(*, out: Path = Path("out/demo"), context_tokens: int = 1536, next_tokens: int = 128,
-             levels: list[str] | None = None, text_file: Path | None = None, datasets: Path | None = None,
-             threads: int | None = 2, save_bitstreams: bool = False, sample_tokens: int = 24,
-             console: Any = None) -> dict[str, Any]:
-    """Run the demo, print its table to `console` (a rich Console) and write ``demo.json`` under `out`."""
-    from kvcast import codec
+def run_demo(*, out: Path = _DEMO.out, context_tokens: int = _DEMO.context_tokens,
+             next_tokens: int = _DEMO.next_tokens, levels: list[str] | None = None, text_file: Path | None = None,
+             datasets: Path | None = None, threads: int | None = _DEMO.threads, save_bitstreams: bool = False,
+             sample_tokens: int = _DEMO.sample_tokens, console: Any = None) -> dict[str, Any]:
+    """Run the demo, print its table to `console` (a rich Console) and write ``demo.json`` under `out`.
+    Defaults: `kvcast.codec.settings.DemoSettings`."""
     from rich.console import Console
-
-    from kvcast.codec.model import load_smollm2
 
     console = console or Console()
     started = time.perf_counter()
@@ -60,7 +61,7 @@ def run_demo(*, out: Path = Path("out/demo"), context_tokens: int = 1536, next_t
         with torch.inference_mode():
             out_exact = lm.model(ctx, use_cache=True, logits_to_keep=1)
         prefill_s = time.perf_counter() - t0
-        kv = kv_from_cache(out_exact.past_key_values)
+        kv = kv_from_cache(out_exact.cache)
         exact = continuation_logits(lm.model, kv, fed)
     values = kv_values(kv)
     fp16_bytes = 2 * values
@@ -113,8 +114,8 @@ def _greedy(lm: Any, kv: Any, first: torch.Tensor, steps: int) -> list[int]:
     cache, tokens, nxt = cache_from_kv(kv, lm.config, dtype=torch.float32), [int(first)], first
     with torch.inference_mode():
         for _ in range(steps - 1):
-            out = lm.model(nxt, past_key_values=cache, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = lm.model(nxt, cache=cache, use_cache=True)
+            cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
             tokens.append(int(nxt))
     return tokens
 

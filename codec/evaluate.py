@@ -25,52 +25,35 @@ import math
 import re
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
-from kvcast.codec.hf import KV, cache_from_kv, kv_from_cache, kv_tokens, kv_values, slice_kv
+from kvcast import codec
+from kvcast.codec.hf import (
+    KV,
+    cache_from_kv,
+    fingerprint_from_config,
+    kv_from_cache,
+    kv_tokens,
+    kv_values,
+    slice_kv,
+)
+from kvcast.codec.model import load_smollm2
+from kvcast.codec.settings import (  # light; re-exported
+    DEFAULT_BASELINES,
+    SPLITS,
+    EvalError,
+    EvalSettings,
+    baseline_percent,
+)
 
 EVAL_FORMAT = "kvcast-eval-codec/1"
 PROFILE_FORMAT = "kvcast-profile/1"
-SPLITS = {
-    "test": "wikitext-2-raw/wiki.test.raw",   # reporting split (raw text, CRLF line ends)
-    "valid": "wikitext-2/valid.txt",           # tuning split (tokenized WikiText-2 with <unk>)
-}
-DEFAULT_BASELINES = ("recent-25%", "recent-12.5%", "no-context")
 SINK_TOKENS = 4
-_RECENT = re.compile(r"^recent-(\d+(?:\.\d+)?)%$")
-
-
-class EvalError(ValueError):
-    """Bad evaluation input: missing data, text too short, unknown level or baseline."""
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """What `run_codec_eval` measures."""
-
-    context_tokens: int = 2048
-    continuation_tokens: int = 256
-    passages: int = 6
-    chunk_tokens: int = 256
-    levels: tuple[str, ...] | None = None          # None: every codec level
-    baselines: tuple[str, ...] = DEFAULT_BASELINES
-    split: str = "test"
-    datasets: Path | None = None                   # None: ../shared/datasets found from cwd or the repo
-    text_file: Path | None = None                  # any UTF-8 text file instead of a split
-
-    def __post_init__(self) -> None:
-        if self.context_tokens < 1 or self.continuation_tokens < 1 or self.passages < 1:
-            raise EvalError("context_tokens, continuation_tokens and passages must be positive")
-        if self.chunk_tokens < 1:
-            raise EvalError("chunk_tokens must be positive")
-        if self.text_file is None and self.split not in SPLITS:
-            raise EvalError(f"unknown split {self.split!r}; choose one of {', '.join(SPLITS)}")
-        for name in self.baselines:
-            parse_baseline(name)
 
 
 # ----------------------------------------------------------------------------------------------- text
@@ -174,7 +157,7 @@ def continuation_logits(model: Any, kv: KV | None, token_ids: torch.Tensor, *, p
         kwargs["cache_position"] = torch.arange(kept, kept + n)
     cache = cache_from_kv(kv, model.config, dtype=model.dtype) if kv else None
     with torch.inference_mode():
-        out = model(token_ids, past_key_values=cache, use_cache=cache is not None, **kwargs)
+        out = model(token_ids, cache=cache, use_cache=cache is not None, **kwargs)
     return out.logits[0].float()
 
 
@@ -199,7 +182,7 @@ class QualitySums:
         self.nll += float(-q_log.gather(-1, targets.view(-1, 1)).sum())
         self.nll_exact += float(-p_log.gather(-1, targets.view(-1, 1)).sum())
 
-    def merge(self, other: "QualitySums") -> None:
+    def merge(self, other: QualitySums) -> None:
         self.tokens += other.tokens
         self.kl += other.kl
         self.top1 += other.top1
@@ -245,14 +228,11 @@ class Baseline:
 
 def parse_baseline(name: str) -> Baseline:
     """``recent-P%`` (keep the first 4 and the latest tokens, P% of the context, at fp16) or ``no-context``."""
-    if name == "no-context":
+    pct = baseline_percent(name)  # EvalError for an unknown name
+    if pct is None:
         return Baseline(name, 0.0, "no KV at all: the continuation is scored without the context")
-    match = _RECENT.match(name)
-    if match and 0 < float(match.group(1)) <= 100:
-        pct = float(match.group(1))
-        return Baseline(name, pct / 100.0, f"token eviction: first {SINK_TOKENS} + most recent tokens, {pct:g}% "
-                        "of the context, at fp16 (StreamingLLM-style)")
-    raise EvalError(f"unknown baseline {name!r}; use 'recent-P%' (0 < P <= 100) or 'no-context'")
+    return Baseline(name, pct / 100.0, f"token eviction: first {SINK_TOKENS} + most recent tokens, {pct:g}% "
+                    "of the context, at fp16 (StreamingLLM-style)")
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -280,9 +260,6 @@ def run_codec_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any 
 
     `model`/`tokenizer` default to SmolLM2-135M-Instruct (`kvcast.codec.model.load_smollm2`).
     """
-    from kvcast import codec
-    from kvcast.codec.hf import fingerprint_from_config
-
     started = time.perf_counter()
     levels = list(settings.levels) if settings.levels is not None else codec.levels()
     known = codec.levels()
@@ -295,8 +272,6 @@ def run_codec_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any 
     if model is not None and tokenizer is None:
         raise EvalError("pass the model's tokenizer along with the model")
     if model is None:
-        from kvcast.codec.model import load_smollm2
-
         loaded = load_smollm2(progress=progress)
         model, tokenizer, model_name = loaded.model, loaded.tokenizer, loaded.name
     fingerprint = fingerprint_from_config(model.config, name=model_name, dtype=model.dtype)
@@ -312,7 +287,7 @@ def run_codec_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any 
             fed = passage.token_ids[:, settings.context_tokens:need - 1]
             targets = passage.token_ids[0, settings.context_tokens + 1:need]
             with torch.inference_mode():
-                kv = kv_from_cache(model(ctx, use_cache=True, logits_to_keep=1).past_key_values)
+                kv = kv_from_cache(model(ctx, use_cache=True, logits_to_keep=1).cache)
             exact = continuation_logits(model, kv, fed)
             if index == 0:
                 warm_up_levels(levels, kv, fingerprint)
@@ -348,7 +323,6 @@ def run_codec_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any 
 
 def _score_level(row: _Row, kv: KV, fed: torch.Tensor, targets: torch.Tensor, exact: torch.Tensor, model: Any,
                  fingerprint: Any, settings: EvalSettings) -> None:
-    from kvcast import codec
     t0 = time.perf_counter()
     data = codec.encode(kv, row.name, model=fingerprint)
     t1 = time.perf_counter()
@@ -383,7 +357,6 @@ def _score_level(row: _Row, kv: KV, fed: torch.Tensor, targets: torch.Tensor, ex
 def warm_up_levels(levels: Sequence[str], kv: KV, fingerprint: Any) -> None:
     """Start the coder processes and run one small encode/decode per level, so one-time set-up (extension
     build, worker start, table load) is not timed."""
-    from kvcast import codec
     codec.default_codec().pool.warm_up()
     part = slice_kv(kv, 0, min(16, kv_tokens(kv)))
     for level in levels:

@@ -18,6 +18,10 @@ One (K/V, layer) group ``[heads, tokens, head_dim]`` is coded as ``[tokens, chan
 Streams are independent per (token block, class): the symbols of a class's channels (ascending channel order)
 in a block, token-major. A stream's CDF has only its class's ``2 top + 1`` symbols, so narrow classes cost
 little side information and little range-coder time however wide the widest class of the group is.
+
+`handle_encode_grid` / `handle_decode_grid` are the coder ops (``encode_grid``, ``decode_grid``) that
+`kvcast.codec.ops` dispatches to. This module builds on `kvcast.codec.packing` and `kvcast.codec.rangecoder`
+only, never on the CacheGen pipeline (`kvcast.codec.pipeline`).
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvcast.codec.entropy import cachegen_cdf, check_cdf, torchac_backend
 from kvcast.codec.errors import CodecError
-from kvcast.codec.pipeline import FP16_MAX, TORCH_DTYPES, block_rows, pack_parts, split_payload, unpack_parts
+from kvcast.codec.packing import FP16_MAX, TORCH_DTYPES, block_rows, pack_parts, split_payload, unpack_parts
+from kvcast.codec.rangecoder import cachegen_cdf, check_cdf, torchac_backend
 
 ESCAPE = 127
 ESCAPE_RATE = 1e-4
@@ -144,7 +148,7 @@ def cdf_length(top: int, bits: int) -> int:
 
 
 def _expanded(cdf: np.ndarray, rows: int) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(np.broadcast_to(cdf, (rows, len(cdf)))))
+    return torch.from_numpy(np.require(np.broadcast_to(cdf, (rows, len(cdf))), requirements=["C", "W"]))
 
 
 def _pack_low(values: np.ndarray, bits: int) -> bytes:
@@ -274,7 +278,7 @@ def channel_steps(fisher: np.ndarray, step: float) -> torch.Tensor:
     return torch.from_numpy(np.clip(raw, 2.0 ** -14, 2.0 ** 15).astype(np.float16))
 
 
-# --------------------------------------------------------------------------------- worker protocol
+# ------------------------------------------------------------------------------------------ coder ops
 
 
 def handle_encode_grid(meta: dict, blob: bytes) -> tuple[dict, bytes]:

@@ -1,12 +1,30 @@
 """KV in and out of Hugging Face transformers caches, and the model fingerprint a KV object carries.
 
 kvcast's KV layout is a list with one ``(key, value)`` pair per layer, each ``[1, kv_heads, tokens, head_dim]``,
-exactly as a transformers `DynamicCache` holds them (keys after RoPE)::
+exactly as a transformers `DynamicCache` holds them (keys after RoPE). Extract, encode, decode, rebuild and
+continue (a tiny random Llama here):
 
-    out = model(ids, use_cache=True)
-    kv = kv_from_cache(out.past_key_values)          # -> codec.encode(kv, level, model=fingerprint_from_config(cfg))
-    cache = cache_from_kv(codec.decode(data), model.config)
-    model(next_ids, past_key_values=cache)           # continues after the decoded tokens
+>>> import torch, transformers
+>>> from kvcast import codec
+>>> config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+...                                   num_attention_heads=4, num_key_value_heads=2)
+>>> _ = torch.manual_seed(0)
+>>> model = transformers.LlamaForCausalLM(config).eval()
+>>> ids = torch.randint(0, 97, (1, 12))
+>>> with torch.no_grad():
+...     out = model(ids[:, :10], use_cache=True)
+...     kv = kv_from_cache(out.cache)
+...     data = codec.encode(kv, "raw", model=fingerprint_from_config(config))
+...     cache = cache_from_kv(codec.decode(data, dtype=torch.float32), config)
+...     logits = model(ids[:, 10:], cache=cache).logits          # continues after the decoded tokens
+...     exact = model(ids[:, 10:], cache=out.cache).logits
+>>> [tuple(t.shape) for t in kv[0]]
+[(1, 2, 10, 8), (1, 2, 10, 8)]
+>>> logits.shape, bool((logits - exact).abs().max() < 1e-2)   # "raw" stores fp16
+(torch.Size([1, 2, 97]), True)
+
+Current transformers (checked with 5.25) names the cache ``cache``, both as the forward keyword and as the
+output attribute; ``past_key_values`` still works with a deprecation warning until its removal in 5.40.
 
 A forward pass appends to the cache it is given, so build a fresh cache (`cache_from_kv`) for every forward;
 the tensors of `kv` themselves are never modified.
@@ -14,9 +32,12 @@ the tensors of `kv` themselves are never modified.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
+
+from kvcast.codec.fingerprint import KV_CONFIG_FIELDS, KVSignature, ModelFingerprint
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -109,21 +130,38 @@ def rope_parameters(config: Any) -> dict[str, Any] | None:
     return dict(sorted(rope.items()))
 
 
-def fingerprint_from_config(config: Any, *, name: str | None = None, dtype: torch.dtype | str | None = None):
-    """The `kvcast.codec.ModelFingerprint` of a transformers model config.
+def kv_signature(config: Any) -> KVSignature:
+    """The `KVSignature` of a transformers model config (the text decoder's, for multimodal ones): the
+    allowlisted fields of `kvcast.codec.fingerprint.KV_CONFIG_FIELDS`, with the resolved KV shape and the
+    normalised RoPE parameters (`rope_parameters`; non-default RoPE types add ``max_position_embeddings``,
+    which dynamic and long-context RoPE variants read)."""
+    cfg = _text_config(config)
+    shape = model_shape(config)
+    values = {name: getattr(cfg, name, None) for name in KV_CONFIG_FIELDS}
+    values.update(num_hidden_layers=shape["layers"], num_key_value_heads=shape["kv_heads"],
+                  head_dim=shape["head_dim"])
+    rope = rope_parameters(config)
+    if rope is not None and rope.get("type") != "default":
+        rope = dict(rope, max_position_embeddings=getattr(cfg, "max_position_embeddings", None))
+    values["rope"] = rope
+    return KVSignature.from_fields(values)
+
+
+def fingerprint_from_config(config: Any, *, name: str | None = None,
+                            dtype: torch.dtype | str | None = None) -> ModelFingerprint:
+    """The `kvcast.codec.ModelFingerprint` of a transformers model config, with its `kv_signature`.
 
     `name` defaults to the config's ``name_or_path``; `dtype` (of the KV) defaults to the config's dtype.
     """
-    from kvcast.codec import ModelFingerprint
-
     shape = model_shape(config)
     if name is None:
         name = getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "") or \
             getattr(config, "model_type", "unknown")
-    if dtype is None:
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if dtype is None:  # transformers >= 4.56 calls it `dtype` (reading `torch_dtype` there logs a deprecation)
+        dtype = getattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", None) or torch.float32
     return ModelFingerprint(name=str(name), layers=shape["layers"], kv_heads=shape["kv_heads"],
-                            head_dim=shape["head_dim"], dtype=_dtype_name(dtype), rope=rope_parameters(config))
+                            head_dim=shape["head_dim"], dtype=_dtype_name(dtype), rope=rope_parameters(config),
+                            kv_signature=kv_signature(config))
 
 
 def kv_tokens(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> int:

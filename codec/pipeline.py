@@ -1,8 +1,10 @@
 """The per-(K/V, layer) pipeline of entropy-coded levels: quantize, transform, estimate CDFs, range-code.
 
 Each (K or V, layer) *group* is independent: its scales, CDFs, anchors and streams depend on nothing else,
-so groups are coded in parallel worker processes (`kvcast.codec.worker`) or in-process for small objects, by the
-same functions. A group travels as a small JSON description plus typed binary parts (`pack_parts`).
+so groups are coded in parallel worker processes or in-process for small objects (`kvcast.codec.pool`), by the
+same functions. A group travels as a small JSON description plus typed binary parts
+(`kvcast.codec.packing.pack_parts`); `handle_encode_layer` / `handle_decode_layer` are the coder ops
+(``encode_layer``, ``decode_layer``) that `kvcast.codec.ops` dispatches to.
 
 Group tensor layout: ``[kv_heads, tokens, head_dim]`` as transformers holds one layer's K or V; the
 quantizer works on ``[tokens, channels]`` with ``channels = kv_heads * head_dim`` (CacheGen merges heads).
@@ -10,63 +12,14 @@ quantizer works on ``[tokens, channels]`` with ``channels = kv_heads * head_dim`
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from kvcast.codec.entropy import StreamGroup, cachegen_cdf, check_cdf, decode_group, encode_group
 from kvcast.codec.errors import CodecError
-
-FP16_MAX = 65504.0
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-                "int8": torch.int8, "int16": torch.int16, "uint32": torch.int32}
-NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8, "int16": np.int16,
-                "uint32": np.uint32, "uint8": np.uint8}
-
-
-# --------------------------------------------------------------------------------------- binary parts
-
-
-def pack_parts(parts: dict[str, torch.Tensor | np.ndarray | bytes]) -> tuple[list, bytes]:
-    """Describe and concatenate named arrays/bytes: ``([[name, dtype, shape, nbytes], ...], blob)``."""
-    meta, blobs = [], []
-    for name, value in parts.items():
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            raw, dtype, shape = bytes(value), "bytes", [len(value)]
-        elif isinstance(value, torch.Tensor):
-            t = value.contiguous().cpu()
-            dtype = str(t.dtype).removeprefix("torch.")
-            shape = list(t.shape)
-            raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
-        else:
-            arr = np.ascontiguousarray(value)
-            raw, dtype, shape = arr.tobytes(), arr.dtype.name, list(arr.shape)
-        meta.append([name, dtype, shape, len(raw)])
-        blobs.append(raw)
-    return meta, b"".join(blobs)
-
-
-def unpack_parts(meta: list, blob: bytes) -> dict[str, Any]:
-    """Inverse of `pack_parts`: torch tensors (float/bf16), numpy arrays (ints) or bytes."""
-    out: dict[str, Any] = {}
-    pos = 0
-    for name, dtype, shape, n in meta:
-        chunk = blob[pos:pos + n]
-        pos += n
-        if dtype == "bytes":
-            out[name] = chunk
-        elif dtype == "bfloat16":
-            out[name] = torch.frombuffer(bytearray(chunk), dtype=torch.bfloat16).reshape(shape)
-        elif dtype in ("float16", "float32"):
-            out[name] = torch.from_numpy(np.frombuffer(chunk, dtype=NUMPY_DTYPES[dtype]).reshape(shape).copy())
-        else:
-            out[name] = np.frombuffer(chunk, dtype=NUMPY_DTYPES[dtype]).reshape(shape)
-    if pos != len(blob):
-        raise CodecError("worker message parts do not cover the blob")
-    return out
-
+from kvcast.codec.packing import FP16_MAX, TORCH_DTYPES, block_rows, pack_parts, split_payload, unpack_parts
+from kvcast.codec.rangecoder import StreamGroup, cachegen_cdf, check_cdf, decode_group, encode_group
 
 # ------------------------------------------------------------------------------------------ quantizer
 
@@ -114,14 +67,6 @@ def anchor_mask(tokens: int, delta_group: int) -> torch.Tensor:
     if delta_group:
         mask[::delta_group] = True
     return mask
-
-
-def block_rows(coded: torch.Tensor, tokens_per_stream: int) -> tuple[int, ...]:
-    """Coded tokens per stream block of `tokens_per_stream` tokens."""
-    tokens = coded.shape[0]
-    counts = torch.zeros(-(-tokens // tokens_per_stream), dtype=torch.int64)
-    counts.index_add_(0, torch.arange(tokens) // tokens_per_stream, coded.to(torch.int64))
-    return tuple(int(c) for c in counts)
 
 
 # ----------------------------------------------------------------------------------------- one group
@@ -191,10 +136,10 @@ def decode_layer(parts: dict[str, Any], *, bins: int, slots: int, heads: int, to
     return x.reshape(tokens, heads, head_dim).permute(1, 0, 2).to(TORCH_DTYPES[out_dtype]).contiguous()
 
 
-# --------------------------------------------------------------------------------- worker protocol
+# ------------------------------------------------------------------------------------------ coder ops
 
 
-def handle_encode(meta: dict, blob: bytes) -> tuple[dict, bytes]:
+def handle_encode_layer(meta: dict, blob: bytes) -> tuple[dict, bytes]:
     parts = unpack_parts(meta["parts"], blob)
     x = parts["x"]
     res = encode_layer(x, **meta["params"])
@@ -204,40 +149,9 @@ def handle_encode(meta: dict, blob: bytes) -> tuple[dict, bytes]:
     return {"parts": parts_meta, "lengths": [len(s) for s in streams]}, out
 
 
-def split_payload(payload: bytes | memoryview, lengths: Sequence[int]) -> list:
-    """Cut a concatenation of streams back into streams of the given lengths."""
-    out, pos = [], 0
-    for n in lengths:
-        out.append(payload[pos:pos + n])
-        pos += n
-    return out
-
-
-def handle_decode(meta: dict, blob: bytes) -> tuple[dict, bytes]:
+def handle_decode_layer(meta: dict, blob: bytes) -> tuple[dict, bytes]:
     parts = unpack_parts(meta["parts"], blob)
     parts["streams"] = split_payload(parts["streams"], meta["lengths"])
     y = decode_layer(parts, **meta["params"])
     parts_meta, out = pack_parts({"y": y})
     return {"parts": parts_meta}, out
-
-
-@functools.cache
-def handlers() -> dict:
-    """Coder ops by name: this module's per-layer ops and `kvcast.codec.grid`'s (imported here, not at the top,
-    because `kvcast.codec.grid` builds on this module)."""
-    from kvcast.codec.grid import handle_decode_grid, handle_encode_grid
-
-    return {"encode_layer": handle_encode, "decode_layer": handle_decode, "encode_grid": handle_encode_grid,
-            "decode_grid": handle_decode_grid}
-
-
-def handle(meta: dict, blob: bytes) -> tuple[dict, bytes]:
-    """Run one request (in a worker or in-process)."""
-    op = meta.get("op")
-    if op == "ping":
-        return {}, b""
-    try:
-        handler = handlers()[op]
-    except KeyError:
-        raise CodecError(f"unknown coder op {op!r}") from None
-    return handler(meta, blob)

@@ -8,9 +8,17 @@ channel the quantizer step ``lambda / sqrt(F_i)``, which minimises that KL for a
 water-filling at high rate), and scale the step per token by the distance profile.
 
 Tables are produced from real text by ``kvcast calibrate`` and stored as safetensors (tensors + a JSON
-metadata string; never pickle) in ``codec/tables/`` (shipped) or any folder the user names. The encoder
-looks a table up by the model fingerprint (name and shape) and refuses a table made for another model; the
-decoder never needs one, because the steps it uses travel in the object.
+metadata string; never pickle) in ``codec/tables/`` (shipped) or any folder the user names. The decoder
+never needs one, because the steps it uses travel in the object; the encoder looks a table up by the model
+fingerprint (`SensitivityTable.matches`) and refuses a table made for another model:
+
+* by what determines the KV, not by name: a table records the `kvcast.codec.fingerprint.KVSignature` of the
+  model it was calibrated on (metadata ``kv_signature``); a fingerprint with a signature (from
+  `kvcast.codec.hf.fingerprint_from_config`) fits a table with the same architecture (``model_type``), KV
+  shape (layers, kv_heads, head_dim), RoPE parameters and signature digest, whatever the model is called or
+  where it was loaded from;
+* fallback, when the fingerprint (e.g. built by hand) or the table (older files) has no signature: the same
+  KV shape, the same RoPE parameters (not compared when the fingerprint has none) and the same name.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from kvcast.codec.errors import CodecError
+from kvcast.codec.fingerprint import KVSignature, ModelFingerprint
 
 TABLE_FORMAT = "kvcast-sensitivity/1"
 TABLES_DIR = Path(__file__).resolve().parent / "tables"
@@ -53,6 +62,8 @@ class SensitivityTable:
     score_profile: np.ndarray | None = None
     """float32 ``[bins]``: mean Fisher of a token in each sink-score bin, relative to the mean."""
     meta: dict[str, Any] = field(default_factory=dict)
+    kv_signature: KVSignature | None = None
+    """The `KVSignature` of the calibrated model (None in tables made without one)."""
 
     def __post_init__(self) -> None:
         shape = (int(self.model["layers"]), int(self.model["kv_heads"]), int(self.model["head_dim"]))
@@ -66,6 +77,10 @@ class SensitivityTable:
             raise CodecError("sensitivity table: distance bins and profile do not match")
         if np.any(np.diff(e) <= 0) or e[0] != 0 or not np.all(np.isfinite(p)) or np.any(p <= 0):
             raise CodecError("sensitivity table: distance edges must rise from 0 and the profile be positive")
+        sig = self.kv_signature
+        if sig is not None and (sig.fields.get("num_hidden_layers"), sig.fields.get("num_key_value_heads"),
+                                sig.fields.get("head_dim")) != shape:
+            raise CodecError(f"sensitivity table: KV signature {sig} is for another KV shape than {shape}")
         parts = (self.sink_key, self.score_edges, self.score_profile)
         if any(x is None for x in parts) and not all(x is None for x in parts):
             raise CodecError("sensitivity table: sink_key, score_edges and score_profile go together")
@@ -79,11 +94,33 @@ class SensitivityTable:
 
     # -- use --------------------------------------------------------------------------------------------
 
-    def matches(self, fingerprint: Any) -> bool:
-        """True if the table was made for a model of this name and KV shape."""
-        m = self.model
-        return (m.get("name") == fingerprint.name and int(m["layers"]) == fingerprint.layers
-                and int(m["kv_heads"]) == fingerprint.kv_heads and int(m["head_dim"]) == fingerprint.head_dim)
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(layers, kv_heads, head_dim)`` of the model's KV."""
+        return int(self.model["layers"]), int(self.model["kv_heads"]), int(self.model["head_dim"])
+
+    def matches(self, fingerprint: ModelFingerprint) -> bool:
+        """True if the table fits `fingerprint`'s model (see the module docstring).
+
+        KV shape and RoPE parameters must agree (RoPE only when both sides record it); then the KV signatures
+        (architecture and digest) when both sides have one, else the names.
+        """
+        if self.shape != (fingerprint.layers, fingerprint.kv_heads, fingerprint.head_dim):
+            return False
+        rope = self.model.get("rope")
+        if fingerprint.rope is not None and rope is not None and fingerprint.rope != rope:
+            return False
+        theirs = getattr(fingerprint, "kv_signature", None)
+        if theirs is not None and self.kv_signature is not None:
+            return (theirs.model_type, theirs.digest) == (self.kv_signature.model_type, self.kv_signature.digest)
+        return self.model.get("name") == fingerprint.name
+
+    def describe(self) -> str:
+        """One line for messages: name, KV shape, RoPE and signature."""
+        layers, heads, dim = self.shape
+        signature = str(self.kv_signature) if self.kv_signature is not None else "no KV signature"
+        return (f"{self.model.get('name')!r} (layers={layers}, kv_heads={heads}, head_dim={dim}, "
+                f"rope={self.model.get('rope')}, {signature})")
 
     def channel_fisher(self) -> np.ndarray:
         """float32 ``[2, layers, kv_heads * head_dim]`` (keys first)."""
@@ -113,6 +150,8 @@ class SensitivityTable:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": TABLE_FORMAT, "model": json.dumps(self.model, sort_keys=True),
                 "meta": json.dumps(self.meta, sort_keys=True)}
+        if self.kv_signature is not None:
+            meta["kv_signature"] = json.dumps(self.kv_signature.to_dict(), sort_keys=True)
         tensors = {"key": self.key, "value": self.value, "distance_edges": self.distance_edges,
                    "distance_profile": self.distance_profile}
         if self.sink_key is not None:
@@ -128,20 +167,23 @@ class SensitivityTable:
         try:
             with safe_open(str(path), framework="numpy") as f:
                 meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
         except FileNotFoundError:
             raise CodecError(f"sensitivity table {path} does not exist") from None
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for bad files
+        except Exception as exc:
             raise CodecError(f"{path}: not a safetensors sensitivity table ({exc})") from None
         if meta.get("format") != TABLE_FORMAT:
             raise CodecError(f"{path}: format {meta.get('format')!r}, expected {TABLE_FORMAT!r}")
         try:
             model = json.loads(meta["model"])
             extra = json.loads(meta.get("meta", "{}"))
+            signature = KVSignature.from_dict(json.loads(meta["kv_signature"])) if "kv_signature" in meta else None
             return cls(model=model, key=tensors["key"], value=tensors["value"],
                        distance_edges=tensors["distance_edges"], distance_profile=tensors["distance_profile"],
                        sink_key=tensors.get("sink_key"), score_edges=tensors.get("score_edges"),
-                       score_profile=tensors.get("score_profile"), meta=extra)
+                       score_profile=tensors.get("score_profile"), meta=extra, kv_signature=signature)
+        except CodecError as exc:
+            raise CodecError(f"{path}: {exc}") from None
         except (KeyError, TypeError, ValueError) as exc:
             raise CodecError(f"{path}: incomplete sensitivity table ({exc})") from None
 
@@ -214,22 +256,40 @@ class TableRegistry:
 
     def __init__(self, folders: Iterable[Path] = (TABLES_DIR,)) -> None:
         self.folders = [Path(f) for f in folders]
-        self._tables: list[SensitivityTable] | None = None
+        self._found: list[tuple[Path, SensitivityTable]] | None = None
+
+    def found(self) -> list[tuple[Path, SensitivityTable]]:
+        """``(path, table)`` of every table in the folders, in search order."""
+        if self._found is None:
+            self._found = [(path, SensitivityTable.load(path)) for folder in self.folders
+                           for path in (sorted(folder.glob("*.safetensors")) if folder.is_dir() else [])]
+        return self._found
 
     def tables(self) -> list[SensitivityTable]:
-        if self._tables is None:
-            found = []
-            for folder in self.folders:
-                for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
-                    found.append(SensitivityTable.load(path))
-            self._tables = found
-        return self._tables
+        return [table for _, table in self.found()]
 
-    def find(self, fingerprint: Any) -> SensitivityTable:
-        """The table for this model; `CodecError` saying how to make one if there is none."""
-        for table in self.tables():
+    def find(self, fingerprint: ModelFingerprint) -> SensitivityTable:
+        """The first table that fits this model (`SensitivityTable.matches`); else a `CodecError` that lists the
+        known tables and says how to make one."""
+        for _, table in self.found():
             if table.matches(fingerprint):
                 return table
-        raise CodecError(f"no sensitivity table for model {fingerprint.name!r} (layers={fingerprint.layers}, "
-                         f"kv_heads={fingerprint.kv_heads}, head_dim={fingerprint.head_dim}); grid levels need "
-                         "one: run `kvcast calibrate` or pass sensitivity=SensitivityTable.uniform(...)")
+        signature = getattr(fingerprint, "kv_signature", None)
+        lines = [f"no sensitivity table for model {fingerprint.name!r} (layers={fingerprint.layers}, "
+                 f"kv_heads={fingerprint.kv_heads}, head_dim={fingerprint.head_dim}, rope={fingerprint.rope}, "
+                 + (f"KV signature {signature})" if signature is not None else
+                    "no KV signature: matched by name, shape and RoPE)")]
+        if self.found():
+            lines.append("known tables:")
+            for path, table in self.found():
+                differs = ""
+                if signature is not None and table.kv_signature is not None:
+                    fields = signature.differences(table.kv_signature)
+                    differs = f"; differs in {', '.join(fields)}" if fields else ""
+                lines.append(f"  {table.describe()} in {path}{differs}")
+        else:
+            lines.append(f"known tables: none in {', '.join(str(f) for f in self.folders) or 'no folder'}")
+        lines.append("grid levels need a table calibrated on this model: run `kvcast calibrate` (SmolLM2), or "
+                     "`kvcast.codec.calibrate.calibrate(model, passages, ...).save(folder / name)` and "
+                     "Codec(tables=TableRegistry([folder])); or pass sensitivity=SensitivityTable.uniform(...)")
+        raise CodecError("\n".join(lines))

@@ -1,56 +1,27 @@
-"""Coder worker process: ``python -m codec.worker`` codes stream groups sent over its stdin/stdout.
+"""Coder worker process: ``python -m kvcast.codec.worker`` runs coder ops sent over its stdin/stdout.
 
-torchac holds the GIL, so parallel coding needs processes. Workers are plain subprocesses speaking a small
-binary protocol (no pickle, no re-import of the caller's main module). Every message, both ways::
-
-    u32 JSON length | JSON object | u64 blob length | blob
-
-Requests are those of `kvcast.codec.pipeline.handle` (``encode_layer``, ``decode_layer``, ``ping``): the JSON holds
-the op, its parameters and a description of the typed parts packed in the blob. Errors reply
-``{"error": "..."}`` and the worker keeps serving.
+torchac holds the GIL, so parallel coding needs processes. Workers are plain subprocesses started by
+`kvcast.codec.pool.CoderPool`, speaking the framed protocol of `kvcast.codec.protocol` (no pickle, no
+re-import of the caller's main module). Requests are those of `kvcast.codec.ops.handle` (``encode_layer``,
+``decode_layer``, ``encode_grid``, ``decode_grid``, ``ping``). Errors reply ``{"error": "..."}`` and the
+worker keeps serving. Nothing in the codec imports this module; it is only run as ``__main__``.
 """
 
 from __future__ import annotations
 
-import json
-import struct
 import sys
-from typing import BinaryIO
 
+import torch
 
-HEAD = struct.Struct("<I")
-BLOB = struct.Struct("<Q")
-
-
-def write_message(out: BinaryIO, meta: dict, blob: bytes | memoryview = b"") -> None:
-    raw = json.dumps(meta).encode()
-    out.write(HEAD.pack(len(raw)) + raw + BLOB.pack(len(blob)))
-    out.write(blob)
-    out.flush()
-
-
-def _read_exact(inp: BinaryIO, n: int) -> bytes:
-    buf = inp.read(n)
-    if buf is None or len(buf) != n:
-        raise EOFError("coder worker pipe closed")
-    return buf
-
-
-def read_message(inp: BinaryIO) -> tuple[dict, bytes]:
-    (n,) = HEAD.unpack(_read_exact(inp, HEAD.size))
-    meta = json.loads(_read_exact(inp, n))
-    (m,) = BLOB.unpack(_read_exact(inp, BLOB.size))
-    return meta, _read_exact(inp, m)
+from kvcast.codec.errors import CodecError
+from kvcast.codec.ops import handle
+from kvcast.codec.protocol import read_message, write_message
+from kvcast.codec.rangecoder import torchac_backend
 
 
 def main() -> None:
-    import torch
-
+    """Serve requests until stdin closes."""
     torch.set_num_threads(1)
-    from kvcast.codec.entropy import torchac_backend
-    from kvcast.codec.errors import CodecError
-    from kvcast.codec.pipeline import handle
-
     torchac_backend()
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     while True:

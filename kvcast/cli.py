@@ -1,6 +1,11 @@
-"""The `kvcast` command line. Each package registers its own commands in its `cli.py`.
+"""The `kvcast` command line. Each part registers its own commands from its `cli.py` (`register`).
 
-Heavy imports (torch, transformers, simpy) happen inside the commands, so `kvcast --help` is fast.
+Conventions for every part (`kvcast.clitools`): ``Annotated[type, typer.Option(help=...)]`` options whose
+defaults are read from the part's settings dataclasses; bad input exits with code 2, a failed run with code
+1, both with ``error: ...`` on stderr; every benchmark is ``kvcast bench <part>``, prints the JSON of
+`kvcast.benchmark.result` alone on stdout and a table on stderr, and ``--out FILE`` writes the same JSON.
+
+Heavy imports (torch, transformers, simpy) happen inside the commands; settings live in light modules.
 """
 
 from __future__ import annotations
@@ -8,21 +13,19 @@ from __future__ import annotations
 import typer
 
 from kvcast.codec import cli as codec_cli
-from kvcast.policies import cli as policies_cli
 from kvcast.streamer import cli as streamer_cli
 from kvcast.traces import cli as traces_cli
 
 app = typer.Typer(help="kvcast: KV-cache codec, streaming engine, network simulation and controllers.",
-                  no_args_is_help=True, pretty_exceptions_show_locals=False)
-bench_app = typer.Typer(help="Benchmarks: print JSON and a table.", no_args_is_help=True)
+                  no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_show_locals=False)
+bench_app = typer.Typer(help="Speed benchmarks: JSON on stdout (one layout for all), a table on stderr; "
+                             "--out FILE also writes the JSON.", no_args_is_help=True)
 eval_app = typer.Typer(help="Quality evaluations on a real model.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 app.add_typer(eval_app, name="eval")
-app.add_typer(traces_cli.app, name="traces")
 
-codec_cli.register(app=app, bench=bench_app, evaluate=eval_app)
-streamer_cli.register(app=app, bench=bench_app, evaluate=eval_app)
-policies_cli.register(app=app, bench=bench_app, evaluate=eval_app)
+for _part in (traces_cli, codec_cli, streamer_cli):
+    _part.register(app=app, bench=bench_app, evaluate=eval_app)
 
 
 def main() -> None:

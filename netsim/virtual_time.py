@@ -6,14 +6,17 @@ ready it steps the SimPy environment to its next event, which moves ``env.now`` 
 forward. SimPy processes and asyncio coroutines therefore share one timeline and one event order, and code
 written for asyncio runs unchanged, in simulated seconds, as fast as the CPU allows.
 
-Example::
+An hour passes instantly:
 
-    loop = VirtualTimeLoop()
-    async def main():
-        await asyncio.sleep(3600)
-        return asyncio.get_running_loop().time()
-    assert loop.run_until_complete(main()) == 3600.0   # instantly
-    loop.close()
+>>> import asyncio
+>>> from kvcast.netsim import VirtualTimeLoop
+>>> loop = VirtualTimeLoop()
+>>> async def main():
+...     await asyncio.sleep(3600)
+...     return asyncio.get_running_loop().time()
+>>> loop.run_until_complete(main())
+3600
+>>> loop.close()
 
 There is no I/O: sockets, subprocesses and executors are not supported (they need real time).
 """

@@ -25,7 +25,33 @@ The execution model that observations describe (the engine in `streamer/` implem
   finishing a chunk. Returning ``None`` when nothing at all is in flight is an error (it would wait forever).
 
 A policy author subclasses `Policy`, implements `decide`, and registers it with
-`kvcast.policies.registry.register` (or a ``kvcast.policies`` entry point in a third-party package).
+`kvcast.policies.registry.PolicyRegistry.register` (or a ``kvcast.policies`` entry point in a third-party
+package). Both executors, the engine and `kvcast.policies.dryrun`, check every answer with
+`validate_decision` and raise `PolicyError` (`PolicyStalled` for a policy that would wait forever) with the
+same message for the same bug.
+
+A two-chunk session, and a policy that loads every chunk at one level while the link is idle:
+
+>>> from kvcast.policies.base import (ChunkMenu, Decision, LevelOption, Observation, Policy, Session,
+...                                   validate_decision)
+>>> menus = tuple(ChunkMenu(index=i, start_token=1024 * i, tokens=1024,
+...                         levels=(LevelOption("int8", 2_000_000, decode_s=0.002, quality_loss=0.01),),
+...                         recompute_s=0.05) for i in range(2))
+>>> session = Session(menus=menus, slo_s=0.5, rtt_s=0.01)
+>>> class LoadInt8(Policy):
+...     name = "load-int8"
+...     def decide(self, obs):
+...         return Decision(obs.pending[0], "int8") if obs.link_idle else None
+>>> policy = LoadInt8()
+>>> policy.reset(session)
+>>> obs = Observation(now_s=0.0, session=session, pending=(0, 1), actions=(None, None), ready=(False, False),
+...                   link_idle=True, compute_idle=True, link_busy_until_s=0.0, decoder_free_at_s=0.0,
+...                   compute_free_at_s=0.0)
+>>> policy.decide(obs)
+Decision(chunk=0, action='int8', predicted_bps=None)
+>>> validate_decision(obs, Decision(0, "int4"), "load-int8")  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+kvcast.policies.base.PolicyError: policy 'load-int8' chose level 'int4' for chunk 0 at t=0 s; the menu has ...
 """
 
 from __future__ import annotations
@@ -60,8 +86,8 @@ class ChunkMenu:
     start_token: int
     tokens: int
     levels: tuple[LevelOption, ...]
-    """Loading options in the profile's order (that of `kvcast.codec.levels()`). That order is *not* monotone in
-    size or quality: a policy that needs the best quality, the smallest size, or drops options that another
+    """Loading options in the profile's order (that of `kvcast.codec.levels()`). That order is *not* monotone
+    in size or quality: a policy that needs the best quality, the smallest size, or drops options that another
     beats on everything uses `by_quality`, `smallest` or `undominated_levels`."""
     recompute_s: float
     """Time to recompute this chunk from text, given the chunks before it are ready (grows with position)."""
@@ -177,13 +203,50 @@ class Policy(abc.ABC):
         """Return a decision for one pending chunk, or ``None`` to wait for the next event."""
 
 
-def validate_decision(obs: Observation, decision: Decision) -> None:
-    """Raise ValueError if `decision` is not allowed in `obs` (used by the engine on every decision)."""
-    if decision.chunk not in obs.pending:
-        raise ValueError(f"decision for chunk {decision.chunk}, which is not pending (pending: {obs.pending})")
-    if decision.action != TEXT:
-        obs.menus[decision.chunk].option(decision.action)  # KeyError -> bad level
-    return None
+class PolicyError(RuntimeError):
+    """A policy answered something an executor cannot execute; the message names the policy, the time and
+    the bug. The streaming engine and the dry run raise it for the same bugs, with the same messages."""
+
+
+class PolicyStalled(PolicyError):
+    """The session cannot finish: the policy returned ``None`` with nothing in flight and no chunk about to
+    become ready (it would wait forever), or a transfer never ends (zero bandwidth, dry run only)."""
+
+    @classmethod
+    def waiting(cls, label: str, now_s: float, pending: Sequence[int]) -> PolicyStalled:
+        """The error for a policy that returned ``None`` at `now_s` with nothing in flight."""
+        return cls(f"policy {label!r} returned None at t={now_s:.6g} s with nothing in flight (pending "
+                   f"chunks {_head(pending)}); it would wait forever")
+
+
+def validate_decision(obs: Observation, decision: object, label: str | None = None) -> LevelOption | None:
+    """Check a policy's answer `decision` to `obs`, as both executors do on every answer that is not None.
+
+    Returns the menu row of the chosen level (``None`` for `TEXT`). Raises `PolicyError` when `decision` is
+    not a `Decision`, its chunk is not pending (already decided, or no such chunk), or its level is not on
+    the chunk's menu. `label` names the policy in the message.
+    """
+    now = obs.now_s
+    if not isinstance(decision, Decision):
+        raise PolicyError(f"policy {label!r} returned {decision!r} at t={now:.6g} s; "
+                          f"expected a Decision or None")
+    chunk, action = decision.chunk, decision.action
+    if chunk not in obs.pending:
+        raise PolicyError(f"policy {label!r} decided chunk {chunk!r} at t={now:.6g} s, which is not "
+                          f"pending (pending: {_head(obs.pending)})")
+    if action == TEXT:
+        return None
+    menu = obs.session.menus[chunk]
+    for option in menu.levels:
+        if option.level == action:
+            return option
+    raise PolicyError(f"policy {label!r} chose level {action!r} for chunk {chunk} at t={now:.6g} s; "
+                      f"the menu has {[o.level for o in menu.levels]} and {TEXT!r}")
+
+
+def _head(items: Sequence[int], k: int = 8) -> str:
+    """The first `k` of `items` as a list, ``...`` after them if there are more."""
+    return str(list(items[:k]))[:-1] + (", ...]" if len(items) > k else "]")
 
 
 def level_names(menus: Sequence[ChunkMenu]) -> tuple[str, ...]:

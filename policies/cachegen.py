@@ -19,16 +19,16 @@ not CacheGen's: then the rule runs on the menu's own levels, i.e. CacheGen's con
 
 Arguments: ``cachegen:<window>`` or ``cachegen:window=<n>+levels=<cachegen|menu>``. `window` takes the
 harmonic mean of the last `window` chunks' throughputs (default 1, the previous chunk). Throughput samples
-leave out the RTT (it is added per chunk above). See `kvcast.policies.cachegen_code` for the variant in CacheGen's
-public code.
+leave out the RTT (it is added per chunk above). See `kvcast.policies.cachegen_code` for the variant in
+CacheGen's public code.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvcast.policies.base import TEXT, ChunkMenu, Decision, Observation, Policy, Session, ThroughputSample, by_quality, \
-    level_names, smallest
+from kvcast.policies.base import (TEXT, ChunkMenu, Decision, Observation, Policy, Session, ThroughputSample,
+                                  by_quality, level_names, smallest)
 
 CACHEGEN_LEVELS = ("raw", "cachegen-3", "cachegen-2", "cachegen-1")
 """The levels CacheGen's controllers choose from (its three encoding levels, and the uncompressed KV)."""

@@ -7,15 +7,16 @@ Faithful to the artifact's decision rule (see ``reference/streaming-and-policies
   (``needs_future``; only a simulated link can run it);
 * **static budget**: each chunk may take ``SLO / num_chunks`` seconds, with no carry-over of slack;
 * levels tried best-first (least quality loss first; the menu's order is not monotone in quality); the
-  first whose transfer time ``bytes * 8 / bandwidth`` (no RTT) is below the budget wins; if none, the chunk is recomputed from text. The artifact then charges a fixed 0.2 s per text
-  chunk (`ARTIFACT_TEXT_COST_S`); kvcast's engine runs the real recompute cost model instead, so the
-  decisions are the artifact's and the timing is kvcast's.
+  first whose transfer time ``bytes * 8 / bandwidth`` (no RTT) is below the budget wins; if none, the chunk
+  is recomputed from text. The artifact then charges a fixed 0.2 s per text chunk (`ARTIFACT_TEXT_COST_S`);
+  kvcast's engine runs the real recompute cost model instead, so the decisions are the artifact's and the
+  timing is kvcast's.
 
 Levels: by default CacheGen's own levels on the menu (`kvcast.policies.cachegen.CACHEGEN_LEVELS`: ``raw`` and
 ``cachegen-3``, ``-2``, ``-1``; the artifact tries its three levels 3, 2, 1, and ``raw`` never fits the
-budget at these sizes), or the whole menu if it has none of ``cachegen-1..3`` (see `kvcast.policies.cachegen`).
-Argument: ``cachegen-code:<level>+<level>+...`` tries only the listed levels; ``cachegen-code:menu`` every
-level of the menu.
+budget at these sizes), or the whole menu if it has none of ``cachegen-1..3`` (see
+`kvcast.policies.cachegen`). Argument: ``cachegen-code:<level>+<level>+...`` tries only the listed levels;
+``cachegen-code:menu`` every level of the menu.
 """
 
 from __future__ import annotations

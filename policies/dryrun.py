@@ -1,16 +1,29 @@
 """Run a policy against the execution model of `kvcast.policies.base`, without SimPy, asyncio or a network.
 
 `dry_run(policy, session, transfer)` is a minimal discrete-event executor that follows the streaming engine
-(`kvcast.streamer.engine.StreamingEngine`) step for step: one transfer at a time on the link, in decision order; a
-FIFO decoder; a compute unit that runs the queued text chunk with the *lowest index* first, scheduled once
-every chunk before it has a known ready time and started when they are all ready. The policy is asked at
-the same points as in the engine (a transfer or a recompute ending, and, after a ``None`` answer with nothing
-in flight, the next chunk becoming ready) and sees the same `Observation` estimates. Transfers take
-``transfer.transfer_end_s(start, nbytes)``, a `kvcast.policies.planning.TransferModel` (a constant throughput, or any
-function of time such as a trace's), in place of the engine's link.
+(`kvcast.streamer.engine.StreamingEngine`) step for step: one transfer at a time on the link, in decision
+order; a FIFO decoder; a compute unit that runs the queued text chunk with the *lowest index* first,
+scheduled once every chunk before it has a known ready time and started when they are all ready. The
+policy is asked at the same points as in the engine (a transfer or a recompute ending, and, after a ``None``
+answer with nothing in flight, the next chunk becoming ready) and sees the same `Observation` estimates.
+Transfers take ``transfer.transfer_end_s(start, nbytes)``, a `kvcast.policies.planning.TransferModel` (a
+constant throughput, or any function of time such as a trace's), in place of the engine's link.
 
 A policy author can unit test a controller with it in microseconds; kvcast's tests do, and check it against
 the engine. The engine in `streamer/` is the real executor (SimPy or real links, per-chunk logs, sweeps).
+A policy bug raises the same `kvcast.policies.base.PolicyError` here as in the engine, with the same message
+(`kvcast.policies.base.validate_decision`; `PolicyStalled` for a policy that would wait forever).
+
+Four chunks recomputed from text, 50 ms each, one after the other:
+
+>>> from kvcast.policies.base import ChunkMenu, LevelOption, Session
+>>> from kvcast.policies.planning import ConstantThroughput
+>>> from kvcast.policies.text import TextPolicy
+>>> menus = tuple(ChunkMenu(i, 1024 * i, 1024, (LevelOption("raw", 4_000_000, 0.001, 0.0),), 0.05)
+...               for i in range(4))
+>>> result = dry_run(TextPolicy(), Session(menus, slo_s=0.5), ConstantThroughput(1e9))
+>>> result.actions, round(result.ttft_s, 9), result.slo_met
+(('text', 'text', 'text', 'text'), 0.2, True)
 """
 
 from __future__ import annotations
@@ -20,17 +33,13 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from kvcast.policies.base import TEXT, Observation, Policy, Session, ThroughputSample, validate_decision
+from kvcast.policies.base import (TEXT, Observation, Policy, PolicyError, PolicyStalled, Session,
+                                  ThroughputSample, validate_decision)
 from kvcast.policies.planning import TransferModel, session_quality_loss
 
-__all__ = ["DryRunResult", "PolicyStalled", "dry_run"]
+__all__ = ["DryRunResult", "PolicyError", "PolicyStalled", "dry_run"]
 
 _TRANSFER, _RECOMPUTE, _WAKE = 0, 1, 2  # event kinds
-
-
-class PolicyStalled(RuntimeError):
-    """The session cannot finish: the policy returned ``None`` with nothing in flight and no chunk about to
-    become ready, or a transfer never ends (zero bandwidth)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,22 +63,26 @@ class DryRunResult:
     samples: tuple[ThroughputSample, ...]
 
 
-def dry_run(policy: Policy, session: Session, transfer: TransferModel, max_events: int = 1_000_000
-            ) -> DryRunResult:
+def dry_run(policy: Policy, session: Session, transfer: TransferModel, max_events: int = 1_000_000, *,
+            label: str | None = None) -> DryRunResult:
     """Play one session: ``policy.reset(session)``, then ``decide`` at every decision point until done.
 
-    Raises `PolicyStalled` if the session cannot finish, and ValueError/KeyError for a decision that is not
-    allowed (`kvcast.policies.base.validate_decision`).
+    Raises `PolicyError` for an answer that is not allowed (`kvcast.policies.base.validate_decision`) or a
+    ``needs_future`` policy on a session without the link's future, and its subclass `PolicyStalled` if the
+    session cannot finish. `label` names the policy in messages (default: ``policy.name`` or its class
+    name, as in the engine).
     """
-    return _DryRun(policy, session, transfer).run(max_events)
+    return _DryRun(policy, session, transfer, label).run(max_events)
 
 
 class _DryRun:
     """One session's state; the methods mirror `StreamingEngine`'s state machine."""
 
-    def __init__(self, policy: Policy, session: Session, transfer: TransferModel) -> None:
+    def __init__(self, policy: Policy, session: Session, transfer: TransferModel, label: str | None = None
+                 ) -> None:
         n = len(session.menus)
         self.policy, self.session, self.transfer = policy, session, transfer
+        self.label = label or policy.name or type(policy).__name__
         self.menus = session.menus
         self.actions: list[str | None] = [None] * n
         self.pending: list[int] = list(range(n))
@@ -93,14 +106,19 @@ class _DryRun:
         self.known_prefix_ready = 0.0  # the latest of those
 
     def run(self, max_events: int) -> DryRunResult:
-        self.policy.reset(self.session)
+        session = self.session
+        if self.policy.needs_future and session.future_transfer_end_s is None and \
+                session.future_bandwidth_bps is None:
+            raise PolicyError(f"policy {self.label!r} needs the future of the link, and the session has none "
+                              "(Session.future_transfer_end_s)")
+        self.policy.reset(session)
         self.step()
         for _ in range(max_events):
             if not self.events:
                 break
             t, _, kind, chunk = heapq.heappop(self.events)
             if math.isinf(t):
-                raise PolicyStalled(f"{type(self.policy).__name__}: chunk {chunk}'s transfer never ends "
+                raise PolicyStalled(f"policy {self.label!r}: chunk {chunk}'s transfer never ends "
                                     "(zero bandwidth)")
             self.now = t
             if kind == _TRANSFER:
@@ -114,7 +132,7 @@ class _DryRun:
         else:
             raise RuntimeError(f"dry run did not finish within {max_events} events")
         if self.pending or None in self.ready_at:
-            raise PolicyStalled(f"{type(self.policy).__name__}: nothing left to run with chunks undecided "
+            raise PolicyStalled(f"policy {self.label!r}: nothing left to run with chunks undecided "
                                 f"or not ready")
         ready = tuple(math.nan if t is None else t for t in self.ready_at)
         ttft = max(ready, default=0.0)
@@ -159,14 +177,12 @@ class _DryRun:
             if decision is None:
                 waiting = True
                 break
-            validate_decision(obs, decision)
+            validate_decision(obs, decision, self.label)
             self.apply(decision.chunk, decision.action)
         if waiting and self.in_flight is None and self.compute_running is None:
             later = [t for t in self.ready_at if t is not None and t > self.now]
             if not later:
-                undecided = self.pending
-                raise PolicyStalled(f"{type(self.policy).__name__} returned None at t={self.now:.6f}s with "
-                                    f"nothing running (undecided: {undecided})")
+                raise PolicyStalled.waiting(self.label, self.now, self.pending)
             when = min(later)
             if when not in self.wake_times:
                 self.wake_times.add(when)

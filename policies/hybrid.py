@@ -6,13 +6,13 @@ controller keeps that shape and adds what Cake lacks:
 
 * **Levels for the loaded part.** At every decision it plans the rest of the session over the Cake family
   (a text prefix of the undecided chunks, the others loaded from the back, each at its own level) with
-  `kvcast.policies.oracle.plan_cake` and the *predicted* throughput in place of the future: the plan with the
-  least predicted SLO overrun, then the least quality loss (text is lossless, so it recomputes as much as
+  `kvcast.policies.planning.plan_cake` and the *predicted* throughput in place of the future: the plan with
+  the least predicted SLO overrun, then the least quality loss (text is lossless, so it recomputes as much as
   the SLO allows and loads the rest at the best levels that still fit), then the earliest TTFT.
 * **Adaptive meeting point.** It re-plans whenever the link or the compute unit runs dry, with the latest
   measurements (RobustMPC's predictor: harmonic mean of the last 5 throughputs over ``1 + max`` recent
-  error, `kvcast.policies.estimate`). The link then loads the highest undecided chunk the plan loads; the compute
-  unit recomputes the lowest undecided chunk if the plan still says text. If the link is slower than
+  error, `kvcast.policies.estimate`). The link then loads the highest undecided chunk the plan loads; the
+  compute unit recomputes the lowest undecided chunk if the plan still says text. If the link is slower than
   predicted, the text prefix grows; if faster, the loaded part grows; levels move with the prediction.
 * **Any menu order.** The plan search (`plan_cake`) tries every undominated level of every loaded chunk;
   nothing assumes the menu is ordered by size or quality.
@@ -27,9 +27,8 @@ from __future__ import annotations
 
 from kvcast.policies.base import TEXT, Decision, Observation, Policy, Session, smallest
 from kvcast.policies.estimate import DEFAULT_PRIOR_ERROR, RobustThroughputEstimator
-from kvcast.policies.mpc import DEFAULT_SLO_MARGIN
-from kvcast.policies.oracle import OraclePlan, plan_cake
-from kvcast.policies.planning import ConstantThroughput, PlanState, parse_options
+from kvcast.policies.planning import (DEFAULT_SLO_MARGIN, ConstantThroughput, FamilyPlan, PlanState,
+                                      parse_options, plan_cake)
 
 __all__ = ["HybridPolicy"]
 
@@ -64,7 +63,7 @@ class HybridPolicy(Policy):
         self._slo = session.slo_s * (1.0 - self.slo_margin)
         self._link_order: list[int] = []
         self._decided_at: dict[int, float] = {}
-        self.last_plan: OraclePlan | None = None
+        self.last_plan: FamilyPlan | None = None
         """The plan behind the latest decision, for inspection."""
 
     def decide(self, obs: Observation) -> Decision | None:

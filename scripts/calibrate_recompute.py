@@ -356,7 +356,7 @@ def measure_shape(shape: CalibrationShape, *, device: str, attn: str, lengths: S
         return torch.randint(0, shape.vocab_size, (1, n), device=device, generator=gen)
 
     def forward(ids, cache):
-        return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
 
     def timed(ids, cache) -> tuple[float, float, Any]:
         """(measured seconds, host seconds inside the forward call, output)."""

@@ -34,7 +34,7 @@ def load_passages(split, count, tok, ctx=2048, cont=256):
 
 def exact_kv(model, ids, ctx=2048):
     with torch.inference_mode():
-        return kv_from_cache(model(ids[:, :ctx], use_cache=True, logits_to_keep=1).past_key_values)
+        return kv_from_cache(model(ids[:, :ctx], use_cache=True, logits_to_keep=1).cache)
 
 
 def fisher(model, passages, ctx=2048, cont=256):
@@ -48,7 +48,7 @@ def fisher(model, passages, ctx=2048, cont=256):
         cache = cache_from_kv(leaves, model.config, dtype=model.dtype)
         fed = p.token_ids[:, ctx:ctx + cont]
         with torch.enable_grad():
-            logits = model(fed, past_key_values=cache, use_cache=True).logits[0].float()
+            logits = model(fed, cache=cache, use_cache=True).logits[0].float()
             logp = torch.log_softmax(logits, -1)
             with torch.no_grad():
                 y = torch.multinomial(logp.exp(), 1, generator=torch.Generator().manual_seed(i))

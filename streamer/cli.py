@@ -1,18 +1,31 @@
-"""`kvcast simulate` and `kvcast bench sim`; `kvcast.cli` calls `register`."""
+"""`kvcast simulate`, `kvcast bench sim` and `kvcast bench mpc`; `kvcast.cli` calls `register`.
+
+Every default comes from `kvcast.streamer.config.SimulationConfig` or the benchmark settings of
+`kvcast.streamer.bench` (light modules); conventions: `kvcast.clitools`.
+"""
 
 from __future__ import annotations
 
 import json
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
-_DEFAULTS_HELP = "Default: see streamer.simulate.SimulationConfig."
+from kvcast.clitools import FAILED, comma_list, emit_benchmark, fail
+from kvcast.streamer.bench import MpcBenchSettings, SimBenchSettings
+from kvcast.streamer.config import SimulationConfig
+
+_SIM = SimulationConfig
+_BAD_TRACE_HINT = "(use --on-bad-trace skip to report and skip bad files)"
+
+
+def _span(pair: tuple[Any, Any]) -> str:
+    """``(a, b)`` -> ``"a-b"``, the form `_range` reads."""
+    return "-".join(format(x, "g") if isinstance(x, float) else str(x) for x in pair)
 
 
 def _range(text: str, what: str, cast: Any) -> tuple[Any, Any]:
@@ -44,10 +57,7 @@ def _load(traces: list[Path] | None, on_bad_trace: str,
     try:
         loaded = load_traces([str(p) for p in traces], on_error=on_bad_trace, progress=True)
     except (TraceError, OSError) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}\n"
-                      "(use --on-bad-trace skip to report and skip bad files)",
-                      markup=True, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        fail(str(exc), hint=_BAD_TRACE_HINT)
     skipped = [(str(p), str(e)) for p, e in loaded.skipped]
     usable = []
     for trace in loaded.traces:  # readable but useless: nothing would ever be delivered
@@ -56,10 +66,7 @@ def _load(traces: list[Path] | None, on_bad_trace: str,
             continue
         problem = f"trace {trace.name!r} has zero bandwidth throughout; nothing can be delivered"
         if on_bad_trace == "raise":
-            console.print(f"[red]error:[/red] {escape(trace.source)}: {escape(problem)}\n"
-                          "(use --on-bad-trace skip to report and skip bad files)", highlight=False,
-                          soft_wrap=True)
-            raise typer.Exit(2)
+            fail(f"{trace.source}: {problem}", hint=_BAD_TRACE_HINT)
         skipped.append((trace.source, problem))
         console.print(f"[yellow]skipped[/yellow] {escape(trace.source)}: {escape(problem)}", highlight=False,
                       soft_wrap=True)
@@ -67,9 +74,7 @@ def _load(traces: list[Path] | None, on_bad_trace: str,
         console.print(f"[yellow]skipped[/yellow] {escape(str(path))}: {escape(str(exc))}", highlight=False,
                       soft_wrap=True)
     if not usable:
-        console.print("[red]error:[/red] no usable trace in " + escape(", ".join(map(str, traces))),
-                      soft_wrap=True)
-        raise typer.Exit(2)
+        fail("no usable trace in " + ", ".join(map(str, traces)))
     return usable, skipped
 
 
@@ -78,42 +83,45 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
 
     @app.command("simulate")
     def simulate(
-        traces: Annotated[Optional[list[Path]], typer.Option(
+        traces: Annotated[list[Path] | None, typer.Option(
             "--traces", help="Trace file or folder (repeatable). Default: kvcast's synthetic default set.")]
         = None,
         policies: Annotated[str, typer.Option(
             help="Comma-separated policy specs, e.g. text,raw,cachegen,fixed:cachegen-2.")]
-        = "text,raw,fixed:cachegen-2,cachegen,cachegen-code",
+        = ",".join(_SIM.policies),
         out: Annotated[Path, typer.Option(help="Output folder.")] = Path("results/simulate"),
         model: Annotated[str, typer.Option(help="Model shape name or layers,kv_heads,head_dim.")]
-        = "mistral-7b",
-        gpu: Annotated[str, typer.Option(help="GPU of the recompute cost table.")] = "h100",
-        recompute: Annotated[Optional[str], typer.Option(
-            help="Recompute cost override: gpu/model or a,b,c (s/token, s/token pair, s).")] = None,
-        profile: Annotated[Optional[Path], typer.Option(
-            help="kvcast-profile/1 JSON (default: the shipped profile, measured on WikiText-2 test).")] = None,
-        levels: Annotated[Optional[str], typer.Option(
+        = _SIM.model,
+        gpu: Annotated[str, typer.Option(help="GPU of the recompute cost table.")] = _SIM.gpu,
+        recompute: Annotated[str | None, typer.Option(
+            help="Recompute cost override: gpu/model or a,b,c (s/token, s/token pair, s).")] = _SIM.recompute,
+        profile: Annotated[Path | None, typer.Option(
+            help="kvcast-profile/1 JSON (default: the shipped profile, measured on WikiText-2 test).")]
+        = _SIM.profile,
+        levels: Annotated[str | None, typer.Option(
             help="Codec levels on the menu, comma-separated, united: a set (all, cachegen = raw, int8, "
                  "cachegen-N; kvcast = raw, int8, kvcast-N) or level names. Default: all. cachegen and "
                  "cachegen-code only use CacheGen's own levels of it.")]
-        = None,
-        chunk_tokens: Annotated[int, typer.Option(help="Tokens per chunk.")] = 1536,
+        = _SIM.levels,
+        chunk_tokens: Annotated[int, typer.Option(help="Tokens per chunk.")] = _SIM.chunk_tokens,
         context_tokens: Annotated[str, typer.Option(
-            help="Context length, or a range low-high drawn per context.")]
-        = "12288-20480",
-        contexts: Annotated[int, typer.Option(help="Contexts per trace.")] = 20,
-        slo: Annotated[float, typer.Option(help="TTFT target in seconds.")] = 0.6,
+            help="Context length, or a range low-high drawn per context.")] = _span(_SIM.context_tokens),
+        contexts: Annotated[int, typer.Option(help="Contexts per trace.")] = _SIM.contexts,
+        slo: Annotated[float, typer.Option(help="TTFT target (s).")] = _SIM.slo_s,
         scaling: Annotated[str, typer.Option(
-            help="range (trace means log-uniform in --mean-gbps), none, or factor:X.")] = "range",
+            help="range (trace means log-uniform in --mean-gbps), none, or factor:X.")] = _SIM.scaling,
         mean_gbps: Annotated[str, typer.Option(help="Range of trace means for --scaling range (Gbps).")]
-        = "1-10",
-        rtt_ms: Annotated[float, typer.Option(help="Round-trip time per chunk request (ms).")] = 10.0,
-        efficiency: Annotated[float, typer.Option(help="Payload bytes per wire byte.")] = 0.95,
-        overhead_bytes: Annotated[int, typer.Option(help="Extra bytes per request.")] = 400,
+        = _span(_SIM.mean_gbps),
+        rtt_ms: Annotated[float, typer.Option(help="Round-trip time per chunk request (ms).")]
+        = _SIM.rtt_s * 1e3,
+        efficiency: Annotated[float, typer.Option(help="Payload bytes per wire byte.")] = _SIM.efficiency,
+        overhead_bytes: Annotated[int, typer.Option(help="Extra bytes per request.")] = _SIM.overhead_bytes,
         prior_window: Annotated[float, typer.Option(
-            help="Seconds of trace history averaged into the policies' prior throughput.")] = 5.0,
-        query_prefill: Annotated[float, typer.Option(help="Query prefill added to TTFT (s).")] = 0.0,
-        seed: Annotated[int, typer.Option(help="Seed of contexts, offsets and scaling.")] = 0,
+            help="Seconds of trace history averaged into the policies' prior throughput.")]
+        = _SIM.prior_window_s,
+        query_prefill: Annotated[float, typer.Option(help="Query prefill added to TTFT (s).")]
+        = _SIM.query_prefill_s,
+        seed: Annotated[int, typer.Option(help="Seed of contexts, offsets and scaling.")] = _SIM.seed,
         workers: Annotated[int, typer.Option(help="Worker processes (0: one per CPU).")] = 0,
         on_bad_trace: Annotated[str, typer.Option(help="error: stop at a malformed trace file; skip: report "
                                                        "and skip it.")] = "error",
@@ -127,16 +135,13 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         chunks.jsonl, ttft_cdf.png, pareto.png, run.json (configuration, skipped traces, timing).
         """
         from rich.console import Console
-        from rich.markup import escape
-
-        from kvcast.streamer.simulate import SimulationConfig
 
         console = Console(stderr=True)
         if on_bad_trace not in ("error", "skip"):
             raise typer.BadParameter("--on-bad-trace must be 'error' or 'skip'")
         try:
             config = SimulationConfig(
-                policies=tuple(p.strip() for p in policies.split(",") if p.strip()), model=model, gpu=gpu,
+                policies=comma_list(policies), model=model, gpu=gpu,
                 recompute=recompute, profile=None if profile is None else str(profile),
                 levels=None if not levels else tuple(x.strip() for x in levels.split(",")),
                 chunk_tokens=chunk_tokens, context_tokens=_range(context_tokens, "--context-tokens", int),
@@ -146,47 +151,88 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
                 prior_window_s=prior_window, query_prefill_s=query_prefill, seed=seed)
             _check_config(config)
         except (ValueError, KeyError) as exc:
-            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            fail(str(exc))
         trace_list, skipped = _load(traces, "raise" if on_bad_trace == "error" else "skip", console)
         if max_traces > 0:
             trace_list = trace_list[:max_traces]
-        run_simulation(trace_list, config, out, workers=workers or None, chunk_log=chunk_log, skipped=skipped,
-                       console=console)
+        try:
+            run_simulation(trace_list, config, out, workers=workers or None, chunk_log=chunk_log,
+                           skipped=skipped, console=console)
+        except RuntimeError as exc:  # a policy failed inside a session: the message names it
+            fail(str(exc), FAILED)
+
+    _sim = SimBenchSettings
 
     @bench.command("sim")
     def bench_sim(
         policy: Annotated[str, typer.Option(help="Policy spec to time (a greedy one by default).")]
-        = "cachegen",
-        sessions: Annotated[int, typer.Option(help="Sessions per repeat.")] = 1000,
-        repeats: Annotated[int, typer.Option(help="Timed repeats (median reported).")] = 5,
-        context_tokens: Annotated[int, typer.Option(help="Tokens per context.")] = 16384,
-        chunk_tokens: Annotated[int, typer.Option(help="Tokens per chunk.")] = 1536,
+        = _sim.policy,
+        sessions: Annotated[int, typer.Option(help="Sessions per repeat.")] = _sim.sessions,
+        repeats: Annotated[int, typer.Option(help="Timed repeats (the median is reported).")] = _sim.repeats,
+        context_tokens: Annotated[int, typer.Option(help="Tokens per context.")] = _sim.context_tokens,
+        chunk_tokens: Annotated[int, typer.Option(help="Tokens per chunk.")] = _sim.chunk_tokens,
         sweep_traces: Annotated[int, typer.Option(
             help="Also time a full `simulate` sweep (processes, chunk log) over this many traces x 20 "
-                 "contexts and extrapolate to 350 traces (0: skip).")] = 0,
-        sweep_policies: Annotated[str, typer.Option(help="Policies of the timed sweep.")]
-        = "text,raw,fixed:cachegen-2,cachegen,cachegen-code,fixed:int8",
-        traces: Annotated[Optional[list[Path]], typer.Option(
-            "--traces", help="Traces of the timed sweep (default: kvcast's default set, repeated).")] = None,
-        workers: Annotated[int, typer.Option(help="Sweep worker processes (0: one per CPU).")] = 0,
-        out: Annotated[Optional[Path], typer.Option(help="Also write the JSON here.")] = None,
+                 "contexts and extrapolate to 350 traces x 6 policies (0: skip).")] = _sim.sweep_traces,
+        sweep_policies: Annotated[str, typer.Option(help="Comma-separated policies of the timed sweep.")]
+        = ",".join(_sim.sweep_policies),
+        traces: Annotated[list[Path] | None, typer.Option(
+            "--traces", help="Trace file or folder of the timed sweep (repeatable). Default: kvcast's "
+                             "default set, repeated.")] = None,
+        workers: Annotated[int, typer.Option(help="Sweep worker processes (0: one per CPU).")] = _sim.workers,
+        out: Annotated[Path | None, typer.Option(help="Also write the JSON to this file.")] = None,
     ) -> None:
         """Simulation speed: simulated chunks per second on one core (engine + SimPy link + policy)."""
-        from rich.console import Console
+        from kvcast.streamer.bench import bench_sim as run
 
-        result = run_bench_sim(policy=policy, sessions=sessions, repeats=repeats,
-                               context_tokens=context_tokens, chunk_tokens=chunk_tokens)
-        if sweep_traces > 0:
-            console = Console(stderr=True)
-            trace_list = None
-            if traces:
-                trace_list = _load(traces, "skip", console)[0]
-            result["sweep"] = run_bench_sweep(sweep_traces, tuple(sweep_policies.split(",")), trace_list,
-                                              workers or None)
-        _print_bench(result)
-        if out is not None:
-            out.write_text(json.dumps(result, indent=2) + "\n")
+        try:
+            settings = SimBenchSettings(policy=policy, sessions=sessions, repeats=repeats,
+                                        context_tokens=context_tokens, chunk_tokens=chunk_tokens,
+                                        sweep_traces=sweep_traces, sweep_policies=comma_list(sweep_policies),
+                                        workers=workers)
+        except ValueError as exc:
+            fail(str(exc))
+        trace_list = None
+        if sweep_traces > 0 and traces:
+            from rich.console import Console
+
+            trace_list = _load(traces, "skip", Console(stderr=True))[0]
+        try:
+            result = run(settings, trace_list)
+        except KeyError as exc:  # unknown policy
+            fail(str(exc.args[0]) if exc.args else str(exc))
+        emit_benchmark(result, _sim_table(result), out)
+
+    _mpc = MpcBenchSettings
+
+    @bench.command("mpc")
+    def bench_mpc(
+        sessions: Annotated[int, typer.Option(help="Engine sessions whose mpc decisions are recorded and "
+                                                   "timed.")] = _mpc.sessions,
+        enumerate_count: Annotated[int, typer.Option(
+            "--enumerate", help="Full-horizon problems also solved by full enumeration (~0.05 s each).")]
+        = _mpc.enumerate_count,
+        repeats: Annotated[int, typer.Option(help="Timed repeats (the median is reported).")] = _mpc.repeats,
+        seed: Annotated[int, typer.Option(help="Seed of the sessions and of the enumerated subset.")]
+        = _mpc.seed,
+        levels: Annotated[str, typer.Option(
+            help="Menu levels: a set (all, cachegen, kvcast) or level names, comma-separated.")]
+        = _mpc.levels,
+        out: Annotated[Path | None, typer.Option(help="Also write the JSON to this file.")] = None,
+    ) -> None:
+        """mpc speed: whole decide() calls/s; its exact search vs full enumeration on the same problems."""
+        from kvcast.streamer.bench import bench_mpc as run
+
+        try:
+            settings = MpcBenchSettings(sessions=sessions, enumerate_count=enumerate_count, repeats=repeats,
+                                        seed=seed, levels=levels)
+        except ValueError as exc:
+            fail(str(exc))
+        try:
+            result = run(settings)
+        except (KeyError, ValueError) as exc:  # unknown levels
+            fail(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
+        emit_benchmark(result, _mpc_table(result), out, notes=[_mpc_note(result)])
 
 
 def _check_config(config: Any) -> None:
@@ -266,87 +312,47 @@ def _devnull() -> str:
     return os.devnull
 
 
-def run_bench_sim(*, policy: str, sessions: int, repeats: int, context_tokens: int,
-                  chunk_tokens: int) -> dict[str, Any]:
-    """Time `sessions` sessions of `policy` per repeat in this process (default traces, default config)."""
-    from kvcast.policies.registry import default_registry
-    from kvcast.streamer.menus import build_menus
-    from kvcast.streamer.simulate import SimulationConfig, history_mean_bps, session_in_virtual_time
-    from kvcast.netsim.virtual_time import VirtualTimeLoop
-    from kvcast.traces.defaults import default_traces
-
-    config = SimulationConfig(policies=(policy,), chunk_tokens=chunk_tokens)
-    menus = build_menus(config.load_profile(), config.shape(), context_tokens, chunk_tokens,
-                        config.recompute_cost())
-    registry = default_registry()
-    traces = default_traces()
-    rates, session_rates = [], []
-    chunks_per_repeat = 0
-
-    async def one_repeat() -> int:
-        chunks = 0
-        for i in range(sessions):
-            trace = traces[i % len(traces)]
-            offset = (i * 7.919) % trace.duration_s
-            prior = history_mean_bps(trace, offset, config.prior_window_s)
-            result = await session_in_virtual_time(
-                registry.create(policy), menus, trace, slo_s=config.slo_s, offset_s=offset,
-                rtt_s=config.rtt_s, efficiency=config.efficiency, overhead_bytes=config.overhead_bytes,
-                prior_throughput_bps=prior)
-            chunks += len(result.chunks)
-        return chunks
-
-    loop = VirtualTimeLoop()
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        chunks = loop.run_until_complete(one_repeat())
-        wall = time.perf_counter() - t0
-        rates.append(chunks / wall)
-        session_rates.append(sessions / wall)
-        chunks_per_repeat = chunks
-    loop.close()
-    return {"bench": "sim", "policy": policy, "sessions": sessions, "chunks": chunks_per_repeat,
-            "chunks_per_session": chunks_per_repeat / sessions, "repeats": repeats,
-            "chunks_per_s": statistics.median(rates), "chunks_per_s_all": rates,
-            "sessions_per_s": statistics.median(session_rates), "context_tokens": context_tokens,
-            "chunk_tokens": chunk_tokens}
+# ------------------------------------------------------------------------------------------- bench tables
 
 
-def run_bench_sweep(n_traces: int, policies: tuple[str, ...], traces: list[Any] | None,
-                    workers: int | None) -> dict[str, Any]:
-    """Time a full sweep (pool, chunk log built) over `n_traces` traces x 20 contexts; extrapolate to 350."""
-    from kvcast.streamer.simulate import SimulationConfig, run_sweep
-    from kvcast.traces.defaults import default_traces
-
-    pool = list(traces) if traces else list(default_traces())
-    chosen = [pool[i % len(pool)].with_name(f"{pool[i % len(pool)].name}~{i}") for i in range(n_traces)]
-    config = SimulationConfig(policies=policies, contexts=20)
-    t0 = time.perf_counter()
-    chunks = sessions = 0
-    for outcome in run_sweep(chosen, config, workers=workers, chunk_log=True):
-        chunks += outcome.chunks
-        sessions += len(outcome.sessions)
-    wall = time.perf_counter() - t0
-    return {"traces": n_traces, "contexts": 20, "policies": list(policies), "sessions": sessions,
-            "chunks": chunks, "wall_s": wall, "chunks_per_s": chunks / wall,
-            "extrapolated_350x20x6_s": wall * (350 / n_traces) * (6 / len(policies)),
-            "note": "extrapolated linearly from the measured sub-sweep"}
-
-
-def _print_bench(result: dict[str, Any]) -> None:
-    from rich.console import Console
+def _sim_table(result: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    print(json.dumps(result, indent=2))
+    s = result["summary"]
     table = Table(title="kvcast bench sim")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    table.add_row("policy", result["policy"])
-    table.add_row("chunks/s (median, one core)", f"{result['chunks_per_s']:,.0f}")
-    table.add_row("sessions/s (median)", f"{result['sessions_per_s']:,.0f}")
-    table.add_row("chunks per session", f"{result['chunks_per_session']:.1f}")
-    if "sweep" in result:
-        sw = result["sweep"]
-        table.add_row(f"sweep {sw['traces']}x20x{len(sw['policies'])} wall (s)", f"{sw['wall_s']:.1f}")
-        table.add_row("extrapolated 350x20x6 (s)", f"{sw['extrapolated_350x20x6_s']:.0f}")
-    Console(stderr=True).print(table)
+    table.add_row("policy", s["policy"])
+    table.add_row("chunks/s (median, one core)", f"{s['chunks_per_s']:,.0f}")
+    table.add_row("sessions/s (median)", f"{s['sessions_per_s']:,.0f}")
+    table.add_row("chunks per session", f"{s['chunks_per_session']:.1f}")
+    for row in result["rows"]:
+        if row["run"] == "sweep":
+            to = s["sweep_extrapolated_to"]
+            table.add_row(f"sweep {row['traces']}x{row['contexts']}x{row['policies']} wall (s)",
+                          f"{row['wall_s']:.1f}")
+            table.add_row(f"extrapolated {to['traces']}x{to['contexts']}x{to['policies']} (s)",
+                          f"{s['sweep_extrapolated_s']:.0f}")
+    return table
+
+
+def _mpc_table(result: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    plans = result["summary"]["plans_per_full_horizon"]
+    table = Table(title=f"kvcast bench mpc: exact search vs enumeration ({plans:,} plans/decision)")
+    table.add_column("measure")
+    table.add_column("decisions/s (median)", justify="right")
+    for row in result["rows"]:
+        rate = row["decisions_per_s"]
+        table.add_row(row["description"], "-" if rate is None else f"{rate:,.0f}")
+    return table
+
+
+def _mpc_note(result: dict[str, Any]) -> str:
+    s, machine = result["summary"], result["machine"]
+    speedup = s["speedup_same_problems"]
+    load = machine["load_average_1min"]
+    return (f"same plan as enumeration: {s['same_plan_as_enumeration']}"
+            + (f"; speedup {speedup:,.0f}x" if speedup else "")
+            + ("" if load is None else f"; load average {load:.1f} on {machine['cpus']} CPUs"))

@@ -31,13 +31,11 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
 
 from kvcast.netsim.link import Link, TransferOutcome
-from kvcast.policies.base import TEXT, ChunkMenu, Decision, Observation, Policy, Session, ThroughputSample
+from kvcast.policies.base import (TEXT, ChunkMenu, Decision, Observation, Policy, PolicyError, PolicyStalled,
+                                  Session, ThroughputSample, validate_decision)
 
 __all__ = ["ChunkRecord", "PolicyError", "SessionResult", "StreamingEngine", "stream_context"]
-
-
-class PolicyError(RuntimeError):
-    """The policy answered something the engine cannot execute (the message says what and when)."""
+# PolicyError is kvcast.policies.base's, re-exported: the dry run raises the same class for the same bugs.
 
 
 @dataclass(slots=True)
@@ -304,33 +302,16 @@ class StreamingEngine:
         if waiting and self._inflight is None and self._compute_running is None:
             later = [t for t in self._ready_at if t is not None and t > now]
             if not later:
-                raise PolicyError(
-                    f"policy {self.label!r} returned None at t={now:.6g} s with nothing in flight (pending "
-                    f"chunks {_head(self._pending)}); it would wait forever")
+                raise PolicyStalled.waiting(self.label, now, self._pending)
             when = self._t0 + min(later)
             if when not in self._wake_times:
                 self._wake_times.add(when)
                 self._loop.call_at(when, self._on_wake, when)
 
     def _apply(self, decision: Decision, obs: Observation, now: float) -> None:
-        if not isinstance(decision, Decision):
-            raise PolicyError(f"policy {self.label!r} returned {decision!r} at t={now:.6g} s; "
-                              f"expected a Decision or None")
+        option = validate_decision(obs, decision, self.label)  # PolicyError, as in the dry run
         chunk, action = decision.chunk, decision.action
-        if chunk not in self._pending:
-            raise PolicyError(f"policy {self.label!r} decided chunk {chunk!r} at t={now:.6g} s, which is not "
-                              f"pending (pending: {_head(self._pending)})")
-        menu = self.menus[chunk]
-        if action == TEXT:
-            quality_loss = 0.0
-        else:
-            try:
-                option = menu.option(action)
-            except KeyError:
-                raise PolicyError(f"policy {self.label!r} chose level {action!r} for chunk {chunk} at "
-                                  f"t={now:.6g} s; the menu has {[o.level for o in menu.levels]} "
-                                  f"and {TEXT!r}") from None
-            quality_loss = option.quality_loss
+        quality_loss = 0.0 if option is None else option.quality_loss
         rec = self.records[chunk]
         rec.action = action
         rec.decided_s = now
@@ -406,10 +387,6 @@ class StreamingEngine:
                            self._link_idle(), self._compute_idle(), link_until,
                            self._decoder_free if self._decoder_free > now else now, compute_until,
                            self._samples)
-
-
-def _head(items: list[int], k: int = 8) -> str:
-    return str(items[:k])[:-1] + (", ...]" if len(items) > k else "]")
 
 
 async def stream_context(policy: Policy, menus: Sequence[ChunkMenu], link: Link, *, slo_s: float,

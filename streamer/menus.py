@@ -109,7 +109,7 @@ class RecomputeCost:
 def recompute_costs() -> Mapping[str, RecomputeCost]:
     """The shipped cost table, keyed ``gpu/model`` (e.g. ``h100/mistral-7b``); see
     ``recompute_costs.json``."""
-    table = json.loads(resources.files("streamer").joinpath("recompute_costs.json").read_text())
+    table = json.loads(resources.files("kvcast.streamer").joinpath("recompute_costs.json").read_text())
     out = {}
     for e in table["entries"]:
         key = f"{e['gpu']}/{e['model']}"

@@ -211,5 +211,5 @@ def _number(value: Any, at: str, fail, *, required: bool) -> float | None:
 def default_profile() -> Profile:
     """kvcast's shipped profile: every codec level measured on SmolLM2-135M and the WikiText-2 test split by
     ``kvcast eval codec`` (its ``note`` says when and how)."""
-    text = resources.files("streamer").joinpath(DEFAULT_PROFILE_RESOURCE).read_text()
+    text = resources.files("kvcast.streamer").joinpath(DEFAULT_PROFILE_RESOURCE).read_text()
     return Profile.from_json_dict(json.loads(text), source="kvcast:default")

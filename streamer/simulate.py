@@ -16,7 +16,7 @@ import math
 import os
 import zlib
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -25,99 +25,13 @@ from kvcast.netsim.trace_link import SimPyLink
 from kvcast.netsim.virtual_time import VirtualTimeLoop
 from kvcast.policies.base import ChunkMenu, Policy
 from kvcast.policies.registry import PolicyRegistry, default_registry
+from kvcast.streamer.config import SimulationConfig  # the settings and their defaults (a light module)
 from kvcast.streamer.engine import SessionResult, StreamingEngine
-from kvcast.streamer.menus import ModelShape, RecomputeCost, build_menus, recompute_cost
-from kvcast.streamer.profile import Profile, default_profile
+from kvcast.streamer.menus import build_menus
 from kvcast.traces.trace import Trace
 
 __all__ = ["SimulationConfig", "SessionSetup", "history_mean_bps", "plan_sessions", "run_sweep",
            "session_in_virtual_time", "simulate_session"]
-
-
-@dataclass(frozen=True)
-class SimulationConfig:
-    """Everything a sweep needs besides the traces. Every field has a documented default."""
-
-    policies: tuple[str, ...] = ("text", "raw", "fixed:cachegen-2", "cachegen", "cachegen-code")
-    """Policy specs (``name`` or ``name:argument``)."""
-    model: str = "mistral-7b"
-    """Model shape: a name of `kvcast.streamer.menus.MODEL_SHAPES` or ``layers,kv_heads,head_dim``."""
-    gpu: str = "h100"
-    """GPU of the recompute cost table (``gpu/model`` must be in ``recompute_costs.json``)."""
-    recompute: str | None = None
-    """Override of the recompute cost: ``gpu/model`` of the table, or ``a,b,c`` (see `RecomputeCost`)."""
-    profile: str | None = None
-    """Path of a ``kvcast-profile/1`` JSON; None: the shipped default profile (measured)."""
-    levels: tuple[str, ...] | None = None
-    """The codec levels on the menu: set names (``all``, ``cachegen``, ``kvcast``; `kvcast.streamer.menus.LEVEL_SETS`)
-    and level names of the profile, united, kept in the profile's order (None: all). The CacheGen controllers
-    use only CacheGen's own levels of the menu; `mpc`, `hybrid` and `oracle` use all of it."""
-    chunk_tokens: int = 1536
-    """Tokens per chunk (CacheGen used ~1.5K)."""
-    context_tokens: tuple[int, int] = (12288, 20480)
-    """Context length range; each context draws a length uniformly from it (inclusive)."""
-    contexts: int = 20
-    """Contexts per trace (each with its own length and start offset in the trace)."""
-    slo_s: float = 0.6
-    """Target TTFT. Chosen so that recomputing the whole context (`text`) misses it most of the time: with the
-    default contexts (12-20K tokens of Mistral-7B) text-only prefill takes ~0.55-1.1 s on H100 (measured
-    cost table) and misses 0.6 s in ~90% of sessions."""
-    scaling: str = "range"
-    """How traces are scaled: ``range`` (each trace to a mean drawn log-uniformly in `mean_gbps`),
-    ``none`` (as read), or ``factor:X`` (every bandwidth times X)."""
-    mean_gbps: tuple[float, float] = (1.0, 10.0)
-    """Range of trace means for ``scaling="range"`` (a datacenter-to-storage range)."""
-    rtt_s: float = 0.01
-    """Round-trip time per chunk request."""
-    efficiency: float = 0.95
-    """Payload bytes per wire byte (Pensieve's 0.95)."""
-    overhead_bytes: int = 400
-    """Extra bytes per request (HTTP headers)."""
-    prior_window_s: float = 5.0
-    """The policies' historical throughput: the trace's mean over this many seconds before the session."""
-    query_prefill_s: float = 0.0
-    """Prefill of the query after the context is loaded (policy-independent; added to TTFT)."""
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.policies:
-            raise ValueError("no policies to simulate")
-        lo, hi = self.context_tokens
-        if not 0 < lo <= hi:
-            raise ValueError(f"context_tokens must be 0 < min <= max, got {self.context_tokens}")
-        if self.chunk_tokens <= 0 or self.contexts <= 0:
-            raise ValueError("chunk_tokens and contexts must be > 0")
-        if not (self.slo_s > 0 and math.isfinite(self.slo_s)):
-            raise ValueError(f"slo_s must be finite and > 0, got {self.slo_s}")
-        lo_g, hi_g = self.mean_gbps
-        if not 0 < lo_g <= hi_g:
-            raise ValueError(f"mean_gbps must be 0 < low <= high, got {self.mean_gbps}")
-        self.scale_factor_or_none()
-
-    def scale_factor_or_none(self) -> float | None:
-        """The factor of ``scaling="factor:X"``; None for the other modes (ValueError if malformed)."""
-        if self.scaling in ("range", "none"):
-            return None
-        if self.scaling.startswith("factor:"):
-            try:
-                factor = float(self.scaling.split(":", 1)[1])
-            except ValueError:
-                factor = -1.0
-            if factor > 0 and math.isfinite(factor):
-                return factor
-        raise ValueError(f"scaling must be 'range', 'none' or 'factor:X' with X > 0, got {self.scaling!r}")
-
-    def shape(self) -> ModelShape:
-        return ModelShape.parse(self.model)
-
-    def recompute_cost(self) -> RecomputeCost:
-        return recompute_cost(self.recompute or f"{self.gpu}/{self.model}")
-
-    def load_profile(self) -> Profile:
-        return default_profile() if self.profile is None else Profile.load(self.profile)
-
-    def to_json_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import json
 import random
 import struct
 
+import crc32c
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,8 +16,6 @@ from kvcast import codec
 from kvcast.codec.api import ModelFingerprint
 from kvcast.codec.container import CRC, PREFIX
 from tests.test_codec_roundtrip import make_kv
-
-import crc32c
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,7 @@ def refresh_crc(buf: bytearray) -> bytes:
 def test_fuzz_bit_flips_truncations_and_garbage_all_raise(objects):
     rng = random.Random(1234)
     cases = 0
-    for level, data in objects.items():
+    for _level, data in objects.items():
         for _ in range(300):
             buf = bytearray(data)
             kind = rng.randrange(4)
@@ -73,7 +72,7 @@ def test_forged_objects_with_valid_checksum_fail_cleanly(objects):
     """Corruption that a checksum cannot see (re-checksummed): CodecError or a well-formed result, nothing else."""
     rng = random.Random(99)
     raised = 0
-    for level, data in objects.items():
+    for _level, data in objects.items():
         ref = codec.decode(data)
         for _ in range(150):
             buf = bytearray(data)

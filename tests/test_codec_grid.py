@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from kvcast import codec
 from kvcast.codec.api import Codec, ModelFingerprint
-from kvcast.codec.entropy import CoderPool
 from kvcast.codec.grid import channel_steps, token_multipliers
+from kvcast.codec.pool import CoderPool
 from kvcast.codec.sensitivity import TABLES_DIR, SensitivityTable, TableRegistry, profile_from_positions
 from tests.test_codec_roundtrip import DTYPES, make_kv
 
@@ -185,11 +185,15 @@ def test_calibrate_builds_a_table_that_drives_the_grid_levels(tmp_path):
     assert np.array_equal(back.score_profile, table.score_profile)
     fingerprint = fingerprint_from_config(model.config, name="tiny", dtype=torch.float32)
     with torch.no_grad():
-        kv = kv_from_cache(model(passages[0][:, :40], use_cache=True).past_key_values)
+        kv = kv_from_cache(model(passages[0][:, :40], use_cache=True).cache)
+    assert back.kv_signature is not None and back.kv_signature == fingerprint.kv_signature
     registry = TableRegistry([tmp_path])
     coder = Codec(tables=registry)
     data = coder.encode(kv, "kvcast-2", model=fingerprint)
     assert len(coder.decode(data, expect_model=fingerprint)) == 2
+    # found by the KV signature, whatever the model is called
+    renamed = fingerprint_from_config(model.config, name="tiny-copy", dtype=torch.float32)
+    assert coder.encode(kv, "kvcast-2", model=renamed) != b""
 
 
 def test_sink_scores_find_tokens_that_point_like_the_sink():

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from kvcast import codec
 from kvcast.codec.api import Codec
-from kvcast.codec.entropy import CoderPool
 from kvcast.codec.levels import LevelSpec
+from kvcast.codec.pool import CoderPool
 
 LOSSY = [lv for lv in codec.levels() if codec.describe(lv)["quantizer"] == "absmax_token"]
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -163,7 +163,7 @@ def test_cachegen_bins_map_proportionally_to_depth():
 
 
 def test_cdf_is_cachegen_normalised():
-    from kvcast.codec.entropy import cachegen_cdf
+    from kvcast.codec.rangecoder import cachegen_cdf
 
     counts = torch.tensor([[5, 0, 3, 0], [0, 0, 0, 0]])
     cdf = cachegen_cdf(counts).numpy().view(np.uint16).astype(int)

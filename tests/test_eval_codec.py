@@ -173,7 +173,7 @@ def test_continuation_keeps_original_positions_after_eviction():
     model = tiny_llama()
     ids = torch.randint(0, 97, (1, 60))
     with torch.inference_mode():
-        kv = kv_from_cache(model(ids[:, :50], use_cache=True).past_key_values)
+        kv = kv_from_cache(model(ids[:, :50], use_cache=True).cache)
     plain = continuation_logits(model, kv, ids[:, 50:])
     assert torch.equal(plain, continuation_logits(model, kv, ids[:, 50:], position=50))
     with torch.inference_mode():

@@ -52,7 +52,7 @@ def prefill(model, ids):
 
 def continue_on(model, cache, ids):
     with torch.no_grad():
-        return model(ids, past_key_values=cache).logits
+        return model(ids, cache=cache).logits
 
 
 def greedy(model, cache, first_id, steps):
@@ -60,8 +60,8 @@ def greedy(model, cache, first_id, steps):
     tokens, nxt = [], first_id
     with torch.no_grad():
         for _ in range(steps):
-            out = model(nxt, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(nxt, cache=cache, use_cache=True)
+            cache = out.cache
             nxt = out.logits[:, -1:].argmax(-1)
             tokens.append(int(nxt))
     return tokens
@@ -69,7 +69,7 @@ def greedy(model, cache, first_id, steps):
 
 def test_extracted_kv_has_transformers_layout(tiny):
     ids = torch.randint(0, 97, (1, 20))
-    kv = kv_from_cache(prefill(tiny, ids).past_key_values)
+    kv = kv_from_cache(prefill(tiny, ids).cache)
     assert len(kv) == 2
     assert all(k.shape == v.shape == (1, 2, 20, 16) for k, v in kv)
     assert kv_tokens(kv) == 20 and kv_values(kv) == 2 * 2 * 2 * 20 * 16
@@ -79,11 +79,11 @@ def test_extracted_kv_has_transformers_layout(tiny):
 def test_rebuilt_cache_continues_exactly_and_leaves_kv_untouched(tiny):
     ids = torch.randint(0, 97, (1, 40))
     out = prefill(tiny, ids[:, :30])
-    kv = kv_from_cache(out.past_key_values)
+    kv = kv_from_cache(out.cache)
     snapshot = [(k.clone(), v.clone()) for k, v in kv]
     rebuilt_a = continue_on(tiny, cache_from_kv(kv, tiny.config), ids[:, 30:])
     rebuilt_b = continue_on(tiny, cache_from_kv(kv, tiny.config), ids[:, 30:])  # same kv, fresh cache
-    original = continue_on(tiny, out.past_key_values, ids[:, 30:])
+    original = continue_on(tiny, out.cache, ids[:, 30:])
     assert torch.equal(rebuilt_a, original) and torch.equal(rebuilt_b, original)
     assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(kv, snapshot))
     # and it matches running the whole sequence at once (up to float reassociation)
@@ -94,8 +94,8 @@ def test_rebuilt_cache_continues_exactly_and_leaves_kv_untouched(tiny):
 
 def test_prefix_of_kv_continues_like_a_shorter_prefill(tiny):
     ids = torch.randint(0, 97, (1, 30))
-    kv = kv_from_cache(prefill(tiny, ids).past_key_values)
-    short = kv_from_cache(prefill(tiny, ids[:, :12]).past_key_values)
+    kv = kv_from_cache(prefill(tiny, ids).cache)
+    short = kv_from_cache(prefill(tiny, ids[:, :12]).cache)
     head = slice_kv(kv, 0, 12)
     for (a, b), (c, d) in zip(head, short):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
@@ -107,7 +107,7 @@ def test_prefix_of_kv_continues_like_a_shorter_prefill(tiny):
 
 def test_raw_codec_round_trip_continues_like_fp16_rounded_cache(tiny):
     ids = torch.randint(0, 97, (1, 48))
-    kv = kv_from_cache(prefill(tiny, ids[:, :40]).past_key_values)
+    kv = kv_from_cache(prefill(tiny, ids[:, :40]).cache)
     fingerprint = fingerprint_from_config(tiny.config, name="tiny-llama")
     data = codec.encode(kv, "raw", model=fingerprint)
     decoded = codec.decode(data, dtype=torch.float32, expect_model=fingerprint)
@@ -121,7 +121,7 @@ def test_raw_codec_round_trip_continues_like_fp16_rounded_cache(tiny):
 
 def test_cache_from_kv_casts_to_the_model_dtype(tiny):
     ids = torch.randint(0, 97, (1, 10))
-    kv = cast_kv(kv_from_cache(prefill(tiny, ids).past_key_values), torch.float16)
+    kv = cast_kv(kv_from_cache(prefill(tiny, ids).cache), torch.float16)
     half = [(k.half(), v.half()) for k, v in kv]
     cache = cache_from_kv(half, tiny.config, dtype=torch.float32)
     assert all(k.dtype == torch.float32 for k, _ in kv_from_cache(cache))
@@ -134,7 +134,7 @@ def test_cache_from_kv_casts_to_the_model_dtype(tiny):
     (lambda kv: [(k, v[:, :, :-1]) for k, v in kv], "tokens"),
 ])
 def test_mismatched_kv_is_rejected_clearly(tiny, bad, message):
-    kv = kv_from_cache(prefill(tiny, torch.randint(0, 97, (1, 8))).past_key_values)
+    kv = kv_from_cache(prefill(tiny, torch.randint(0, 97, (1, 8))).cache)
     with pytest.raises(ValueError, match=message):
         check_kv_matches(bad(kv), tiny.config)
     with pytest.raises(ValueError, match=message):
@@ -217,12 +217,12 @@ def test_smollm2_rebuilt_cache_continues_generation_exactly(smollm2):
     ctx, cont = ids[:, :100], ids[:, 100:132]
     model, config = smollm2.model, smollm2.config
     out = prefill(model, ctx)
-    kv = kv_from_cache(out.past_key_values)
+    kv = kv_from_cache(out.cache)
     rebuilt = continue_on(model, cache_from_kv(kv, config), cont)
-    original = continue_on(model, out.past_key_values, cont)
+    original = continue_on(model, out.cache, cont)
     assert torch.equal(rebuilt, original)
     first = out.logits[:, -1:].argmax(-1)
-    assert greedy(model, cache_from_kv(kv, config), first, 8) == greedy(model, prefill(model, ctx).past_key_values,
+    assert greedy(model, cache_from_kv(kv, config), first, 8) == greedy(model, prefill(model, ctx).cache,
                                                                        first, 8)
 
     # through the codec's lossless fp16 level: identical to an fp16-rounded reference cache

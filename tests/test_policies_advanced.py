@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import random
 
@@ -25,8 +24,10 @@ from kvcast.policies.base import (
 from kvcast.policies.dryrun import dry_run
 from kvcast.policies.estimate import RobustThroughputEstimator
 from kvcast.policies.hybrid import HybridPolicy
-from kvcast.policies.oracle import OraclePolicy, best_plan, plan_cake, plan_in_order
-from kvcast.policies.planning import ConstantThroughput, PlanState, parse_options, simulate_plan
+from kvcast.policies.mpc.cost import tail_evaluator
+from kvcast.policies.oracle import OraclePolicy, best_plan
+from kvcast.policies.planning import (ConstantThroughput, PlanState, parse_options, plan_cake, plan_in_order,
+                                      simulate_plan)
 from kvcast.policies.registry import default_registry
 from kvcast.streamer.simulate import simulate_session
 from kvcast.traces.trace import Trace
@@ -133,7 +134,7 @@ def test_mpc_fast_tail_split_equals_trying_every_split(seed, m, weight):
         link, ready, q = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0, 100)
         for b in range(problem.n_actions):
             level = problem.text_tail_level if b == problem.n_levels else b
-            fast = M._tail_evaluator(problem, b)(link, ready, q)
+            fast = tail_evaluator(problem, b)(link, ready, q)
             assert fast == M.tail_split(problem, level, link, ready, q)[1]
 
 
@@ -152,36 +153,6 @@ def test_mpc_model_matches_the_planning_model_without_tail():
             res = simulate_plan(state, list(zip(range(4), names)), tp)
             expected = res.quality_loss + problem.mu * res.overrun_s(session.slo_s)
             assert M.plan_cost(problem, plan) == pytest.approx(expected, rel=1e-9, abs=1e-12)
-
-
-def test_mpc_decides_many_chunks_per_second_is_a_benchmark_not_a_test():
-    """Speed lives in ``kvcast bench mpc``; here only that the bench's inputs run."""
-    from kvcast.policies import bench_mpc
-
-    problems = bench_mpc.recorded_problems(sessions=2, seed=1)
-    assert problems and all(M.search_plan(p, h) == M.enumerate_plan(p) for p, h in problems[:5])
-
-
-def test_kvcast_bench_mpc_prints_json_and_a_table(tmp_path):
-    from typer.testing import CliRunner
-
-    from kvcast.cli import app
-
-    out = tmp_path / "bench.json"
-    result = CliRunner().invoke(app, ["bench", "mpc", "--sessions", "1", "--enumerate", "1", "--repeats", "1",
-                                      "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
-    assert data == json.loads(out.read_text())
-    assert data["enumeration_problems"] == 1 and data["plans_per_full_horizon"] == 7 ** 5
-    assert data["same_plan_as_enumeration"] == "1/1" and data["plans_agree"] is True
-    # the timed sessions are the recorded ones: one problem per decide() call
-    assert data["decide_calls"] == data["problems"] > 0
-    for key in ("decide_calls_per_s_in_sessions", "decide_calls_per_cpu_s_in_sessions",
-                "enumeration_decisions_per_s", "search_decisions_per_s_same_problems",
-                "search_decisions_per_s_all_problems"):
-        assert data[key] > 0, key
-    assert "whole decide() calls" in result.stderr and "same plan as enumeration: 1/1" in result.stderr
 
 
 # ----------------------------------------------------------------------------------------- invariants

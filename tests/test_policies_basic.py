@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import doctest
+import importlib
+import json
+import pkgutil
+import subprocess
+import sys
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import kvcast.policies
 from kvcast.netsim import SimPyLink, VirtualTimeLoop
 from kvcast.policies.base import TEXT, ChunkMenu, LevelOption, Observation, Session, ThroughputSample
 from kvcast.policies.cachegen import CacheGenPolicy
 from kvcast.policies.cachegen_code import CacheGenCodePolicy
-from kvcast.policies.registry import default_registry
+from kvcast.policies.registry import PolicyRegistry, UnknownPolicyError, default_registry
+from kvcast.policies.text import TextPolicy
 from kvcast.streamer.engine import StreamingEngine
 from kvcast.streamer.menus import ModelShape, build_menus, recompute_cost
 from kvcast.streamer.profile import default_profile
@@ -43,6 +52,65 @@ def test_registry_has_the_simple_policies():
         assert reg.create(spec).name == spec.split(":")[0]
     with pytest.raises(ValueError, match="needs a level"):
         reg.create("fixed")
+
+
+def test_builtin_policies_are_imported_only_when_created():
+    """`names()` lists every built-in without importing it; creating `text` imports no planning policy."""
+    code = (
+        "import json, sys\n"
+        "from kvcast.policies.registry import BUILTIN_POLICIES, default_registry\n"
+        "reg = default_registry()\n"
+        "names = reg.names()\n"
+        "before = sorted(m for m in sys.modules if m.startswith('kvcast.policies'))\n"
+        "policy = reg.create('text')\n"
+        "after = sorted(m for m in sys.modules if m.startswith('kvcast.policies'))\n"
+        "print(json.dumps({'names': names, 'builtin': sorted(BUILTIN_POLICIES), 'before': before,\n"
+        "                  'after': after, 'policy': type(policy).__name__}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    data = json.loads(out)
+    assert set(data["builtin"]) == {"fixed", "raw", "text", "cachegen", "cachegen-code", "mpc", "hybrid",
+                                    "oracle"}
+    assert set(data["builtin"]) <= set(data["names"])
+    assert data["policy"] == "TextPolicy"
+    for module in ("text", "fixed", "cachegen", "mpc", "hybrid", "oracle", "planning"):
+        assert f"kvcast.policies.{module}" not in data["before"], module
+    assert "kvcast.policies.text" in data["after"]
+    for module in ("kvcast.policies.mpc", "kvcast.policies.oracle", "kvcast.policies.hybrid",
+                   "kvcast.policies.planning"):
+        assert module not in data["after"], module
+
+
+def test_registry_resolves_paths_lazily_and_keeps_unknown_policy_errors():
+    reg = PolicyRegistry()
+    reg.register("t", "kvcast.policies.text:TextPolicy")
+    reg.register("later", "kvcast.policies.no_such_module:Nothing")  # never created: never imported
+    assert reg.names() == ["later", "t"]
+    assert isinstance(reg.create("t"), TextPolicy) and reg.factory("t") is TextPolicy
+    with pytest.raises(UnknownPolicyError, match="unknown policy 'nope'; known: later, t") as info:
+        reg.create("nope")
+    assert isinstance(info.value, KeyError)
+    with pytest.raises(ModuleNotFoundError):
+        reg.create("later")
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("t", TextPolicy)
+    reg.register("bad", lambda: "not a policy")
+    with pytest.raises(TypeError, match="not a Policy"):
+        reg.create("bad")
+
+
+def test_entry_points_are_registered_unloaded_and_loaded_on_create(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    from kvcast.policies import registry as registry_module
+
+    eps = [EntryPoint("third-party", "kvcast.policies.text:TextPolicy", registry_module.ENTRY_POINT_GROUP),
+           EntryPoint("mpc", "kvcast.policies.no_such_module:Shadow", registry_module.ENTRY_POINT_GROUP)]
+    monkeypatch.setattr(registry_module, "entry_points", lambda group: [e for e in eps if e.group == group])
+    reg = registry_module.default_registry()
+    assert "third-party" in reg.names()
+    assert isinstance(reg.create("third-party"), TextPolicy)
+    assert type(reg.create("mpc")).__name__ == "MpcPolicy"  # a built-in name is not taken over
 
 
 @pytest.mark.parametrize("tput_bps, expected", [

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvcast.policies.base import TEXT, ChunkMenu, Decision, LevelOption, Observation, Policy, Session
-from kvcast.policies.dryrun import PolicyStalled, dry_run
+from kvcast.policies.base import (TEXT, ChunkMenu, Decision, LevelOption, Observation, Policy, PolicyError,
+                                  PolicyStalled, Session)
+from kvcast.policies.dryrun import dry_run
 from kvcast.policies.planning import ConstantThroughput, KnownFuture
 from kvcast.policies.registry import default_registry
 from kvcast.streamer.simulate import simulate_session
@@ -100,6 +102,82 @@ def test_policy_that_waits_for_nothing_stalls():
     menus = make_menus(random.Random(0), 2, 1)
     with pytest.raises(PolicyStalled, match="returned None"):
         dry_run(Idle(), Session(menus, 1.0), ConstantThroughput(1e9))
+
+
+class Scripted(Policy):
+    """Answers `answers` in order whenever asked (whatever they are), then None."""
+
+    name = "scripted"
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+
+    def decide(self, obs):
+        return self.answers.pop(0) if self.answers else None
+
+
+def engine_and_dry_run_errors(make_policy, menus, trace: Trace) -> tuple[BaseException, BaseException]:
+    """The exceptions that fresh policies from `make_policy` raise on the engine and on the dry run."""
+    with pytest.raises(Exception) as engine:
+        simulate_session(make_policy(), menus, trace, slo_s=1.0)
+
+    def transfer_end(start_s: float, nbytes: int) -> float:
+        return trace.transfer_end_s(start_s, nbytes * 8.0)
+
+    session = Session(menus, 1.0, future_bandwidth_bps=trace.bandwidth_at, future_transfer_end_s=transfer_end)
+    with pytest.raises(Exception) as dry:
+        dry_run(make_policy(), session, KnownFuture(transfer_end))
+    return engine.value, dry.value
+
+
+@pytest.mark.parametrize("answers, message", [
+    ([Decision(0, "zz")], r"policy 'scripted' chose level 'zz' for chunk 0 at t=0 s; the menu has \['l0', 'l1'\]"),
+    ([Decision(0, "l0"), Decision(0, "l1")], r"decided chunk 0 at t=0 s, which is not pending \(pending: \[1, 2\]\)"),
+    ([Decision(0, TEXT), Decision(0, TEXT)], "decided chunk 0 at t=0 s, which is not pending"),
+    ([Decision(3, TEXT)], "decided chunk 3 at t=0 s, which is not pending"),
+    ([Decision(-1, "l0")], "decided chunk -1 at t=0 s, which is not pending"),
+    ([(0, "l0")], r"returned \(0, 'l0'\) at t=0 s; expected a Decision or None"),
+    (["l0"], "expected a Decision or None"),
+    ([], r"returned None at t=0 s with nothing in flight \(pending chunks \[0, 1, 2\]\); it would wait forever"),
+])
+def test_the_same_policy_bug_raises_the_same_policy_error_in_the_engine_and_the_dry_run(answers, message):
+    menus = make_menus(random.Random(0), 3, 2)
+    engine, dry = engine_and_dry_run_errors(lambda: Scripted(answers), menus, Trace([0.0, 1e6], [1e9]))
+    assert isinstance(engine, PolicyError) and isinstance(dry, PolicyError)
+    assert type(engine) is type(dry)
+    assert str(engine) == str(dry)
+    assert re.search(message, str(dry)), str(dry)
+
+
+def test_a_policy_that_stalls_after_loading_raises_policy_stalled_in_both():
+    menus = make_menus(random.Random(1), 3, 2)
+    engine, dry = engine_and_dry_run_errors(lambda: Scripted([Decision(2, "l1")]), menus,
+                                            Trace([0.0, 1e6], [1e9]))
+    for error in (engine, dry):
+        assert isinstance(error, PolicyStalled) and isinstance(error, PolicyError)
+        assert re.search(r"policy 'scripted' returned None at t=\S+ s with nothing in flight \(pending chunks "
+                         r"\[0, 1\]\); it would wait forever", str(error)), str(error)
+
+
+def test_engine_and_dry_run_share_one_policy_error_class():
+    from kvcast import streamer
+    from kvcast.streamer import engine
+
+    assert streamer.PolicyError is engine.PolicyError is PolicyError
+    assert issubclass(PolicyStalled, PolicyError) and issubclass(PolicyError, RuntimeError)
+
+
+def test_dry_run_refuses_a_policy_that_needs_the_future_without_one():
+    class Oracle(Policy):
+        name = "needs-future"
+        needs_future = True
+
+        def decide(self, obs):
+            return None
+
+    menus = make_menus(random.Random(0), 2, 1)
+    with pytest.raises(PolicyError, match="needs the future"):
+        dry_run(Oracle(), Session(menus, 1.0), ConstantThroughput(1e9))
 
 
 @SETTINGS

@@ -207,14 +207,14 @@ def test_truncated_cache_gives_the_same_output_as_a_fresh_prefix():
     chunk = torch.randint(0, 1000, (1, 6), generator=gen)
     with torch.inference_mode():
         fresh = DynamicCache()
-        model(input_ids=prefix, past_key_values=fresh, use_cache=True)
-        want = model(input_ids=chunk, past_key_values=fresh, use_cache=True).logits
+        model(input_ids=prefix, cache=fresh, use_cache=True)
+        want = model(input_ids=chunk, cache=fresh, use_cache=True).logits
         reused = DynamicCache()
-        model(input_ids=prefix, past_key_values=reused, use_cache=True)
+        model(input_ids=prefix, cache=reused, use_cache=True)
         for _ in range(2):  # a previous trial appended other tokens
-            model(input_ids=torch.randint(0, 1000, (1, 9), generator=gen), past_key_values=reused, use_cache=True)
+            model(input_ids=torch.randint(0, 1000, (1, 9), generator=gen), cache=reused, use_cache=True)
             cal._truncate_cache(reused, 20)
-        got = model(input_ids=chunk, past_key_values=reused, use_cache=True).logits
+        got = model(input_ids=chunk, cache=reused, use_cache=True).logits
     torch.testing.assert_close(got, want)
     assert reused.get_seq_length() == 26
 

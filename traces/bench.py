@@ -1,7 +1,8 @@
-"""Microbenchmark of the `Trace` integration hot path (`transfer_end_s`, `delivered_bits`).
+"""`kvcast bench traces`: cost of the `Trace` integration hot path (`transfer_end_s`, `delivered_bits`).
 
-Run ``kvcast traces bench`` (or ``python -m traces.bench``): prints a JSON document and a table of median
-costs per call (scalar) and per element (vectorised) for traces of several sizes.
+Returns a `kvcast.benchmark.result` dict: one row per (trace size, wrap) with the median microseconds per
+scalar call and nanoseconds per element of the vectorised forms. Printing is the CLI's job
+(`kvcast.traces.cli`); this module does not import it.
 """
 
 from __future__ import annotations
@@ -9,14 +10,31 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
-import numpy as np
+from kvcast.benchmark import result
 
-from kvcast.traces.trace import Trace
+__all__ = ["TracesBenchSettings", "bench_traces", "run_benchmark"]
 
-__all__ = ["run_benchmark"]
+
+@dataclass(frozen=True)
+class TracesBenchSettings:
+    """Inputs of `bench_traces`."""
+
+    sizes: tuple[int, ...] = (10, 1_000, 100_000)
+    """Segments per random trace (5% outages), each timed with and without wrap-around."""
+    calls: int = 20_000
+    """Calls per timing sample."""
+    repeats: int = 7
+    """Timing samples; the median is reported."""
+    seed: int = 0
+    """Seed of the random traces and calls."""
+
+    def __post_init__(self) -> None:
+        if not self.sizes or min(self.sizes) < 1 or self.calls < 1 or self.repeats < 1:
+            raise ValueError("sizes, calls and repeats must be >= 1")
 
 
 def _median_us(fn: Callable[[], Any], calls: int, repeats: int) -> float:
@@ -28,9 +46,23 @@ def _median_us(fn: Callable[[], Any], calls: int, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def run_benchmark(sizes: tuple[int, ...] = (10, 1_000, 100_000), calls: int = 20_000, repeats: int = 7,
-                  seed: int = 0) -> list[dict[str, Any]]:
+def bench_traces(settings: TracesBenchSettings = TracesBenchSettings()) -> dict[str, Any]:
+    """The benchmark's result; its summary holds the slowest scalar calls over the trace sizes."""
+    rows = run_benchmark(settings.sizes, settings.calls, settings.repeats, settings.seed)
+    summary = {"statistic": "median",
+               "transfer_end_s_us_per_call_max": max(r["transfer_end_s_us_per_call"] for r in rows),
+               "delivered_bits_us_per_call_max": max(r["delivered_bits_us_per_call"] for r in rows)}
+    return result("traces", asdict(settings), rows, summary)
+
+
+def run_benchmark(sizes: tuple[int, ...] = TracesBenchSettings.sizes, calls: int = TracesBenchSettings.calls,
+                  repeats: int = TracesBenchSettings.repeats, seed: int = TracesBenchSettings.seed
+                  ) -> list[dict[str, Any]]:
     """Median microseconds per scalar call and per vectorised element, one row per (trace size, wrap)."""
+    import numpy as np
+
+    from kvcast.traces.trace import Trace
+
     rng = np.random.default_rng(seed)
     rows = []
     for n in sizes:
@@ -68,13 +100,3 @@ def run_benchmark(sizes: tuple[int, ...] = (10, 1_000, 100_000), calls: int = 20
                     _median_us(partial(delivered, s_arr, e_arr), calls, repeats) * 1e3,
             })
     return rows
-
-
-def main() -> None:
-    from kvcast.traces.cli import bench
-
-    bench(calls=20_000, repeats=7)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,7 @@
-"""`kvcast traces ...` commands: `stats`, `plot`, `write-defaults`."""
+"""`kvcast traces stats|plot|write-defaults` and `kvcast bench traces`; `kvcast.cli` calls `register`.
+
+Conventions: `kvcast.clitools`; the benchmark's defaults: `kvcast.traces.bench.TracesBenchSettings`.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,12 @@ from typing import Annotated, Any
 
 import typer
 
-app = typer.Typer(help="Throughput traces: statistics and plots.", no_args_is_help=True)
+from kvcast.clitools import comma_list, emit_benchmark, fail
+from kvcast.traces.bench import TracesBenchSettings
+from kvcast.traces.readers import ReadOptions as _READ  # the readers' defaults (kvcast.traces imports it)
+
+traces_app = typer.Typer(help="Throughput traces: statistics and plots.", no_args_is_help=True)
+app = traces_app  # the `kvcast traces` group on its own (tests invoke it directly)
 
 _FORMAT_HELP = ("Read every file as this format (pensieve_time_mbps, mahimahi_pkt_ms, sabre_json, "
                 "oboe_pair_ms_kbps, cachegen_jsonl_gbps, kvcast_json); default: MANIFEST.tsv, then content.")
@@ -43,7 +51,7 @@ def _pooled_percentile(values: list[Any], weights: list[Any], q: float) -> float
     return float(v[order[min(idx, v.size - 1)]])
 
 
-@app.command("stats")
+@traces_app.command("stats")
 def stats(
     paths: Annotated[list[Path], typer.Argument(help="Trace files or folders (searched recursively).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -51,9 +59,12 @@ def stats(
     recursive: Annotated[bool, typer.Option(help="Search folders recursively.")] = True,
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable file instead of skipping it.")]
     = False,
-    scale: Annotated[float, typer.Option(help="Multiply every bandwidth by this factor.")] = 1.0,
-    mahimahi_bin_s: Annotated[float, typer.Option(help="Bin width for mahimahi traces (s).")] = 1.0,
-    chunk_duration_s: Annotated[float, typer.Option(help="Seconds per CacheGen per-chunk value.")] = 0.05,
+    scale: Annotated[float, typer.Option(help="Multiply every bandwidth by this factor.")]
+    = _READ.bandwidth_scale,
+    mahimahi_bin_s: Annotated[float, typer.Option(help="Bin width for mahimahi traces (s).")]
+    = _READ.mahimahi_bin_s,
+    chunk_duration_s: Annotated[float, typer.Option(help="Seconds per CacheGen per-chunk value.")]
+    = _READ.chunk_duration_s,
 ) -> None:
     """Per-trace statistics (duration, time-weighted mean/p10/p90 Mbps) with totals."""
     from rich.console import Console
@@ -73,8 +84,7 @@ def stats(
         result = load_traces(paths, recursive=recursive, on_error="raise" if strict else "skip", format=fmt,
                              options=opts, progress=not as_json and sys.stderr.isatty())
     except TraceError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        fail(str(exc))
     rows = []
     for tf in result.files:
         for trace in tf.traces:
@@ -117,15 +127,18 @@ def _fmt(value: float | None, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
-@app.command("plot")
+@traces_app.command("plot")
 def plot(
     file: Annotated[Path, typer.Argument(help="A trace file.", exists=True, dir_okay=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")],
     fmt: Annotated[str | None, typer.Option("--format", help=_FORMAT_HELP)] = None,
     index: Annotated[int | None, typer.Option(help="Plot only this trace of a multi-trace file.")] = None,
-    scale: Annotated[float, typer.Option(help="Multiply every bandwidth by this factor.")] = 1.0,
-    mahimahi_bin_s: Annotated[float, typer.Option(help="Bin width for mahimahi traces (s).")] = 1.0,
-    chunk_duration_s: Annotated[float, typer.Option(help="Seconds per CacheGen per-chunk value.")] = 0.05,
+    scale: Annotated[float, typer.Option(help="Multiply every bandwidth by this factor.")]
+    = _READ.bandwidth_scale,
+    mahimahi_bin_s: Annotated[float, typer.Option(help="Bin width for mahimahi traces (s).")]
+    = _READ.mahimahi_bin_s,
+    chunk_duration_s: Annotated[float, typer.Option(help="Seconds per CacheGen per-chunk value.")]
+    = _READ.chunk_duration_s,
     title: Annotated[str | None, typer.Option(help="Plot title (default: the file name).")] = None,
 ) -> None:
     """Plot a trace's bandwidth over time (step plot) to a PNG."""
@@ -142,8 +155,7 @@ def plot(
     try:
         tf = read_trace_file(file, format=fmt, options=_options(scale, mahimahi_bin_s, chunk_duration_s))
     except TraceError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(str(exc))
     traces = list(tf.traces)
     if index is not None:
         if not -len(traces) <= index < len(traces):
@@ -175,7 +187,7 @@ def plot(
     typer.echo(f"wrote {out} ({shown} of {len(tf.traces)} trace{'s' if len(tf.traces) != 1 else ''})")
 
 
-@app.command("write-defaults")
+@traces_app.command("write-defaults")
 def write_defaults(
     directory: Annotated[Path | None, typer.Argument(help="Output folder (default: the package's "
                                                             "traces/default).")] = None,
@@ -187,26 +199,48 @@ def write_defaults(
         typer.echo(str(path))
 
 
-@app.command("bench")
-def bench(
-    calls: Annotated[int, typer.Option(help="Calls per timing sample.")] = 20_000,
-    repeats: Annotated[int, typer.Option(help="Timing samples (the median is reported).")] = 7,
-) -> None:
-    """Microbenchmark of Trace.transfer_end_s / delivered_bits: JSON on stdout, a table on stderr."""
-    from rich.console import Console
+def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> None:
+    """Add ``kvcast traces ...`` and ``kvcast bench traces`` to the `kvcast` CLI."""
+    app.add_typer(traces_app, name="traces")
+
+    _bench = TracesBenchSettings
+
+    @bench.command("traces")
+    def bench_traces(
+        sizes: Annotated[str, typer.Option(help="Comma-separated segments per random trace.")]
+        = ",".join(map(str, _bench.sizes)),
+        calls: Annotated[int, typer.Option(help="Calls per timing sample.")] = _bench.calls,
+        repeats: Annotated[int, typer.Option(help="Timing samples (the median is reported).")]
+        = _bench.repeats,
+        seed: Annotated[int, typer.Option(help="Seed of the random traces and calls.")] = _bench.seed,
+        out: Annotated[Path | None, typer.Option(help="Also write the JSON to this file.")] = None,
+    ) -> None:
+        """Trace integration cost: Trace.transfer_end_s / delivered_bits per call and per element."""
+        from kvcast.traces.bench import bench_traces as run
+
+        try:
+            segments = tuple(int(x) for x in comma_list(sizes))
+        except ValueError:
+            raise typer.BadParameter(f"expected comma-separated integers, got {sizes!r}",
+                                     param_hint="--sizes") from None
+        try:
+            settings = TracesBenchSettings(sizes=segments, calls=calls, repeats=repeats, seed=seed)
+        except ValueError as exc:
+            fail(str(exc))
+        result = run(settings)
+        emit_benchmark(result, _bench_table(result), out)
+
+
+def _bench_table(result: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    from kvcast.traces.bench import run_benchmark
-
-    rows = run_benchmark(calls=calls, repeats=repeats)
-    typer.echo(json.dumps({"benchmark": "kvcast.traces.integration", "statistic": "median", "rows": rows}, indent=2))
     table = Table(title="Trace integration cost (medians)")
     for col in ("segments", "wrap", "transfer_end_s µs/call", "delivered_bits µs/call",
                 "transfer_end_s vec ns/elem", "delivered_bits vec ns/elem"):
         table.add_column(col, justify="right")
-    for r in rows:
+    for r in result["rows"]:
         table.add_row(str(r["segments"]), str(r["wrap"]), f"{r['transfer_end_s_us_per_call']:.2f}",
                       f"{r['delivered_bits_us_per_call']:.2f}",
                       f"{r['transfer_end_s_vectorised_ns_per_elem']:.0f}",
                       f"{r['delivered_bits_vectorised_ns_per_elem']:.0f}")
-    Console(stderr=True, width=120).print(table)
+    return table

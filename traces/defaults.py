@@ -70,7 +70,7 @@ DEFAULT_SPECS: tuple[DefaultTraceSpec, ...] = (
 
 def default_trace_dir() -> Path:
     """The folder of the shipped default traces (``traces/default``)."""
-    return Path(str(resources.files("traces") / "default"))
+    return Path(str(resources.files("kvcast.traces") / "default"))
 
 
 def generate_default_traces() -> list[Trace]:

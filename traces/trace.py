@@ -8,6 +8,15 @@ time starts at ``boundaries_s[0] == 0``. Past the end the trace either wraps aro
 its inverse: the earliest time at which ``bits`` bits started at ``start_s`` have been delivered. Both use
 precomputed cumulative sums, cost O(log n), take scalars (a pure-Python ``bisect`` fast path of a few
 microseconds, for simulators) or numpy arrays (vectorised ``np.searchsorted``).
+
+Two seconds at 8 Mbps, then 2 Mbps; 3 Mbit sent at t = 1 s take 1 s at 8 Mbps and 0.5 s at 2 Mbps:
+
+>>> from kvcast.traces import Trace
+>>> trace = Trace([0.0, 2.0, 4.0], [8e6, 2e6], wrap=False)
+>>> trace.delivered_bits(0.0, 3.0)
+18000000.0
+>>> trace.transfer_end_s(1.0, 9e6)
+2.5
 """
 
 from __future__ import annotations

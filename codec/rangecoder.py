@@ -1,25 +1,26 @@
-"""Entropy coding of quantized symbols: CacheGen-style CDFs and torchac range coding on the CPU.
+"""Range coding of quantized symbols: CacheGen-style CDFs and torchac range coding on the CPU.
 
 * `cachegen_cdf` estimates one CDF per row (CacheGen: per (K/V, layer, channel)) from the object's own
   symbols with CacheGen's normalisation ``F(i) = floor((65535 - B) * cum_i / N) + i``: strictly increasing,
   so every symbol, seen or not, keeps a non-zero width.
-* `RangeCoder` encodes/decodes independent streams with torchac's range coder (32-bit range, 16-bit CDF
-  precision). torchac needs one CDF row per symbol; rows are expanded one stream at a time, so memory stays
-  bounded by the largest stream, never by the object.
+* `encode_group` / `decode_group` code the independent streams of a `StreamGroup` with torchac's range
+  coder (32-bit range, 16-bit CDF precision). torchac needs one CDF row per symbol; rows are expanded for one
+  token block of one channel group at a time, so memory stays bounded by the largest stream, never by the object.
+* `check_cdf` validates CDF tables read from an object before they reach torchac.
 * torchac's C++ source is compiled here with ``-O3`` (the package's own build uses default flags and is about
   half as fast); if that build fails, the package's own build is used.
-* torchac holds the GIL, so large objects are coded by a pool of worker processes (`CoderPool`).
+
+torchac holds the GIL, so large objects are coded in worker processes: `kvcast.codec.pool` drives them, this
+module only codes the stream groups it is handed.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-import os
-import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -112,7 +113,7 @@ class _ExpandedCdf:
         if full is None:
             lp = self.cdf.shape[1]
             block = np.broadcast_to(self.cdf[c0:c1], (self.max_rows, c1 - c0, lp)).reshape(-1, lp)
-            full = self.cache[(c0, c1)] = torch.from_numpy(np.ascontiguousarray(block))
+            full = self.cache[(c0, c1)] = torch.from_numpy(np.require(block, requirements=["C", "W"]))
         return full[:n * (c1 - c0)]
 
 
@@ -144,116 +145,3 @@ def decode_group(cdf: np.ndarray, block_rows: Sequence[int], channels_per_stream
         sym = backend.decode_cdf(expanded.rows(n, c0, c1), bytes(streams[i]))
         out[r0:r0 + n, c0:c1] = sym.numpy().reshape(n, c1 - c0)
     return out
-
-
-class _Worker:
-    """One `kvcast.codec.worker` subprocess and its pipes."""
-
-    def __init__(self) -> None:
-        import subprocess
-        import sys
-
-        self.proc = subprocess.Popen([sys.executable, "-m", "kvcast.codec.worker"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, cwd=str(Path(__file__).resolve().parent.parent))
-
-    def call(self, meta: dict, blob: bytes) -> tuple[dict, bytes]:
-        from kvcast.codec.worker import read_message, write_message
-
-        try:
-            write_message(self.proc.stdin, meta, blob)
-            reply, data = read_message(self.proc.stdout)
-        except (EOFError, BrokenPipeError, OSError) as exc:
-            raise CodecError(f"coder worker died: {exc}") from None
-        if "error" in reply:
-            raise CodecError(reply["error"] if reply.get("codec_error") else f"coder worker failed: {reply['error']}")
-        return reply, data
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=5)
-            except Exception:
-                self.proc.kill()
-
-
-class CoderPool:
-    """Encodes and decodes stream groups, in worker processes when the work is large enough.
-
-    torchac holds the GIL, so threads alone would not help: each worker is a `kvcast.codec.worker` subprocess,
-    driven by one thread here (pipe I/O releases the GIL). Workers start lazily, once, and are reused; a
-    group is always coded whole by one worker, so the output does not depend on the number of workers.
-    """
-
-    def __init__(self, workers: int | None = None, min_parallel_symbols: int = 1 << 21) -> None:
-        self.workers = workers if workers and workers > 0 else (os.cpu_count() or 1)
-        self.min_parallel_symbols = min_parallel_symbols
-        self._procs: list[_Worker] = []
-        self._lock = threading.Lock()
-
-    def _parallel(self, symbols: int) -> bool:
-        return self.workers > 1 and symbols >= self.min_parallel_symbols
-
-    def _run(self, calls: Sequence[tuple[dict, bytes]]) -> list[tuple[dict, bytes]]:
-        with self._lock:
-            while len(self._procs) < self.workers:
-                self._procs.append(_Worker())
-            results: list[tuple[dict, bytes] | None] = [None] * len(calls)
-            errors: list[BaseException] = []
-            next_job = iter(range(len(calls)))
-            job_lock = threading.Lock()
-
-            def drive(worker: _Worker) -> None:
-                while not errors:
-                    with job_lock:
-                        i = next(next_job, None)
-                    if i is None:
-                        return
-                    try:
-                        results[i] = worker.call(*calls[i])
-                    except BaseException as exc:  # noqa: BLE001 - re-raised below
-                        errors.append(exc)
-
-            threads = [threading.Thread(target=drive, args=(w,), daemon=True) for w in self._procs]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            if errors:
-                self._close_workers()
-                raise errors[0]
-            return results  # type: ignore[return-value]
-
-    def run(self, calls: Sequence[tuple[dict, bytes]], total_symbols: int) -> list[tuple[dict, bytes]]:
-        """Run `kvcast.codec.pipeline.handle` on every call, in workers when the object is large enough."""
-        if not self._parallel(total_symbols):
-            from kvcast.codec.pipeline import handle
-
-            return [handle(meta, blob) for meta, blob in calls]
-        return self._run(calls)
-
-    def warm_up(self) -> None:
-        """Start the worker processes now (benchmarks call this before timing)."""
-        if self.workers > 1:
-            self._run([({"op": "ping"}, b"")] * self.workers)
-
-    def _close_workers(self) -> None:
-        for w in self._procs:
-            w.close()
-        self._procs = []
-
-    def close(self) -> None:
-        with self._lock:
-            self._close_workers()
-
-    def __enter__(self) -> "CoderPool":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self._close_workers()
-        except Exception:
-            pass

@@ -1,0 +1,93 @@
+"""Settings of the codec's commands and their defaults, each written once.
+
+Standard library only (no torch): `kvcast.codec.cli` reads these defaults when it defines the commands (so
+``--help`` shows them) and the functions that do the work (`kvcast.codec.evaluate.run_codec_eval`,
+`kvcast.codec.demo.run_demo`, `kvcast.codec.calibrate.calibrate_smollm2`) use the same ones.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DEFAULT_BASELINES", "DEFAULT_THREADS", "SPLITS", "CalibrateSettings", "DemoSettings", "EvalError",
+           "EvalSettings", "baseline_percent"]
+
+SPLITS = {
+    "test": "wikitext-2-raw/wiki.test.raw",   # reporting split (raw text, CRLF line ends)
+    "valid": "wikitext-2/valid.txt",           # tuning split (tokenized WikiText-2 with <unk>)
+}
+DEFAULT_BASELINES = ("recent-25%", "recent-12.5%", "no-context")
+DEFAULT_THREADS = 2
+"""torch threads of the model-running commands (0 or None: torch's default)."""
+
+
+_RECENT = re.compile(r"^recent-(\d+(?:\.\d+)?)%$")
+
+
+class EvalError(ValueError):
+    """Bad evaluation input: missing data, text too short, unknown level or baseline."""
+
+
+def baseline_percent(name: str) -> float | None:
+    """P of a ``recent-P%`` baseline (0 < P <= 100), None for ``no-context``; `EvalError` for any other name.
+    `kvcast.codec.evaluate.parse_baseline` builds the baseline."""
+    if name == "no-context":
+        return None
+    match = _RECENT.match(name)
+    if match and 0 < float(match.group(1)) <= 100:
+        return float(match.group(1))
+    raise EvalError(f"unknown baseline {name!r}; use 'recent-P%' (0 < P <= 100) or 'no-context'")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What `run_codec_eval` measures."""
+
+    context_tokens: int = 2048
+    continuation_tokens: int = 256
+    passages: int = 6
+    chunk_tokens: int = 256
+    levels: tuple[str, ...] | None = None          # None: every codec level
+    baselines: tuple[str, ...] = DEFAULT_BASELINES
+    split: str = "test"
+    datasets: Path | None = None                   # None: ../shared/datasets found from cwd or the repo
+    text_file: Path | None = None                  # any UTF-8 text file instead of a split
+
+    def __post_init__(self) -> None:
+        if self.context_tokens < 1 or self.continuation_tokens < 1 or self.passages < 1:
+            raise EvalError("context_tokens, continuation_tokens and passages must be positive")
+        if self.chunk_tokens < 1:
+            raise EvalError("chunk_tokens must be positive")
+        if self.text_file is None and self.split not in SPLITS:
+            raise EvalError(f"unknown split {self.split!r}; choose one of {', '.join(SPLITS)}")
+        for name in self.baselines:
+            baseline_percent(name)
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Defaults of `run_demo` (``kvcast demo``)."""
+
+    out: Path = Path("out/demo")
+    context_tokens: int = 1536
+    next_tokens: int = 128
+    threads: int = DEFAULT_THREADS
+    sample_tokens: int = 24
+
+
+@dataclass(frozen=True)
+class CalibrateSettings:
+    """Defaults of `calibrate_smollm2` (``kvcast calibrate``)."""
+
+    split: str = "valid"
+    passages: int = 8
+    context_tokens: int = 2048
+    continuation_tokens: int = 256
+    trim: float = 0.01
+    """Fraction of each passage's most sensitive tokens left out of the per-channel means (secondary
+    sinks)."""
+    out_dir: Path | None = None
+    """Folder of the table; None: the codec's shipped tables folder (``codec/tables``), where it finds
+    them."""

@@ -1,0 +1,170 @@
+"""The cost model of `kvcast.policies.mpc`: the arithmetic shared verbatim by the enumerator and the search.
+
+A plan is one action index per horizon step (index ``n_levels`` is text). `plan_cost` plays it on an
+`MpcProblem` (`_play`: link, decoder, prefix-ready time and quality after every step) and adds the tail,
+split at its best point between text from its front and loads from its back (`final_cost`).
+
+The tail's best split is found in O(log m) instead of O(m) (`tail_evaluator`; the cost is piecewise
+monotone in ``s``), computing the same floats as trying every split (`tail_split`, the reference). Steps are
+computed by the same floating-point expressions here, in the enumerator and in the search, so all see
+bit-identical costs; `tests/test_policies_advanced.py` checks both equalities on random cases.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from kvcast.policies.mpc.problem import MpcProblem
+
+__all__ = ["evaluators", "final_cost", "plan_cost", "plan_tail_level", "plan_tail_split", "tail_evaluator",
+           "tail_split"]
+
+_INF = math.inf
+
+
+def _split_cost(p: MpcProblem, b: int, s: int, link: float, ready: float, q: float) -> float:
+    """Cost when the tail's first `s` chunks are recomputed and the others loaded at level `b`."""
+    a_s = ready + p.tail_rp[s]
+    tb = p.tail_tb[b][s]
+    t = a_s
+    if tb != -_INF:  # some tail chunk is loaded
+        b_s = link + tb
+        if b_s > t:
+            t = b_s
+    if p.top > t:
+        t = p.top
+    over = t - p.slo_s
+    return (q + p.tail_ws[b][s]) * p.qscale + (p.mu * over if over > 0.0 else 0.0)
+
+
+def tail_split(p: MpcProblem, b: int, link: float, ready: float, q: float) -> tuple[int, float]:
+    """Reference: the best split of the tail (first of the least cost) by trying every split."""
+    best_s, best = 0, _INF
+    for s in range(len(p.tail_rp)):
+        c = _split_cost(p, b, s, link, ready, q)
+        if c < best:
+            best_s, best = s, c
+    return best_s, best
+
+
+def tail_evaluator(p: MpcProblem, b: int):
+    """``f(link, ready, q)``: the cost after the last horizon step took action `b` (fold and tail
+    included), with the tail's best split found in O(log m) instead of O(m).
+
+    The text chain ``ready + rp[s]`` grows with ``s`` and the link chain ``link + tb[s]`` shrinks, both
+    monotone under rounding. Before they cross (``s < sc``) and after it while the TTFT stays within
+    ``max(SLO, top)`` (``sc <= s < su``) the cost can only fall with ``s``; from ``su`` on every extra text
+    chunk adds ``mu * r`` of overrun, clearly more than its quality saves when ``tail_fast``, so the cost
+    rises. The least cost is therefore at ``sc - 1``, ``su - 1`` or ``su``, computed with the very
+    expressions of `_split_cost`: the same floats as `tail_split`, which tries every split.
+    """
+    lvl = p.text_tail_level if b == p.n_levels else b
+    rp, tb, ws = p.tail_rp, p.tail_tb[lvl], p.tail_ws[lvl]
+    m = len(rp) - 1
+    top, slo, mu, qs = p.top, p.slo_s, p.mu, p.qscale
+    fold = p.fold[p.horizon]
+    limit = slo if slo > top else top
+    neg = -_INF
+    if not p.tail_fast[lvl]:
+        def slow(link: float, ready: float, q: float) -> float:
+            return tail_split(p, lvl, link, ready if ready > fold else fold, q)[1]
+        return slow
+
+    def fast(link: float, ready: float, q: float) -> float:
+        if fold > ready:
+            ready = fold
+        lo, hi = 0, m  # first s with ready + rp[s] >= link + tb[s] (true at s = m: no loads)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            t = tb[mid]
+            if t == neg or ready + rp[mid] >= link + t:
+                hi = mid
+            else:
+                lo = mid + 1
+        sc = lo
+        lo, hi = sc, m + 1  # first s >= sc with ready + rp[s] > max(slo, top)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if ready + rp[mid] > limit:
+                hi = mid
+            else:
+                lo = mid + 1
+        best = _INF
+        for s in (sc - 1, lo - 1, lo):
+            if 0 <= s <= m:
+                t = ready + rp[s]
+                x = tb[s]
+                if x != neg:
+                    x = link + x
+                    if x > t:
+                        t = x
+                if top > t:
+                    t = top
+                over = t - slo
+                c = (q + ws[s]) * qs + (mu * over if over > 0.0 else 0.0)
+                if c < best:
+                    best = c
+        return best
+    return fast
+
+
+def evaluators(p: MpcProblem) -> list:
+    """The tail evaluators of every last action, made on first use; text's is that of the level at which it
+    loads the tail (`MpcProblem.text_tail_level`)."""
+    if not p._evaluators:
+        levels = [tail_evaluator(p, b) for b in range(p.n_levels)]
+        text = levels[p.text_tail_level] if levels else tail_evaluator(p, p.n_levels)
+        p._evaluators.extend([*levels, text])
+    return p._evaluators
+
+
+def final_cost(p: MpcProblem, b: int, link: float, dec: float, ready: float, q: float,
+                exhaustive: bool = False) -> float:
+    """Cost after the last horizon step took action `b` and reached this state, the tail included: the tail
+    is split at its best point between text from its front and loads from its back, at level ``b`` (at
+    ``text_tail_level`` after a text step); `exhaustive`: by trying every split."""
+    if not exhaustive:
+        return evaluators(p)[b](link, ready, q)
+    f = p.fold[p.horizon]
+    if f > ready:
+        ready = f
+    return tail_split(p, p.text_tail_level if b == p.n_levels else b, link, ready, q)[1]
+
+
+def _play(p: MpcProblem, plan: Sequence[int]) -> tuple[float, float, float, float]:
+    """State ``(link, dec, ready, q)`` after the horizon steps of `plan`."""
+    text = p.n_levels
+    link, dec, ready, q = p.link0, p.dec0, p.ready0, 0.0
+    fold = p.fold
+    for k, a in enumerate(plan):
+        if k and fold[k] > ready:
+            ready = fold[k]
+        if a == text:
+            ready = ready + p.r[k]
+        else:
+            link = link + p.tau[k][a]
+            dec = (link if link > dec else dec) + p.dec[k][a]
+            if dec > ready:
+                ready = dec
+            q = q + p.wq[k][a]
+    return link, dec, ready, q
+
+
+def plan_cost(p: MpcProblem, plan: Sequence[int], exhaustive: bool = True) -> float:
+    """Cost of `plan` (one action index per horizon step; index ``n_levels`` is text). `exhaustive` tries
+    every tail split (the definition); otherwise the O(log m) split search of the controller."""
+    link, dec, ready, q = _play(p, plan)
+    return final_cost(p, plan[-1] if plan else p.n_levels, link, dec, ready, q, exhaustive)
+
+
+def plan_tail_split(p: MpcProblem, plan: Sequence[int]) -> int:
+    """How many tail chunks `plan` recomputes (the rest are loaded at its last level)."""
+    link, _, ready, q = _play(p, plan)
+    f = p.fold[p.horizon]
+    return tail_split(p, plan_tail_level(p, plan), link, ready if ready > f else f, q)[0]
+
+
+def plan_tail_level(p: MpcProblem, plan: Sequence[int]) -> int:
+    """The level at which `plan` loads its tail chunks."""
+    return p.text_tail_level if not plan or plan[-1] == p.n_levels else plan[-1]
