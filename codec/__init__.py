@@ -65,8 +65,8 @@ from kvcast.codec.levels import LevelRegistry, LevelSpec
 
 if TYPE_CHECKING:
     from kvcast.codec.api import KV, Codec
-    from kvcast.codec.fingerprint import KVSignature, ModelFingerprint
-    from kvcast.codec.sensitivity import SensitivityTable, TableRegistry
+    from kvcast.codec.fingerprint import ModelFingerprint
+    from kvcast.codec.sensitivity import SensitivityTable
 
 # Names are imported on first use, so importing a light codec module (settings, errors) or `kvcast --help`
 # does not load torch.
@@ -76,8 +76,8 @@ _EXPORTS = {
     "SensitivityTable": "kvcast.codec.sensitivity", "TableRegistry": "kvcast.codec.sensitivity",
 }
 
-__all__ = sorted([*_EXPORTS, "CodecError", "LevelRegistry", "LevelSpec", "decode", "describe", "encode", "inspect",
-                  "levels"])
+__all__ = ["KV", "Codec", "CodecError", "KVSignature", "LevelRegistry", "LevelSpec", "ModelFingerprint",
+           "SensitivityTable", "TableRegistry", "decode", "default_codec", "describe", "encode", "inspect", "levels"]
 
 
 def __getattr__(name: str) -> Any:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from kvcast import codec
+from kvcast.benchmark import finite
 from kvcast.codec.hf import (
     KV,
     cache_from_kv,
@@ -535,10 +536,10 @@ def write_outputs(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "eval.json", "markdown": out_dir / "table.md",
              "plot": out_dir / "rate_distortion.png", "profile": out_dir / "profile.json"}
-    paths["json"].write_text(json.dumps(_finite(results), indent=2) + "\n", encoding="utf-8")
+    paths["json"].write_text(json.dumps(finite(results), indent=2) + "\n", encoding="utf-8")
     paths["markdown"].write_text(markdown_table(results), encoding="utf-8")
     plot_rate_distortion(results, paths["plot"])
-    paths["profile"].write_text(json.dumps(_finite(profile_from_results(results)), indent=2) + "\n",
+    paths["profile"].write_text(json.dumps(finite(profile_from_results(results)), indent=2) + "\n",
                                 encoding="utf-8")
     return paths
 
@@ -553,17 +554,6 @@ def _fmt_kl(value: float) -> str:
     if value is None or math.isnan(value):
         return "—"
     return f"{value:.4f}" if value >= 1e-3 else f"{value:.2e}"
-
-
-def _finite(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 __all__ = ["DEFAULT_BASELINES", "EvalError", "EvalSettings", "Passage", "QualitySums", "continuation_logits",

@@ -20,7 +20,7 @@ import os
 import platform
 from typing import Any
 
-__all__ = ["LAYOUT_KEYS", "VERSION", "machine", "result"]
+__all__ = ["LAYOUT_KEYS", "VERSION", "finite", "machine", "result"]
 
 VERSION = 1
 LAYOUT_KEYS = ("benchmark", "version", "machine", "settings", "rows", "summary")
@@ -40,15 +40,21 @@ def machine() -> dict[str, Any]:
 def result(benchmark: str, settings: dict[str, Any], rows: list[dict[str, Any]],
            summary: dict[str, Any]) -> dict[str, Any]:
     """A benchmark's result in the common layout (see the module docstring)."""
-    return _finite({"benchmark": benchmark, "version": VERSION, "machine": machine(), "settings": settings,
+    return finite({"benchmark": benchmark, "version": VERSION, "machine": machine(), "settings": settings,
                     "rows": rows, "summary": summary})
 
 
-def _finite(obj: Any) -> Any:
+def finite(obj: Any) -> Any:
+    """A JSON-safe copy of `obj` (dicts, lists, tuples, scalars): NaN and infinities become None, so the JSON
+    is strict (any part may use it for the JSON it writes).
+
+    >>> finite({"a": [1.0, float("nan")], "b": (float("inf"), "x")})
+    {'a': [1.0, None], 'b': [None, 'x']}
+    """
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite(v) for v in obj]
     return obj

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol, Union
+from typing import Protocol
 
 __all__ = ["Link", "LinkOracle", "TransferOutcome", "TransferTiming"]
 
@@ -42,7 +43,7 @@ class TransferTiming:
         return self.nbytes * 8.0 / max(self.end_s - self.start_s, 1e-12)
 
 
-TransferOutcome = Union[TransferTiming, BaseException]
+TransferOutcome = TransferTiming | BaseException
 """What `Link.send` hands its callback: the timing, or the exception that ended the transfer."""
 
 
@@ -60,8 +61,9 @@ class LinkOracle(Protocol):
 class Link(abc.ABC):
     """Moves a chunk's bytes from the store to the GPU host; one request per call.
 
-    Implementations: `kvcast.netsim.SimPyLink` (a throughput trace in virtual time), `kvcast.netsim.TimerTraceLink` (a trace
-    in the running loop's own clock, real time included) and, in a later issue, an aiohttp link.
+    Implementations: `kvcast.netsim.SimPyLink` (a throughput trace in virtual time),
+    `kvcast.netsim.TimerTraceLink` (a trace in the running loop's own clock, real time included) and, in a later
+    issue, an aiohttp link.
     """
 
     rtt_s: float = 0.0

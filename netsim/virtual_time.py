@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.base_events
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import simpy
 from simpy.core import EmptySchedule

@@ -57,8 +57,9 @@ kvcast.policies.base.PolicyError: policy 'load-int8' chose level 'int4' for chun
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Sequence
+from typing import ClassVar
 
 TEXT = "text"
 """Action name: recompute the chunk's KV from its text on the compute unit."""

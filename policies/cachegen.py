@@ -27,8 +27,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvcast.policies.base import (TEXT, ChunkMenu, Decision, Observation, Policy, Session, ThroughputSample,
-                                  by_quality, level_names, smallest)
+from kvcast.policies.base import (
+    TEXT,
+    ChunkMenu,
+    Decision,
+    Observation,
+    Policy,
+    Session,
+    ThroughputSample,
+    by_quality,
+    level_names,
+    smallest,
+)
 
 CACHEGEN_LEVELS = ("raw", "cachegen-3", "cachegen-2", "cachegen-1")
 """The levels CacheGen's controllers choose from (its three encoding levels, and the uncompressed KV)."""

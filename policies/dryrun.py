@@ -33,8 +33,16 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from kvcast.policies.base import (TEXT, Observation, Policy, PolicyError, PolicyStalled, Session,
-                                  ThroughputSample, validate_decision)
+from kvcast.policies.base import (
+    TEXT,
+    Observation,
+    Policy,
+    PolicyError,
+    PolicyStalled,
+    Session,
+    ThroughputSample,
+    validate_decision,
+)
 from kvcast.policies.planning import TransferModel, session_quality_loss
 
 __all__ = ["DryRunResult", "PolicyError", "PolicyStalled", "dry_run"]

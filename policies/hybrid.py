@@ -27,8 +27,14 @@ from __future__ import annotations
 
 from kvcast.policies.base import TEXT, Decision, Observation, Policy, Session, smallest
 from kvcast.policies.estimate import DEFAULT_PRIOR_ERROR, RobustThroughputEstimator
-from kvcast.policies.planning import (DEFAULT_SLO_MARGIN, ConstantThroughput, FamilyPlan, PlanState,
-                                      parse_options, plan_cake)
+from kvcast.policies.planning import (
+    DEFAULT_SLO_MARGIN,
+    ConstantThroughput,
+    FamilyPlan,
+    PlanState,
+    parse_options,
+    plan_cake,
+)
 
 __all__ = ["HybridPolicy"]
 

@@ -22,8 +22,7 @@ current state if a transfer ends at another time than planned (only a model mism
 from __future__ import annotations
 
 from kvcast.policies.base import TEXT, Decision, Observation, Policy, Session
-from kvcast.policies.planning import (FamilyPlan, KnownFuture, PlanState, TransferModel, plan_cake,
-                                      plan_in_order)
+from kvcast.policies.planning import FamilyPlan, KnownFuture, PlanState, TransferModel, plan_cake, plan_in_order
 
 __all__ = ["OraclePlan", "OraclePolicy", "best_plan"]
 

@@ -22,8 +22,8 @@ kvcast.policies.registry.UnknownPolicyError: "unknown policy 'nope'; known: cach
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping
 from importlib.metadata import EntryPoint, entry_points
-from typing import Callable, Mapping
 
 from kvcast.policies.base import Policy
 

@@ -126,7 +126,7 @@ DEFAULT_HOLDOUT = ((0, 4096), (0, 8192), (12288, 768), (28672, 2048))
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Fitting (pure numpy; tested on CPU by tests/test_recompute_calibration.py).
+# Fitting (pure numpy; tested on CPU by tests/streamer/test_recompute_calibration.py).
 
 
 def design_row(pos: int, length: int) -> tuple[float, float, float]:
@@ -452,7 +452,7 @@ def _attention_kernels(torch: Any, forward, tokens, cache, pos: int, length: int
         total = sum(r[0] for r in rows)
         return {"pos": pos, "len": length, "total_us": total,
                 "top": [{"kernel": k, "us": t, "share": t / total, "calls": c} for t, k, c in rows[:12]]}
-    except Exception as exc:  # noqa: BLE001 -- profiling is diagnostic only
+    except Exception as exc:
         return {"error": repr(exc)}
 
 

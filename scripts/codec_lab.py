@@ -39,7 +39,6 @@ def exact_kv(model, ids, ctx=2048):
 
 def fisher(model, passages, ctx=2048, cont=256):
     """Mean squared gradient of the continuation's NLL (model-sampled targets) w.r.t. every KV entry."""
-    L = model.config.num_hidden_layers
     acc_k = acc_v = None
     pos_k = pos_v = None
     for i, p in enumerate(passages):
@@ -127,9 +126,9 @@ def sim_level(kv, fk, fv, lam, sink=SINK, kscale=1.0, alpha=0.0, tau=16.0):
     out = []
     bits_c = bits_p = 0.0
     nvals = 0
-    for l, (k, v) in enumerate(kv):
+    for layer, (k, v) in enumerate(kv):
         rec = []
-        for x, f, s in ((k, fk[l], kscale), (v, fv[l], 1.0)):
+        for x, f, s in ((k, fk[layer], kscale), (v, fv[layer], 1.0)):
             x = x[0].float()
             body = x[:, sink:]
             step = s * lam / f.clamp_min(1e-30).sqrt()
@@ -193,7 +192,8 @@ def real_eval(model, items, spec, table, fingerprint):
         bits.append((info["bits_per_value"], info["bits_per_value_payload"]))
         sums.add(it["exact"], continuation_logits(model, dec, it["fed"]), it["targets"])
     s = sums.summary()
-    return {"bits": round(sum(b for b, _ in bits) / len(bits), 3), "payload": round(sum(p for _, p in bits) / len(bits), 3),
+    return {"bits": round(sum(b for b, _ in bits) / len(bits), 3),
+            "payload": round(sum(p for _, p in bits) / len(bits), 3),
             "top1": round(s["top1_agreement"], 4), "kl": round(s["kl_per_token"], 5), "ppl": round(s["ppl_change"], 4)}
 
 
@@ -255,9 +255,10 @@ def main():
         items = prepare(model, tok, a.split, a.count, out)
         F = torch.load(out / a.fisher)
         for lam in a.lams:
-            r, s = evaluate(model, items, lambda kv: sim_level(kv, F["fk"], F["fv"], lam, kscale=a.kscale,
-                                                                      alpha=a.alpha, tau=a.tau))
-            print(json.dumps({"lam": lam, "kscale": a.kscale, "alpha": a.alpha, "tau": a.tau, "bits_chan": round(r[0], 3), "bits_pooled": round(r[1], 3),
+            r, s = evaluate(model, items, lambda kv, lam=lam: sim_level(kv, F["fk"], F["fv"], lam, kscale=a.kscale,
+                                                                               alpha=a.alpha, tau=a.tau))
+            print(json.dumps({"lam": lam, "kscale": a.kscale, "alpha": a.alpha, "tau": a.tau,
+                              "bits_chan": round(r[0], 3), "bits_pooled": round(r[1], 3),
                               "top1": round(s["top1_agreement"], 4), "kl": round(s["kl_per_token"], 5),
                               "ppl": round(s["ppl_change"], 4)}), flush=True)
 

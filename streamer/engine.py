@@ -3,8 +3,8 @@
 It implements the execution model documented in `kvcast.policies.base` (link, decoder and compute unit working
 concurrently; the policy asked whenever the link or the compute unit runs dry). It is plain asyncio: it
 reads ``loop.time()``, schedules its own completions with ``loop.call_at`` and waits on the link's transfer
-futures. On a `kvcast.netsim.VirtualTimeLoop` over a `kvcast.netsim.SimPyLink` it runs in virtual time; on a normal event
-loop over a real link it runs in real time. Nothing else changes.
+futures. On a `kvcast.netsim.VirtualTimeLoop` over a `kvcast.netsim.SimPyLink` it runs in virtual time; on a
+normal event loop over a real link it runs in real time. Nothing else changes.
 
 Example (virtual time)::
 
@@ -27,12 +27,23 @@ import asyncio
 import heapq
 import math
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from kvcast.netsim.link import Link, TransferOutcome
-from kvcast.policies.base import (TEXT, ChunkMenu, Decision, Observation, Policy, PolicyError, PolicyStalled,
-                                  Session, ThroughputSample, validate_decision)
+from kvcast.policies.base import (
+    TEXT,
+    ChunkMenu,
+    Decision,
+    Observation,
+    Policy,
+    PolicyError,
+    PolicyStalled,
+    Session,
+    ThroughputSample,
+    validate_decision,
+)
 
 __all__ = ["ChunkRecord", "PolicyError", "SessionResult", "StreamingEngine", "stream_context"]
 # PolicyError is kvcast.policies.base's, re-exported: the dry run raises the same class for the same bugs.
@@ -193,7 +204,7 @@ class StreamingEngine:
         """Run an event handler; any exception ends the session with that exception."""
         try:
             fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+        except BaseException as exc:
             if not self._done.done():
                 self._done.set_exception(exc)
             else:
@@ -205,7 +216,7 @@ class StreamingEngine:
     def _on_transfer_done(self, outcome: TransferOutcome) -> None:
         try:
             self._transfer_done(outcome)
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+        except BaseException as exc:
             if self._done.done():
                 raise
             self._done.set_exception(exc)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from importlib import resources
 from types import MappingProxyType
-from typing import Mapping
 
 from kvcast.policies.base import ChunkMenu, LevelOption
 from kvcast.streamer.profile import Profile, ProfileError

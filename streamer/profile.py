@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["FORMAT_ID", "LevelProfile", "Profile", "ProfileError", "default_profile"]
 

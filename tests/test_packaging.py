@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.factories import REPO_ROOT
+
+ROOT = REPO_ROOT
 PARTS = ("codec", "streamer", "netsim", "policies", "traces")
 SOURCE_FOLDERS = ("kvcast", *PARTS, "tests", "scripts")
 

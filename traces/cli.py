@@ -21,6 +21,10 @@ app = traces_app  # the `kvcast traces` group on its own (tests invoke it direct
 
 _FORMAT_HELP = ("Read every file as this format (pensieve_time_mbps, mahimahi_pkt_ms, sabre_json, "
                 "oboe_pair_ms_kbps, cachegen_jsonl_gbps, kvcast_json); default: MANIFEST.tsv, then content.")
+# The readers' options, shared by `stats` and `plot`.
+ScaleOption = Annotated[float, typer.Option(help="Multiply every bandwidth by this factor.")]
+MahimahiBinOption = Annotated[float, typer.Option(help="Bin width for mahimahi traces (s).")]
+ChunkDurationOption = Annotated[float, typer.Option(help="Seconds per CacheGen per-chunk value.")]
 
 
 def _options(scale: float, mahimahi_bin_s: float, chunk_duration_s: float) -> Any:
@@ -59,12 +63,9 @@ def stats(
     recursive: Annotated[bool, typer.Option(help="Search folders recursively.")] = True,
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable file instead of skipping it.")]
     = False,
-    scale: Annotated[float, typer.Option(help="Multiply every bandwidth by this factor.")]
-    = _READ.bandwidth_scale,
-    mahimahi_bin_s: Annotated[float, typer.Option(help="Bin width for mahimahi traces (s).")]
-    = _READ.mahimahi_bin_s,
-    chunk_duration_s: Annotated[float, typer.Option(help="Seconds per CacheGen per-chunk value.")]
-    = _READ.chunk_duration_s,
+    scale: ScaleOption = _READ.bandwidth_scale,
+    mahimahi_bin_s: MahimahiBinOption = _READ.mahimahi_bin_s,
+    chunk_duration_s: ChunkDurationOption = _READ.chunk_duration_s,
 ) -> None:
     """Per-trace statistics (duration, time-weighted mean/p10/p90 Mbps) with totals."""
     from rich.console import Console
@@ -133,12 +134,9 @@ def plot(
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")],
     fmt: Annotated[str | None, typer.Option("--format", help=_FORMAT_HELP)] = None,
     index: Annotated[int | None, typer.Option(help="Plot only this trace of a multi-trace file.")] = None,
-    scale: Annotated[float, typer.Option(help="Multiply every bandwidth by this factor.")]
-    = _READ.bandwidth_scale,
-    mahimahi_bin_s: Annotated[float, typer.Option(help="Bin width for mahimahi traces (s).")]
-    = _READ.mahimahi_bin_s,
-    chunk_duration_s: Annotated[float, typer.Option(help="Seconds per CacheGen per-chunk value.")]
-    = _READ.chunk_duration_s,
+    scale: ScaleOption = _READ.bandwidth_scale,
+    mahimahi_bin_s: MahimahiBinOption = _READ.mahimahi_bin_s,
+    chunk_duration_s: ChunkDurationOption = _READ.chunk_duration_s,
     title: Annotated[str | None, typer.Option(help="Plot title (default: the file name).")] = None,
 ) -> None:
     """Plot a trace's bandwidth over time (step plot) to a PNG."""

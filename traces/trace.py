@@ -179,8 +179,8 @@ class Trace:
         return self.num_segments
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(name={self.name!r}, segments={self.num_segments}, duration_s={self._duration:.6g}, "
-                f"mean_mbps={self.mean_bps / 1e6:.6g}, wrap={self.wrap})")
+        return (f"{type(self).__name__}(name={self.name!r}, segments={self.num_segments}, "
+                f"duration_s={self._duration:.6g}, mean_mbps={self.mean_bps / 1e6:.6g}, wrap={self.wrap})")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Trace):

@@ -51,8 +51,13 @@ from __future__ import annotations
 from kvcast.policies.mpc.cost import plan_cost, plan_tail_level, plan_tail_split, tail_split
 from kvcast.policies.mpc.enumeration import action_order, enumerate_plan
 from kvcast.policies.mpc.policy import MpcPolicy
-from kvcast.policies.mpc.problem import (DEFAULT_HORIZON, DEFAULT_OVERRUN_WEIGHT, MpcProblem, SessionTables,
-                                         build_problem)
+from kvcast.policies.mpc.problem import (
+                                         DEFAULT_HORIZON,
+                                         DEFAULT_OVERRUN_WEIGHT,
+                                         MpcProblem,
+                                         SessionTables,
+                                         build_problem,
+)
 from kvcast.policies.mpc.search import search_plan
 from kvcast.policies.planning import DEFAULT_SLO_MARGIN
 

@@ -7,7 +7,7 @@ split at its best point between text from its front and loads from its back (`fi
 The tail's best split is found in O(log m) instead of O(m) (`tail_evaluator`; the cost is piecewise
 monotone in ``s``), computing the same floats as trying every split (`tail_split`, the reference). Steps are
 computed by the same floating-point expressions here, in the enumerator and in the search, so all see
-bit-identical costs; `tests/test_policies_advanced.py` checks both equalities on random cases.
+bit-identical costs; `tests/policies/test_advanced.py` checks both equalities on random cases.
 """
 
 from __future__ import annotations

@@ -16,8 +16,13 @@ from kvcast.policies.base import TEXT, Decision, Observation, Policy, Session, s
 from kvcast.policies.estimate import DEFAULT_PRIOR_ERROR, RobustThroughputEstimator
 from kvcast.policies.mpc.cost import plan_tail_level, plan_tail_split
 from kvcast.policies.mpc.enumeration import enumerate_plan
-from kvcast.policies.mpc.problem import (DEFAULT_HORIZON, DEFAULT_OVERRUN_WEIGHT, MpcProblem, SessionTables,
-                                         build_problem)
+from kvcast.policies.mpc.problem import (
+    DEFAULT_HORIZON,
+    DEFAULT_OVERRUN_WEIGHT,
+    MpcProblem,
+    SessionTables,
+    build_problem,
+)
 from kvcast.policies.mpc.search import search_plan
 from kvcast.policies.planning import DEFAULT_SLO_MARGIN, ConstantThroughput, PlanState, parse_options
 

@@ -14,7 +14,7 @@ exactly by branch-and-bound.
   equals it and every plan in it comes later in enumeration order, so ties resolve as in enumeration (the
   first plan in order wins; per step text comes first, then the levels in menu order).
 * Costs come from the expressions of `kvcast.policies.mpc.cost` (the tail's split in O(log m)), so the
-  search sees the enumerator's floats bit for bit; `tests/test_policies_advanced.py` checks plan equality
+  search sees the enumerator's floats bit for bit; `tests/policies/test_advanced.py` checks plan equality
   on random cases.
 """
 

@@ -16,9 +16,19 @@ Every public name is importable from here.
 from __future__ import annotations
 
 from kvcast.policies.planning.families import FamilyPlan, plan_cake, plan_in_order
-from kvcast.policies.planning.model import (TEXT_QUALITY_LOSS, ConstantThroughput, KnownFuture, Plan,
-                                            PlanResult, PlanState, TransferModel, action_quality_loss,
-                                            in_order_plan, session_quality_loss, simulate_plan)
+from kvcast.policies.planning.model import (
+                                            TEXT_QUALITY_LOSS,
+                                            ConstantThroughput,
+                                            KnownFuture,
+                                            Plan,
+                                            PlanResult,
+                                            PlanState,
+                                            TransferModel,
+                                            action_quality_loss,
+                                            in_order_plan,
+                                            session_quality_loss,
+                                            simulate_plan,
+)
 from kvcast.policies.planning.options import DEFAULT_SLO_MARGIN, parse_options
 
 __all__ = [

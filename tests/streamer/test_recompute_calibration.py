@@ -7,14 +7,15 @@ import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.factories import REPO_ROOT
+
+ROOT = REPO_ROOT
 RUN = ROOT / "docs" / "recompute-calibration" / "h100-2026-11-22-run2"
 
 

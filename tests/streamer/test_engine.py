@@ -10,34 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvcast.netsim import Link, SimPyLink, TimerTraceLink, VirtualTimeLoop
-from kvcast.policies.base import TEXT, ChunkMenu, Decision, LevelOption, Observation, Policy
+from kvcast.policies.base import TEXT, ChunkMenu, Decision, LevelOption, Policy
 from kvcast.policies.fixed import FixedLevelPolicy
 from kvcast.streamer.engine import PolicyError, StreamingEngine
 from kvcast.traces.trace import Trace
+from tests.factories import MB, Idle, QueuedPlan, big_small_menus
 
-MB = 1_000_000
 ONE_MB_PER_S = Trace([0.0, 1000.0], [8e6])  # 1 MB/s, constant
-
-
-def menus(n: int, nbytes: int = MB, decode_s: float = 0.5, recompute_s: float = 0.3, tokens: int = 100,
-          loss: float = 0.01) -> tuple[ChunkMenu, ...]:
-    return tuple(ChunkMenu(i, i * tokens, tokens,
-                           (LevelOption("big", 2 * nbytes, decode_s, 0.0),
-                            LevelOption("small", nbytes, decode_s, loss)), recompute_s) for i in range(n))
-
-
-class Scripted(Policy):
-    """Returns the planned decisions in order, one per call (all at the first decision point)."""
-
-    name = "scripted"
-
-    def __init__(self, plan):
-        self.plan = list(plan)
-        self.observations: list[Observation] = []
-
-    def decide(self, obs):
-        self.observations.append(obs)
-        return Decision(*self.plan.pop(0)) if self.plan else None
 
 
 def run(policy, chunk_menus, trace=ONE_MB_PER_S, slo_s=10.0, **link_kw):
@@ -51,7 +30,7 @@ def run(policy, chunk_menus, trace=ONE_MB_PER_S, slo_s=10.0, **link_kw):
 
 def test_pipelined_transfers_and_decodes_constant_bandwidth():
     # transfers of 1 s after a 0.1 s RTT, back to back; decode 0.5 s overlaps the next transfer
-    result = run(FixedLevelPolicy("small"), menus(3), rtt_s=0.1)
+    result = run(FixedLevelPolicy("small"), big_small_menus(3), rtt_s=0.1)
     ends = [c.transfer_end_s for c in result.chunks]
     assert ends == pytest.approx([1.1, 2.2, 3.3])
     assert [c.transfer_start_s for c in result.chunks] == pytest.approx([0.0, 1.1, 2.2])
@@ -63,14 +42,14 @@ def test_pipelined_transfers_and_decodes_constant_bandwidth():
 
 
 def test_decoder_backlog_when_decoding_is_slower_than_the_link():
-    result = run(FixedLevelPolicy("small"), menus(3, decode_s=1.5), rtt_s=0.1)
+    result = run(FixedLevelPolicy("small"), big_small_menus(3, decode_s=1.5), rtt_s=0.1)
     assert [c.decode_start_s for c in result.chunks] == pytest.approx([1.1, 2.6, 4.1])
     assert result.ttft_s == pytest.approx(5.6)
 
 
 def test_text_chunk_waits_for_its_prefix_while_later_chunks_load():
-    policy = Scripted([(0, "small"), (1, TEXT), (2, "small")])
-    result = run(policy, menus(3), rtt_s=0.1)
+    policy = QueuedPlan([(0, "small"), (1, TEXT), (2, "small")])
+    result = run(policy, big_small_menus(3), rtt_s=0.1)
     c0, c1, c2 = result.chunks
     assert c0.ready_s == pytest.approx(1.6)
     assert (c1.recompute_start_s, c1.recompute_end_s) == pytest.approx((1.6, 1.9))  # waits for chunk 0
@@ -82,8 +61,8 @@ def test_text_chunk_waits_for_its_prefix_while_later_chunks_load():
 
 def test_compute_from_the_front_load_from_the_back():
     # Cake-style: chunk 0 recomputed from t=0 while chunk 2 loads; chunk 1 recomputed after chunk 0
-    policy = Scripted([(2, "small"), (0, TEXT), (1, TEXT)])
-    result = run(policy, menus(3), rtt_s=0.0)
+    policy = QueuedPlan([(2, "small"), (0, TEXT), (1, TEXT)])
+    result = run(policy, big_small_menus(3), rtt_s=0.0)
     c0, c1, c2 = result.chunks
     assert (c0.recompute_start_s, c0.recompute_end_s) == pytest.approx((0.0, 0.3))
     assert (c1.recompute_start_s, c1.recompute_end_s) == pytest.approx((0.3, 0.6))
@@ -92,16 +71,16 @@ def test_compute_from_the_front_load_from_the_back():
 
 
 def test_compute_runs_the_lowest_queued_text_chunk_first():
-    policy = Scripted([(1, TEXT), (0, TEXT)])
-    result = run(policy, menus(2))
+    policy = QueuedPlan([(1, TEXT), (0, TEXT)])
+    result = run(policy, big_small_menus(2))
     assert result.chunks[0].recompute_start_s == pytest.approx(0.0)
     assert result.chunks[1].recompute_start_s == pytest.approx(0.3)
 
 
 def test_slo_met_and_overrun():
-    result = run(FixedLevelPolicy("small"), menus(3), rtt_s=0.1, slo_s=3.0)
+    result = run(FixedLevelPolicy("small"), big_small_menus(3), rtt_s=0.1, slo_s=3.0)
     assert not result.slo_met and result.overrun_s == pytest.approx(0.8)
-    result = run(FixedLevelPolicy("small"), menus(3), rtt_s=0.1, slo_s=4.0)
+    result = run(FixedLevelPolicy("small"), big_small_menus(3), rtt_s=0.1, slo_s=4.0)
     assert result.slo_met and result.overrun_s == 0.0
 
 
@@ -118,7 +97,7 @@ def test_observations_describe_the_state():
             return Decision(obs.pending[0], "small", predicted_bps=1.0)
 
     policy = Watcher()
-    result = run(policy, menus(2), rtt_s=0.1)
+    result = run(policy, big_small_menus(2), rtt_s=0.1)
     first = policy.seen[0]
     assert first.now_s == 0.0 and first.pending == (0, 1) and first.ready == (False, False)
     assert first.link_idle and first.compute_idle and first.samples == ()
@@ -142,21 +121,17 @@ def test_invalid_decisions_are_rejected(decision, message):
             return decision
 
     with pytest.raises(PolicyError, match=message):
-        run(Bad(), menus(2))
+        run(Bad(), big_small_menus(2))
 
 
 def test_decided_chunk_cannot_be_decided_again():
     with pytest.raises(PolicyError, match="not pending"):
-        run(Scripted([(0, "small"), (0, "small")]), menus(2))
+        run(QueuedPlan([(0, "small"), (0, "small")]), big_small_menus(2))
 
 
 def test_returning_none_with_nothing_in_flight_is_an_error():
-    class Idle(Policy):
-        def decide(self, obs):
-            return None
-
     with pytest.raises(PolicyError, match="wait forever"):
-        run(Idle(), menus(2))
+        run(Idle(), big_small_menus(2))
 
 
 def test_waiting_policy_is_woken_by_the_decoder_when_nothing_else_runs():
@@ -166,7 +141,7 @@ def test_waiting_policy_is_woken_by_the_decoder_when_nothing_else_runs():
                 return None
             return Decision(obs.pending[0], "small")
 
-    result = run(WaitForDecoder(), menus(2, decode_s=2.0))
+    result = run(WaitForDecoder(), big_small_menus(2, decode_s=2.0))
     assert result.chunks[1].transfer_start_s == pytest.approx(3.0)  # after chunk 0's decode (1 + 2)
 
 
@@ -179,7 +154,7 @@ def test_oracle_policy_needs_a_link_that_knows_the_future():
             assert obs.session.future_transfer_end_s(0.0, MB) == pytest.approx(1.0)
             return Decision(obs.pending[0], "small") if obs.link_idle else None
 
-    assert run(Oracle(), menus(1)).ttft_s == pytest.approx(1.5)
+    assert run(Oracle(), big_small_menus(1)).ttft_s == pytest.approx(1.5)
 
     class Blind(Link):
         def start_transfer(self, nbytes):
@@ -187,7 +162,7 @@ def test_oracle_policy_needs_a_link_that_knows_the_future():
 
     loop = VirtualTimeLoop()
     with pytest.raises(PolicyError, match="needs the future"):
-        loop.run_until_complete(StreamingEngine(Oracle(), menus(1), Blind(), slo_s=1.0).run())
+        loop.run_until_complete(StreamingEngine(Oracle(), big_small_menus(1), Blind(), slo_s=1.0).run())
 
 
 def test_two_sessions_share_one_link_fairly():
@@ -195,8 +170,8 @@ def test_two_sessions_share_one_link_fairly():
     link = SimPyLink(loop.env, ONE_MB_PER_S)
 
     async def both():
-        a = StreamingEngine(FixedLevelPolicy("small"), menus(1, decode_s=0.0), link, slo_s=5.0).run()
-        b = StreamingEngine(FixedLevelPolicy("small"), menus(1, decode_s=0.0), link, slo_s=5.0).run()
+        a = StreamingEngine(FixedLevelPolicy("small"), big_small_menus(1, decode_s=0.0), link, slo_s=5.0).run()
+        b = StreamingEngine(FixedLevelPolicy("small"), big_small_menus(1, decode_s=0.0), link, slo_s=5.0).run()
         return await asyncio.gather(a, b)
 
     ra, rb = loop.run_until_complete(both())
@@ -205,13 +180,13 @@ def test_two_sessions_share_one_link_fairly():
 
 def test_same_engine_runs_in_real_time_over_a_wall_clock_link():
     trace = Trace([0.0, 100.0], [8e8])  # 100 MB/s: 1 MB = 10 ms
-    chunk_menus = menus(3, decode_s=0.005, recompute_s=0.01)
+    chunk_menus = big_small_menus(3, decode_s=0.005, recompute_s=0.01)
     plan = [(0, "small"), (1, TEXT), (2, "small")]
-    virtual = run(Scripted(plan), chunk_menus, trace=trace, rtt_s=0.002)
+    virtual = run(QueuedPlan(plan), chunk_menus, trace=trace, rtt_s=0.002)
 
     async def real():
         link = TimerTraceLink(trace, rtt_s=0.002)
-        return await StreamingEngine(Scripted(plan), chunk_menus, link, slo_s=1.0).run()
+        return await StreamingEngine(QueuedPlan(plan), chunk_menus, link, slo_s=1.0).run()
 
     wall = asyncio.run(real())
     assert virtual.ttft_s == pytest.approx(0.024 + 0.005)
@@ -221,8 +196,8 @@ def test_same_engine_runs_in_real_time_over_a_wall_clock_link():
 
 def test_engine_is_deterministic():
     trace = Trace([0.0, 0.3, 0.7, 2.0], [8e6, 2e6, 20e6])
-    a = run(Scripted([(0, "small"), (1, TEXT), (2, "big")]), menus(3), trace=trace, rtt_s=0.01)
-    b = run(Scripted([(0, "small"), (1, TEXT), (2, "big")]), menus(3), trace=trace, rtt_s=0.01)
+    a = run(QueuedPlan([(0, "small"), (1, TEXT), (2, "big")]), big_small_menus(3), trace=trace, rtt_s=0.01)
+    b = run(QueuedPlan([(0, "small"), (1, TEXT), (2, "big")]), big_small_menus(3), trace=trace, rtt_s=0.01)
     assert [c.to_dict() for c in a.chunks] == [c.to_dict() for c in b.chunks]
 
 
@@ -253,7 +228,7 @@ def test_links_with_only_start_transfer_work_through_the_default_send():
 
     loop = VirtualTimeLoop()
     link = FutureOnly(SimPyLink(loop.env, ONE_MB_PER_S, rtt_s=0.1))
-    engine = StreamingEngine(FixedLevelPolicy("small"), menus(3), link, slo_s=9.0)
+    engine = StreamingEngine(FixedLevelPolicy("small"), big_small_menus(3), link, slo_s=9.0)
     result = loop.run_until_complete(engine.run())
     assert result.ttft_s == pytest.approx(3.8)
 
@@ -267,5 +242,5 @@ def test_a_failed_transfer_ends_the_session_with_its_error():
 
     loop = VirtualTimeLoop()
     with pytest.raises(ConnectionResetError, match="peer went away"):
-        engine = StreamingEngine(FixedLevelPolicy("small"), menus(2), Broken(), slo_s=1.0)
+        engine = StreamingEngine(FixedLevelPolicy("small"), big_small_menus(2), Broken(), slo_s=1.0)
         loop.run_until_complete(engine.run())

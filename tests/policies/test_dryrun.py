@@ -9,27 +9,22 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvcast.policies.base import (TEXT, ChunkMenu, Decision, LevelOption, Observation, Policy, PolicyError,
-                                  PolicyStalled, Session)
+from kvcast.policies.base import (
+    TEXT,
+    ChunkMenu,
+    Decision,
+    LevelOption,
+    Policy,
+    PolicyError,
+    PolicyStalled,
+    Session,
+)
 from kvcast.policies.dryrun import dry_run
 from kvcast.policies.planning import ConstantThroughput, KnownFuture
 from kvcast.policies.registry import default_registry
 from kvcast.streamer.simulate import simulate_session
-from tests.test_policies_advanced import SETTINGS, make_menus
 from kvcast.traces.trace import Trace
-
-
-class Queued(Policy):
-    """Answers its plan's decisions in order whenever asked, so text chunks pile up in the compute queue in
-    plan order (not index order)."""
-
-    name = "queued"
-
-    def __init__(self, plan):
-        self.plan = list(plan)
-
-    def decide(self, obs: Observation) -> Decision | None:
-        return Decision(*self.plan.pop(0)) if self.plan else None
+from tests.factories import PLANNING_SETTINGS, Idle, QueuedPlan, ScriptedAnswers, make_menus
 
 
 def uniform_menus(n: int, raw_bytes: int, decode_s: float, recompute_s: float) -> tuple[ChunkMenu, ...]:
@@ -69,7 +64,7 @@ def test_text_chunks_run_lowest_index_first_whatever_the_decision_order():
     menus = uniform_menus(5, 31_250_000, 0.0, 0.1)
     plan = [(3, TEXT), (1, TEXT), (2, TEXT), (0, TEXT), (4, "raw")]  # all queued at t = 0
     trace = Trace([0.0, 1e6], [1e9])
-    engine, dry = engine_and_dry_run(lambda: Queued(plan), menus, trace, slo_s=1.0, rtt_s=0.0, prior_bps=None)
+    engine, dry = engine_and_dry_run(lambda: QueuedPlan(plan), menus, trace, slo_s=1.0, rtt_s=0.0, prior_bps=None)
     assert dry.decision_order == (3, 1, 2, 0, 4) and dry.decision_times_s == (0.0,) * 5
     # compute runs 0, 1, 2, 3 back to back (a FIFO unit would wait forever on chunk 3's prefix)
     assert dry.ready_s == pytest.approx((0.1, 0.2, 0.3, 0.4, 0.25))
@@ -95,25 +90,9 @@ def test_waiting_policy_is_asked_again_when_the_next_chunk_is_ready():
 
 
 def test_policy_that_waits_for_nothing_stalls():
-    class Idle(Policy):
-        def decide(self, obs):
-            return None
-
     menus = make_menus(random.Random(0), 2, 1)
     with pytest.raises(PolicyStalled, match="returned None"):
         dry_run(Idle(), Session(menus, 1.0), ConstantThroughput(1e9))
-
-
-class Scripted(Policy):
-    """Answers `answers` in order whenever asked (whatever they are), then None."""
-
-    name = "scripted"
-
-    def __init__(self, answers):
-        self.answers = list(answers)
-
-    def decide(self, obs):
-        return self.answers.pop(0) if self.answers else None
 
 
 def engine_and_dry_run_errors(make_policy, menus, trace: Trace) -> tuple[BaseException, BaseException]:
@@ -142,7 +121,7 @@ def engine_and_dry_run_errors(make_policy, menus, trace: Trace) -> tuple[BaseExc
 ])
 def test_the_same_policy_bug_raises_the_same_policy_error_in_the_engine_and_the_dry_run(answers, message):
     menus = make_menus(random.Random(0), 3, 2)
-    engine, dry = engine_and_dry_run_errors(lambda: Scripted(answers), menus, Trace([0.0, 1e6], [1e9]))
+    engine, dry = engine_and_dry_run_errors(lambda: ScriptedAnswers(answers), menus, Trace([0.0, 1e6], [1e9]))
     assert isinstance(engine, PolicyError) and isinstance(dry, PolicyError)
     assert type(engine) is type(dry)
     assert str(engine) == str(dry)
@@ -151,7 +130,7 @@ def test_the_same_policy_bug_raises_the_same_policy_error_in_the_engine_and_the_
 
 def test_a_policy_that_stalls_after_loading_raises_policy_stalled_in_both():
     menus = make_menus(random.Random(1), 3, 2)
-    engine, dry = engine_and_dry_run_errors(lambda: Scripted([Decision(2, "l1")]), menus,
+    engine, dry = engine_and_dry_run_errors(lambda: ScriptedAnswers([Decision(2, "l1")]), menus,
                                             Trace([0.0, 1e6], [1e9]))
     for error in (engine, dry):
         assert isinstance(error, PolicyStalled) and isinstance(error, PolicyError)
@@ -180,7 +159,7 @@ def test_dry_run_refuses_a_policy_that_needs_the_future_without_one():
         dry_run(Oracle(), Session(menus, 1.0), ConstantThroughput(1e9))
 
 
-@SETTINGS
+@PLANNING_SETTINGS
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 8))
 def test_random_plans_in_any_decision_order_match_the_engine(seed, n):
     rng = random.Random(seed)
@@ -188,12 +167,12 @@ def test_random_plans_in_any_decision_order_match_the_engine(seed, n):
     plan = [(i, rng.choice(["l0", "l1", TEXT])) for i in range(n)]
     rng.shuffle(plan)
     trace = Trace([0.0, 1e6], [rng.uniform(1e8, 1e9)])
-    engine, dry = engine_and_dry_run(lambda: Queued(plan), menus, trace, slo_s=1.0,
+    engine, dry = engine_and_dry_run(lambda: QueuedPlan(plan), menus, trace, slo_s=1.0,
                                      rtt_s=rng.choice([0.0, 0.003]), prior_bps=None)
     assert_same_session(engine, dry)
 
 
-@SETTINGS
+@PLANNING_SETTINGS
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 10),
        spec=st.sampled_from(["mpc", "hybrid", "oracle", "cachegen", "cachegen-code", "text", "fixed:l1"]),
        piecewise=st.booleans(), prior=st.one_of(st.none(), st.floats(1e7, 1e10)))

@@ -13,7 +13,7 @@ from kvcast.codec.api import Codec, ModelFingerprint
 from kvcast.codec.grid import channel_steps, token_multipliers
 from kvcast.codec.pool import CoderPool
 from kvcast.codec.sensitivity import TABLES_DIR, SensitivityTable, TableRegistry, profile_from_positions
-from tests.test_codec_roundtrip import DTYPES, make_kv
+from tests.factories import DTYPES, make_kv, tiny_llama
 
 GRID = [lv for lv in codec.levels() if codec.describe(lv)["quantizer"] == "grid"]
 
@@ -169,7 +169,6 @@ def test_shipped_smollm2_table_is_found_and_sane():
 def test_calibrate_builds_a_table_that_drives_the_grid_levels(tmp_path):
     from kvcast.codec.calibrate import calibrate
     from kvcast.codec.hf import fingerprint_from_config, kv_from_cache
-    from tests.test_hf_roundtrip import tiny_llama
 
     model = tiny_llama()
     g = torch.Generator().manual_seed(0)

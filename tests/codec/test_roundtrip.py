@@ -12,25 +12,9 @@ from kvcast import codec
 from kvcast.codec.api import Codec
 from kvcast.codec.levels import LevelSpec
 from kvcast.codec.pool import CoderPool
+from tests.factories import DTYPES, make_kv
 
 LOSSY = [lv for lv in codec.levels() if codec.describe(lv)["quantizer"] == "absmax_token"]
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def make_kv(layers, heads, tokens, dim, dtype, seed, zero_tokens=(), scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    kv = []
-    for _ in range(layers):
-        pair = []
-        for _ in range(2):
-            t = torch.randn(1, heads, tokens, dim, generator=g) * scale
-            t = t * (1 + 4 * torch.rand(1, heads, 1, dim, generator=g))  # per-channel outliers, like keys
-            for z in zero_tokens:
-                if z < tokens:
-                    t[:, :, z] = 0
-            pair.append(t.to(dtype))
-        kv.append(tuple(pair))
-    return kv
 
 
 def per_token_absmax(kv):
@@ -111,7 +95,7 @@ def test_lossy_levels_stay_within_documented_bound(level, shape, dtype, seed, ze
 
 
 @pytest.mark.parametrize("level", [lv for lv in codec.levels() if codec.describe(lv)["quantizer"] != "grid"])
-def test_every_level_round_trips_smollm2_shaped_object(level):  # grid levels: tests/test_codec_grid.py
+def test_every_level_round_trips_smollm2_shaped_object(level):  # grid levels: tests/codec/test_grid.py
     kv = make_kv(30, 3, 300, 64, torch.float16, seed=7)
     data = codec.encode(kv, level, token_start=4096)
     info = codec.inspect(data)

@@ -20,8 +20,9 @@ from kvcast.traces.readers import (
     read_trace_file,
 )
 from kvcast.traces.trace import ChunkTrace, Trace, TraceError
+from tests.factories import SHARED_DIR
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+SHARED = SHARED_DIR / "traces"
 MANIFEST = SHARED / "MANIFEST.tsv"
 
 

@@ -7,8 +7,17 @@ import math
 
 import pytest
 
-from kvcast.streamer.menus import (DEFAULT_DECODE_VALUES_PER_S, LEVEL_SETS, MODEL_SHAPES, ModelShape, RecomputeCost,
-                            build_menus, recompute_cost, recompute_costs, resolve_levels)
+from kvcast.streamer.menus import (
+    DEFAULT_DECODE_VALUES_PER_S,
+    LEVEL_SETS,
+    MODEL_SHAPES,
+    ModelShape,
+    RecomputeCost,
+    build_menus,
+    recompute_cost,
+    recompute_costs,
+    resolve_levels,
+)
 from kvcast.streamer.profile import Profile, ProfileError, default_profile
 
 

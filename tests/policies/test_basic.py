@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import doctest
-import importlib
 import json
-import pkgutil
 import subprocess
 import sys
 
@@ -13,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kvcast.policies
 from kvcast.netsim import SimPyLink, VirtualTimeLoop
 from kvcast.policies.base import TEXT, ChunkMenu, LevelOption, Observation, Session, ThroughputSample
 from kvcast.policies.cachegen import CacheGenPolicy
