@@ -6,6 +6,7 @@ import ast
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -22,9 +23,16 @@ SOURCE_FOLDERS = ("kvcast", *PARTS, "tests", "scripts")
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    # Built from a copy of the sources: an in-tree build would leave build/ behind, and a stale build/lib could
+    # slip deleted modules into the wheel.
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(ROOT / name, src / name)
+    for folder in ("kvcast", *PARTS):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(out), str(ROOT)], check=True, capture_output=True, cwd=out)
+                    "-w", str(out), str(src)], check=True, capture_output=True, cwd=out)
     (found,) = out.glob("kvcast-*.whl")
     return found
 

@@ -17,35 +17,20 @@ from __future__ import annotations
 
 from kvcast.policies.planning.families import FamilyPlan, plan_cake, plan_in_order
 from kvcast.policies.planning.model import (
-                                            TEXT_QUALITY_LOSS,
-                                            ConstantThroughput,
-                                            KnownFuture,
-                                            Plan,
-                                            PlanResult,
-                                            PlanState,
-                                            TransferModel,
-                                            action_quality_loss,
-                                            in_order_plan,
-                                            session_quality_loss,
-                                            simulate_plan,
+    TEXT_QUALITY_LOSS,
+    ConstantThroughput,
+    KnownFuture,
+    Plan,
+    PlanResult,
+    PlanState,
+    TransferModel,
+    action_quality_loss,
+    in_order_plan,
+    session_quality_loss,
+    simulate_plan,
 )
 from kvcast.policies.planning.options import DEFAULT_SLO_MARGIN, parse_options
 
-__all__ = [
-    "TEXT_QUALITY_LOSS",
-    "TransferModel",
-    "ConstantThroughput",
-    "KnownFuture",
-    "Plan",
-    "PlanState",
-    "PlanResult",
-    "simulate_plan",
-    "session_quality_loss",
-    "action_quality_loss",
-    "in_order_plan",
-    "FamilyPlan",
-    "plan_in_order",
-    "plan_cake",
-    "DEFAULT_SLO_MARGIN",
-    "parse_options",
-]
+__all__ = ["DEFAULT_SLO_MARGIN", "TEXT_QUALITY_LOSS", "ConstantThroughput", "FamilyPlan", "KnownFuture", "Plan",
+           "PlanResult", "PlanState", "TransferModel", "action_quality_loss", "in_order_plan", "parse_options",
+           "plan_cake", "plan_in_order", "session_quality_loss", "simulate_plan"]
