@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Link", "LinkOracle", "TransferOutcome", "TransferTiming"]
+__all__ = ["ChunkRequest", "Link", "LinkOracle", "TransferOutcome", "TransferTiming"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +31,8 @@ class TransferTiming:
     """When data started to flow (``start_s`` plus the round-trip time)."""
     end_s: float
     """When the last byte was delivered."""
+    payload: bytes | None = None
+    """The bytes themselves, from a real link (a simulated link moves byte counts only)."""
 
     @property
     def duration_s(self) -> float:
@@ -41,6 +43,15 @@ class TransferTiming:
     def throughput_bps(self) -> float:
         """Payload goodput over the whole request, RTT included (bits/s)."""
         return self.nbytes * 8.0 / max(self.end_s - self.start_s, 1e-12)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRequest:
+    """What the engine asks a link for: chunk `chunk` encoded at `level`, `nbytes` long."""
+
+    chunk: int
+    level: str
+    nbytes: int
 
 
 TransferOutcome = TransferTiming | BaseException
@@ -97,6 +108,12 @@ class Link(abc.ABC):
                 on_done(future.result())
 
         self.start_transfer(nbytes).add_done_callback(done)
+
+    def send_request(self, request: ChunkRequest, on_done: Callable[[TransferOutcome], None]) -> None:
+        """Send the request for one chunk's object (the engine calls this). A simulated link only needs the
+        size (this default calls `send`); a real link fetches the object the request names and returns its
+        bytes in `TransferTiming.payload`."""
+        self.send(request.nbytes, on_done)
 
     def oracle(self) -> LinkOracle | None:
         """The link's future, if it can tell it (a simulated link can, a real network cannot)."""

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from kvcast.netsim.link import Link, TransferOutcome
+from kvcast.netsim.link import ChunkRequest, Link, TransferOutcome
 from kvcast.policies.base import (
     TEXT,
     ChunkMenu,
@@ -44,6 +44,7 @@ from kvcast.policies.base import (
     ThroughputSample,
     validate_decision,
 )
+from kvcast.streamer.resources import Compute, Decoder, SimulatedCompute, SimulatedDecoder
 
 __all__ = ["ChunkRecord", "PolicyError", "SessionResult", "StreamingEngine", "stream_context"]
 # PolicyError is kvcast.policies.base's, re-exported: the dry run raises the same class for the same bugs.
@@ -128,11 +129,18 @@ class StreamingEngine:
         prior_throughput_bps: historical throughput estimate given to the policy (`Session`).
         query_prefill_s: policy-independent prefill of the query, added to TTFT.
         label: the policy's name in the results (default: ``policy.name`` or its class name).
+        decoder: the decoder (`kvcast.streamer.resources`); default simulated, timed by the menus.
+        compute: the compute unit; default simulated, timed by the menus.
+
+    With real resources (`Decoder`/`Compute` whose ``timed_by_menu`` is False) a chunk's decode or recompute
+    ends when the resource calls back, not at a time the menu predicts; the menus' times then serve only as the
+    estimates the policy observes.
     """
 
     def __init__(self, policy: Policy, menus: Sequence[ChunkMenu], link: Link, *, slo_s: float,
                  prior_throughput_bps: float | None = None, query_prefill_s: float = 0.0,
-                 label: str | None = None) -> None:
+                 label: str | None = None, decoder: Decoder | None = None,
+                 compute: Compute | None = None) -> None:
         if not menus:
             raise ValueError("a session needs at least one chunk")
         for i, menu in enumerate(menus):
@@ -147,6 +155,13 @@ class StreamingEngine:
         self.prior_throughput_bps = prior_throughput_bps
         self.query_prefill_s = float(query_prefill_s)
         self.label = label or policy.name or type(policy).__name__
+        self.decoder = decoder if decoder is not None else SimulatedDecoder()
+        self.compute = compute if compute is not None else SimulatedCompute()
+        self._link_takes_requests = type(link).send_request is not Link.send_request
+        self._real_decode = not self.decoder.timed_by_menu
+        self._real_compute = not self.compute.timed_by_menu
+        self._decode_queue: deque[tuple[int, bytes | None]] = deque()
+        self._decoding: int | None = None
         n = len(self.menus)
         self.records = [ChunkRecord(m.index, m.start_token, m.tokens) for m in self.menus]
         self._actions: list[str | None] = [None] * n
@@ -236,6 +251,11 @@ class StreamingEngine:
         sample = ThroughputSample(c, timing.nbytes, start, end)
         rec.measured_bps = sample.throughput_bps
         self._samples = (*self._samples, sample)
+        if self._real_decode:
+            self._decode_queue.append((c, timing.payload))
+            self._start_decode(self._now())
+            self._step()
+            return
         decode_start = end if end > self._decoder_free else self._decoder_free
         decode_end = decode_start + self._decode_s[c]
         rec.decode_start_s, rec.decode_end_s = decode_start, decode_end
@@ -245,6 +265,43 @@ class StreamingEngine:
 
     def _on_recompute_done(self, chunk: int) -> None:
         self._guard(self._recompute_done, chunk)
+
+    # real resources: they call back when their work is done; the chunk is ready then
+    def _start_decode(self, now: float) -> None:
+        if self._decoding is not None or not self._decode_queue:
+            return
+        chunk, payload = self._decode_queue.popleft()
+        rec = self.records[chunk]
+        rec.decode_start_s = now
+        self._decoding = chunk
+        self._decoder_free = now + self._decode_s[chunk]  # the menu's estimate, until the decoder answers
+        self.decoder.start(chunk, rec.action, payload,
+                           lambda exc: self._guard(self._real_decode_done, chunk, exc))
+
+    def _real_decode_done(self, chunk: int, exc: BaseException | None) -> None:
+        if self._done.done():
+            return
+        if exc is not None:
+            raise exc
+        now = self._now()
+        self._decoding = None
+        self.records[chunk].decode_end_s = now
+        self._decoder_free = now
+        self._set_ready(chunk, now)
+        self._start_decode(now)
+        self._step()
+
+    def _real_compute_done(self, chunk: int, exc: BaseException | None) -> None:
+        if self._done.done():
+            return
+        if exc is not None:
+            raise exc
+        now = self._now()
+        self._compute_running = None
+        self.records[chunk].recompute_end_s = now
+        self._compute_free = now
+        self._set_ready(chunk, now)
+        self._step()
 
     def _recompute_done(self, chunk: int) -> None:
         if self._done.done():
@@ -310,14 +367,18 @@ class StreamingEngine:
                 self._finish_scheduled = True
                 self._loop.call_at(self._t0 + self._last_ready + self.query_prefill_s, self._finish)
             return
-        if waiting and self._inflight is None and self._compute_running is None:
+        if waiting and self._inflight is None and self._compute_running is None and self._decoding is None:
             later = [t for t in self._ready_at if t is not None and t > now]
             if not later:
                 raise PolicyStalled.waiting(self.label, now, self._pending)
-            when = self._t0 + min(later)
-            if when not in self._wake_times:
-                self._wake_times.add(when)
-                self._loop.call_at(when, self._on_wake, when)
+            self._schedule_wake(min(later))
+
+    def _schedule_wake(self, t: float) -> None:
+        """Run `_step` again at session time `t` (once per distinct time)."""
+        when = self._t0 + t
+        if when not in self._wake_times:
+            self._wake_times.add(when)
+            self._loop.call_at(when, self._on_wake, when)
 
     def _apply(self, decision: Decision, obs: Observation, now: float) -> None:
         option = validate_decision(obs, decision, self.label)  # PolicyError, as in the dry run
@@ -347,7 +408,10 @@ class StreamingEngine:
         rec = self.records[chunk]
         rec.transfer_start_s = now
         self._inflight = chunk
-        self.link.send(rec.nbytes, self._on_transfer_done)
+        if self._link_takes_requests:
+            self.link.send_request(ChunkRequest(chunk, rec.action, rec.nbytes), self._on_transfer_done)
+        else:  # a simulated link needs only the size
+            self.link.send(rec.nbytes, self._on_transfer_done)
 
     def _start_compute(self, now: float) -> None:
         if self._compute_running is not None or not self._compute_queue:
@@ -355,8 +419,19 @@ class StreamingEngine:
         chunk = self._compute_queue[0]
         if self._prefix < chunk:
             return  # some chunk before it has no known ready time yet
-        heapq.heappop(self._compute_queue)
         start = max(now, self._compute_free, self._prefix_ready if chunk else 0.0)
+        if self._real_compute:
+            if start > now:  # the prefix is ready later (simulated decoding): start then
+                self._schedule_wake(start)
+                return
+            heapq.heappop(self._compute_queue)
+            rec = self.records[chunk]
+            rec.recompute_start_s = now
+            self._compute_running = chunk
+            self._compute_free = now + self.menus[chunk].recompute_s  # the menu's estimate
+            self.compute.start(chunk, lambda exc: self._guard(self._real_compute_done, chunk, exc))
+            return
+        heapq.heappop(self._compute_queue)
         end = start + self.menus[chunk].recompute_s
         rec = self.records[chunk]
         rec.recompute_start_s, rec.recompute_end_s = start, end

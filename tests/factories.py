@@ -145,3 +145,59 @@ class Idle(Policy):
 
     def decide(self, obs):
         return None
+
+
+# ----------------------------------------------------------------------------------------------- stores
+
+
+def make_memory_store():
+    """A fresh in-memory `Store` (objects and manifests in dicts), for tests that need no backend."""
+    from kvcast.streamer.store import Manifest, NotFound, Store, StoreError
+
+    class _MemoryStore(Store):
+        url = "memory://"
+
+        def __init__(self) -> None:
+            self.objects: dict[str, bytes] = {}
+            self.manifests: dict[str, str] = {}
+
+        def put_object(self, key, data):
+            self.objects.setdefault(key, bytes(data))
+
+        def get_object(self, key, start=0, stop=None):
+            if key not in self.objects:
+                raise NotFound(f"no object {key}")
+            return self.objects[key][start:stop]
+
+        def object_size(self, key):
+            if key not in self.objects:
+                raise NotFound(f"no object {key}")
+            return len(self.objects[key])
+
+        def has_object(self, key):
+            return key in self.objects
+
+        def delete_object(self, key):
+            self.objects.pop(key, None)
+
+        def object_keys(self):
+            return sorted(self.objects)
+
+        def put_manifest(self, manifest: Manifest):
+            missing = [k for k in manifest.keys() if k not in self.objects]
+            if missing:
+                raise StoreError(f"manifest names missing objects {missing[:3]}")
+            self.manifests[manifest.context_id] = manifest.to_json()
+
+        def get_manifest(self, context_id):
+            if context_id not in self.manifests:
+                raise NotFound(f"no context {context_id!r}")
+            return Manifest.from_json(self.manifests[context_id])
+
+        def delete_manifest(self, context_id):
+            self.manifests.pop(context_id, None)
+
+        def contexts(self):
+            return sorted(self.manifests)
+
+    return _MemoryStore()
