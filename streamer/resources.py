@@ -36,7 +36,7 @@ class Decoder(abc.ABC):
         """Begin decoding chunk `chunk` (loaded at `level`, `payload` its bytes); call ``on_done`` on the event
         loop when its KV is in place. Called on the loop, one chunk at a time."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook: most resources hold nothing)
         """Release threads or processes."""
 
 
@@ -51,7 +51,7 @@ class Compute(abc.ABC):
         """Begin recomputing chunk `chunk` (every chunk before it is ready); call ``on_done`` on the event loop
         when its KV is in place. Called on the loop, one chunk at a time."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook: most resources hold nothing)
         """Release threads or processes."""
 
 

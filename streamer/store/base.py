@@ -272,7 +272,7 @@ class Store(abc.ABC):
         return StoreUsage(contexts=len(manifests), objects=len(named), object_bytes=sum(named.values()),
                           unreferenced_objects=len(stored - set(named)))
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook: a folder holds nothing)
         """Release connections (a no-op for folders)."""
 
     def __enter__(self) -> Store:
