@@ -14,7 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["ChunkRequest", "Link", "LinkOracle", "TransferOutcome", "TransferTiming"]
+__all__ = ["ChunkRequest", "Link", "LinkFailure", "LinkOracle", "TransferOutcome", "TransferTiming"]
+
+
+class LinkFailure(Exception):
+    """A real link gave up on a transfer (retries spent, deadline passed, the server refused): the engine
+    recomputes the chunk from text instead."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from kvcast.netsim.link import ChunkRequest, Link, TransferOutcome
+from kvcast.netsim.link import ChunkRequest, Link, LinkFailure, TransferOutcome
 from kvcast.policies.base import (
     TEXT,
     ChunkMenu,
@@ -75,9 +75,15 @@ class ChunkRecord:
     predicted_bps: float | None = None
     """The policy's expected throughput (`Decision.predicted_bps`), if it gave one."""
     wire_bits: float | None = None
+    fallback: str | None = None
+    """Why a real link's transfer failed, for a chunk then recomputed from text (None otherwise)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The record as a dict; ``fallback`` only where a chunk fell back to text."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if d["fallback"] is None:
+            del d["fallback"]
+        return d
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +245,9 @@ class StreamingEngine:
     def _transfer_done(self, timing: TransferOutcome) -> None:
         if self._done.done():
             return
+        if isinstance(timing, LinkFailure):
+            self._fall_back_to_text(timing)
+            return
         if isinstance(timing, BaseException):
             raise timing
         c = self._inflight
@@ -261,6 +270,19 @@ class StreamingEngine:
         rec.decode_start_s, rec.decode_end_s = decode_start, decode_end
         self._decoder_free = decode_end
         self._set_ready(c, decode_end)
+        self._step()
+
+    def _fall_back_to_text(self, failure: LinkFailure) -> None:
+        """The link gave up on the chunk in flight: recompute it from text (lossless) instead."""
+        c = self._inflight
+        self._inflight = None
+        rec = self.records[c]
+        rec.fallback = str(failure)
+        rec.action, rec.quality_loss, rec.nbytes = TEXT, 0.0, 0
+        rec.transfer_end_s = self._now()
+        self._actions[c] = TEXT
+        self._decisions_applied += 1  # the observation's actions changed
+        heapq.heappush(self._compute_queue, c)
         self._step()
 
     def _on_recompute_done(self, chunk: int) -> None:
