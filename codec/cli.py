@@ -33,8 +33,8 @@ def _set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> None:
-    """Add the codec's commands to the `kvcast` CLI."""
+def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> dict[str, typer.Typer]:
+    """Add the codec's commands to the `kvcast` CLI; returns its groups other parts add to (``calibrate``)."""
 
     _bench = CodecBenchSettings
 
@@ -145,8 +145,14 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
 
     _cal = CalibrateSettings
 
-    @app.command("calibrate")
+    calibrate_app = typer.Typer(invoke_without_command=True, no_args_is_help=False,
+                                help="Measure what kvcast needs to know of a model or host: without a subcommand, "
+                                     "the model's KV sensitivity table (for the kvcast-* levels).")
+    app.add_typer(calibrate_app, name="calibrate")
+
+    @calibrate_app.callback()
     def calibrate_cmd(
+        ctx: typer.Context,
         out_dir: Annotated[Path | None, typer.Option(
             help="Folder for the table (default: codec/tables, the folder the codec ships and finds tables "
                  "in).")] = _cal.out_dir,
@@ -166,6 +172,8 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         threads: Annotated[int, typer.Option(help=_THREADS_HELP)] = DEFAULT_THREADS,
     ) -> None:
         """Measure SmolLM2-135M's KV sensitivity (Fisher) table from real text, for the kvcast-* levels."""
+        if ctx.invoked_subcommand is not None:
+            return  # e.g. `kvcast calibrate host`
         import json
 
         from kvcast.codec.calibrate import calibrate_smollm2, table_summary
@@ -188,6 +196,9 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
                                "distance_profile": [round(x, 3) for x in summary["distance_profile"]],
                                "score_edges": [round(x, 3) for x in summary["score_edges"] or []],
                                "score_profile": [round(x, 3) for x in summary["score_profile"] or []]}))
+
+
+    return {"calibrate": calibrate_app}
 
 
 def _codec_table(result: dict[str, Any]) -> Any:

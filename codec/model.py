@@ -5,6 +5,9 @@ Q4_1 GGUF of SmolLM2-135M-Instruct. The package itself is never imported (it imp
 located with `importlib.util.find_spec`. transformers de-quantizes the GGUF (needs `gguf`; 15-30 s), and the
 result is saved once as a float32 safetensors folder under ``$KVCAST_CACHE_DIR/models/smollm2-135m-instruct``
 (default ``~/.cache/kvcast``); later loads read that folder. Nothing is downloaded: ``HF_HUB_OFFLINE=1``.
+
+`load_model` loads SmolLM2 the same way, or any other transformers causal-LM folder or hub id already on this
+machine (``local_files_only``), as the same `LoadedModel`.
 """
 
 from __future__ import annotations
@@ -107,6 +110,49 @@ def load_smollm2(*, threads: int | None = None, progress: bool = True) -> Loaded
         convert_smollm2(path, progress=progress)
     model, tokenizer = _load_folder(path)
     return LoadedModel(model=model, tokenizer=tokenizer, name=SMOLLM2_NAME, path=path)
+
+
+SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
+"""Names `load_model` reads as SmolLM2-135M-Instruct (`load_smollm2`), compared case-insensitively."""
+
+
+def load_model(name_or_path: str | Path | None = None, *, threads: int | None = None,
+               progress: bool = True) -> LoadedModel:
+    """Load a causal LM on the CPU in float32, in eval mode: SmolLM2-135M-Instruct (`load_smollm2`) for None or
+    a name of `SMOLLM2_ALIASES`, else any transformers causal-LM folder or hub id already on this machine
+    (``AutoModelForCausalLM``/``AutoTokenizer`` with ``local_files_only=True``: nothing is downloaded).
+
+    The model's `LoadedModel.name` is the folder's name for a folder, else `name_or_path` as given. Raises
+    `ModelUnavailable` when it cannot be found or loaded.
+    """
+    if name_or_path is None or str(name_or_path).strip().lower() in SMOLLM2_ALIASES:
+        return load_smollm2(threads=threads, progress=progress)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if not _transformers_installed():
+        raise ModelUnavailable("transformers is not installed: pip install 'kvcast[model]'")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = str(name_or_path)
+    folder = Path(text).expanduser()
+    is_folder = folder.is_dir()
+    if not is_folder and (text.startswith((".", "/", "~")) or folder.exists()):
+        raise ModelUnavailable(f"model folder {text} does not exist (or is not a folder)")
+    source = str(folder.resolve()) if is_folder else text
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, local_files_only=True)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        where = f"folder {source}" if is_folder else f"{text!r} (not a folder; looked for it in the local hub cache)"
+        raise ModelUnavailable(f"cannot load the causal LM {where}: {' '.join(str(exc).split())[:300]}") from None
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=folder.resolve().name if is_folder else text,
+                       path=folder.resolve() if is_folder else Path(text))
 
 
 def convert_smollm2(dest: Path, *, progress: bool = True) -> Path:

@@ -16,8 +16,10 @@ module only codes the stream groups it is handed.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import importlib.util
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +43,27 @@ def torchac_backend():
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name="kvcast_torchac_o3", sources=[str(source)], extra_cflags=["-O3"], verbose=False)
+        # torch's builder guards its folder with a lock *file*; a process killed inside `load` (SIGKILL, the OOM
+        # killer) leaves it behind and every later process waits for it forever. Our own flock is released by
+        # the kernel when its holder dies, so while we hold it any lock file in the folder is stale: remove it.
+        build = _extension_dir()
+        build.mkdir(parents=True, exist_ok=True)
+        with open(build.parent / "kvcast_torchac_o3.flock", "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            (build / "lock").unlink(missing_ok=True)
+            return load(name="kvcast_torchac_o3", sources=[str(source)], extra_cflags=["-O3"], verbose=False,
+                        build_directory=str(build))
     except Exception:  # pragma: no cover - fall back to the package's own build
         import torchac.torchac as torchac_module
 
         return torchac_module.torchac_backend
+
+
+def _extension_dir() -> Path:
+    """Where the -O3 torchac extension is built: per torch version, under ``$KVCAST_CACHE_DIR`` (default
+    ``~/.cache/kvcast``)."""
+    base = Path(os.environ.get("KVCAST_CACHE_DIR") or Path.home() / ".cache" / "kvcast")
+    return base / "torch_extensions" / f"torch-{torch.__version__}" / "kvcast_torchac_o3"
 
 
 def cachegen_cdf(counts: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 
 from kvcast.netsim.link import ChunkRequest, Link, LinkFailure, TransferOutcome, TransferTiming
+from kvcast.netsim.pacing import TracePacer
 
 __all__ = ["ExpectedObject", "HttpLink"]
 
@@ -54,12 +55,14 @@ class HttpLink(Link):
         stall_timeout_s: a read that gets no byte for this long counts as a stalled stream.
         connect_timeout_s: connection set-up limit.
         deadline_s: loop-clock time after which no retry starts and transfers fail (`set_deadline`).
+        pacer: paces the reads to follow a trace on the client side (`kvcast.netsim.pacing.TracePacer`).
     """
 
     def __init__(self, base_url: str, context_id: str, objects: Mapping[tuple[int, str], ExpectedObject], *,
                  token: str | None = None, session: aiohttp.ClientSession | None = None, rtt_s: float = 0.0,
                  retries: int = 3, backoff_s: float = 0.05, stall_timeout_s: float = 5.0,
-                 connect_timeout_s: float = 5.0, deadline_s: float | None = None) -> None:
+                 connect_timeout_s: float = 5.0, deadline_s: float | None = None,
+                 pacer: TracePacer | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.context_id = context_id
         self.objects = dict(objects)
@@ -69,6 +72,7 @@ class HttpLink(Link):
         self.stall_timeout_s = stall_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.deadline_s = deadline_s
+        self.pacer = pacer
         self._token = token
         self._session = session
         self._own_session = session is None
@@ -133,6 +137,8 @@ class HttpLink(Link):
             headers = {**headers, "Range": f"bytes={len(received)}-"}
         timeout = aiohttp.ClientTimeout(total=None, connect=self.connect_timeout_s,
                                         sock_read=self.stall_timeout_s)
+        if self.pacer is not None:
+            await self.pacer.round_trip()
         async with session.get(url, headers=headers, timeout=timeout) as response:
             if received and response.status == 200:
                 received.clear()  # the server ignored the range: the body is the whole object
@@ -140,6 +146,8 @@ class HttpLink(Link):
                 raise _ServerRefused(await _error_text(response))
             async for piece in response.content.iter_chunked(_READ_BYTES):
                 received += piece
+                if self.pacer is not None:
+                    await self.pacer.wait(len(piece))
 
     async def _ensure_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:

@@ -269,22 +269,26 @@ async def load_context(manifest: Manifest, link: Link, model: Any, token_ids: Se
         compute.close()
 
 
-def answer(model: Any, kv: KV, prompt_ids: Sequence[int], *, max_new_tokens: int = 16) -> tuple[list[int], Any]:
-    """Greedy continuation of `prompt_ids` after the context `kv`: the new token ids and the first step's logits
-    (``[vocab]``)."""
+def answer(model: Any, kv: KV, prompt_ids: Sequence[int], *, max_new_tokens: int = 16
+           ) -> tuple[list[int], Any, float]:
+    """Greedy continuation of `prompt_ids` after the context `kv`: the new token ids, the first step's logits
+    (``[vocab]``) and the seconds to the first token (the prompt's prefill on the loaded cache)."""
     dtype = next(model.parameters()).dtype
     cache = cache_from_kv(kv, model.config, dtype=dtype)
     ids = torch.as_tensor([list(prompt_ids)], dtype=torch.long)
     out_ids: list[int] = []
     first_logits = None
+    t0 = time.perf_counter()
+    first_step_s = 0.0
     with torch.no_grad():
         for _ in range(max_new_tokens):
             out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
             logits = out.logits[0, -1]
             if first_logits is None:
                 first_logits = logits.clone()
+                first_step_s = time.perf_counter() - t0
             nxt = int(logits.argmax())
             out_ids.append(nxt)
             cache = out.cache
             ids = torch.tensor([[nxt]], dtype=torch.long)
-    return out_ids, first_logits
+    return out_ids, first_logits, first_step_s

@@ -199,3 +199,37 @@ def plot_pareto(summary: Sequence[dict[str, Any]], path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_timeline(chunks: Sequence[dict[str, Any]], path: str | Path, *, title: str = "") -> None:
+    """One session's chunks over time: a lane each for the link, the decoder and the compute unit; bars
+    coloured by level (text in grey), labelled with the chunk index (rows as `FetchResult.chunk_rows`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = sorted({c["action"] for c in chunks if c["action"] not in (None, "text")})
+    cmap = plt.get_cmap("tab10")
+    colour = {lv: cmap(i % 10) for i, lv in enumerate(levels)}
+    colour["text"] = (0.55, 0.55, 0.55, 1.0)
+    lanes = (("link", "transfer"), ("decode", "decode"), ("compute", "recompute"))
+    fig, ax = plt.subplots(figsize=(9, 2.6), constrained_layout=True)
+    for y, (_, key) in enumerate(lanes):
+        for c in chunks:
+            start, end = c.get(f"{key}_start_s"), c.get(f"{key}_end_s")
+            if start is None or end is None:
+                continue
+            ax.barh(y, max(end - start, 1e-4), left=start, color=colour.get(c["action"], "black"),
+                    edgecolor="white", linewidth=0.5)
+            ax.text(start + (end - start) / 2, y, str(c["index"]), ha="center", va="center", fontsize=7)
+    ax.set_yticks(range(len(lanes)), [name for name, _ in lanes])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the session's start")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colour[k]) for k in [*levels, "text"]]
+    ax.legend(handles, [*levels, "text"], loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=8, fontsize=8,
+              frameon=False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -201,3 +201,43 @@ def make_memory_store():
             return sorted(self.manifests)
 
     return _MemoryStore()
+
+
+# ----------------------------------------------------------------------------------------------- model folders
+
+TINY_VOCAB = 256
+
+_TINY_CONFIGS = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "gemma": ("GemmaConfig", {}),
+}
+
+
+def save_tiny_model(folder: Path, seed: int = 0, architecture: str = "llama") -> Path:
+    """A random 2-layer causal LM of `architecture` (llama, qwen2, mistral, gemma) with a byte-level tokenizer
+    (one token per UTF-8 byte), saved like any hub model (``--model DIR``)."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    assert len(alphabet) == TINY_VOCAB
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(folder)
+    name, extra = _TINY_CONFIGS[architecture]
+    config = getattr(transformers, name)(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=8, max_position_embeddings=2048, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    return folder

@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 __all__ = [
-    "MANIFEST_FORMAT", "ChunkEntry", "Manifest", "ObjectEntry", "Store", "StoreError", "StoreUsage",
-    "check_context_id", "check_level", "object_key", "token_ids_digest",
+    "MANIFEST_FORMAT", "ChunkEntry", "Manifest", "NotFound", "ObjectEntry", "Store", "StoreError", "StoreUsage",
+    "check_context_id", "check_key", "check_level", "check_range", "is_context_id", "is_key", "object_key",
+    "token_ids_digest",
 ]
 
 MANIFEST_FORMAT = "kvcast-manifest/1"
@@ -38,6 +39,7 @@ KEY_FORMAT = "kvcast-object/1"
 _CONTEXT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _LEVEL = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 _KEY = re.compile(r"[0-9a-f]{64}")
+_SHA256 = _KEY
 
 
 class StoreError(Exception):
@@ -65,9 +67,28 @@ def check_level(level: str) -> str:
 
 
 def check_key(key: str) -> str:
+    """`key` if it is an object key's shape (64 lowercase hex digits); `StoreError` otherwise."""
     if not isinstance(key, str) or not _KEY.fullmatch(key):
         raise StoreError(f"bad object key {key!r}: 64 hex digits")
     return key
+
+
+def is_context_id(name: str) -> bool:
+    """Whether `name` is a valid context id (for listings that skip foreign names without raising)."""
+    return isinstance(name, str) and _CONTEXT_ID.fullmatch(name) is not None
+
+
+def is_key(name: str) -> bool:
+    """Whether `name` is an object key's shape (for listings that skip temp files and foreign names)."""
+    return isinstance(name, str) and _KEY.fullmatch(name) is not None
+
+
+def check_range(start: int, stop: int | None) -> None:
+    """`StoreError` unless ``[start, stop)`` is a byte range of the `Store.get_object` form."""
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise StoreError(f"bad byte range start {start!r}: a non-negative int")
+    if stop is not None and (isinstance(stop, bool) or not isinstance(stop, int) or stop < start):
+        raise StoreError(f"bad byte range stop {stop!r}: None or an int >= start ({start})")
 
 
 def token_ids_digest(token_ids: Sequence[int]) -> str:
@@ -78,13 +99,19 @@ def token_ids_digest(token_ids: Sequence[int]) -> str:
     return h.hexdigest()
 
 
-def object_key(model: Mapping[str, Any], token_ids: Sequence[int], start: int, stop: int, level: str) -> str:
+def object_key(model: Mapping[str, Any], token_ids: Sequence[int], start: int, stop: int, level: str, *,
+               params: Mapping[str, Any] | None = None) -> str:
     """The content address of chunk ``[start, stop)`` at `level`: SHA-256 over the model's fingerprint (its
-    header dict), the token ids ``[0, stop)`` (a chunk's KV depends on its whole prefix), the range and the level."""
+    header dict), the token ids ``[0, stop)`` (a chunk's KV depends on its whole prefix), the range and the level.
+
+    `params` (JSON-able) adds whatever else determines the bytes, e.g. a ``kvcast-*`` level's ``context_end``
+    and sensitivity table; keys without `params` are unchanged by it."""
     if not (0 <= start < stop <= len(token_ids)):
         raise StoreError(f"chunk range [{start}, {stop}) is outside the {len(token_ids)} tokens")
     doc = {"format": KEY_FORMAT, "model": dict(model), "prefix": token_ids_digest(token_ids[:stop]),
            "start": int(start), "stop": int(stop), "level": check_level(level)}
+    if params:
+        doc["params"] = dict(params)
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -161,26 +188,70 @@ class Manifest:
             if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
                 raise StoreError(f"not a {MANIFEST_FORMAT} manifest")
             chunks = []
-            for i, c in enumerate(doc["chunks"]):
-                objects = {check_level(lv): ObjectEntry(check_key(o["key"]), int(o["nbytes"]), str(o["sha256"]),
-                                                       o.get("quality"))
-                           for lv, o in c["objects"].items()}
-                if int(c["index"]) != i:
-                    raise StoreError(f"chunk {i} has index {c['index']}")
-                chunks.append(ChunkEntry(i, int(c["start_token"]), int(c["tokens"]), objects))
-            manifest = cls(context_id=check_context_id(doc["context_id"]), model=dict(doc["model"]),
-                           token_ids_sha256=str(doc["token_ids_sha256"]), tokens=int(doc["tokens"]),
-                           chunk_tokens=int(doc["chunk_tokens"]),
-                           levels=tuple(check_level(lv) for lv in doc["levels"]), chunks=tuple(chunks),
-                           created_s=float(doc.get("created_s", 0.0)), text_sha256=doc.get("text_sha256"),
-                           meta=dict(doc.get("meta") or {}))
+            position = 0
+            for i, c in enumerate(_list(doc["chunks"], "chunks")):
+                objects = {check_level(lv): _object_entry(o) for lv, o in _dict(c["objects"], "objects").items()}
+                if _int(c["index"]) != i:
+                    raise StoreError(f"malformed manifest: chunk {i} has index {c['index']}")
+                start, tokens = _int(c["start_token"]), _int(c["tokens"])
+                if start != position or tokens < 1:
+                    raise StoreError(f"malformed manifest: chunk {i} covers [{start}, {start + tokens}); "
+                                     f"expected a non-empty range from token {position}")
+                position += tokens
+                chunks.append(ChunkEntry(i, start, tokens, objects))
+            text_sha256 = doc.get("text_sha256")
+            manifest = cls(context_id=check_context_id(doc["context_id"]), model=_dict(doc["model"], "model"),
+                           token_ids_sha256=_sha256(doc["token_ids_sha256"]), tokens=_int(doc["tokens"]),
+                           chunk_tokens=_int(doc["chunk_tokens"]),
+                           levels=tuple(check_level(lv) for lv in _list(doc["levels"], "levels")),
+                           chunks=tuple(chunks), created_s=float(doc.get("created_s", 0.0)),
+                           text_sha256=None if text_sha256 is None else _sha256(text_sha256),
+                           meta=_dict(doc.get("meta") or {}, "meta"))
         except StoreError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
             raise StoreError(f"malformed manifest: {type(exc).__name__}: {exc}") from None
         if sum(c.tokens for c in manifest.chunks) != manifest.tokens:
             raise StoreError("malformed manifest: chunk tokens do not add up to the context's tokens")
+        if manifest.chunk_tokens < 1 or len(set(manifest.levels)) != len(manifest.levels):
+            raise StoreError("malformed manifest: chunk_tokens must be >= 1 and levels distinct")
+        for chunk in manifest.chunks:
+            if not set(chunk.objects) <= set(manifest.levels):
+                raise StoreError(f"malformed manifest: chunk {chunk.index} has levels "
+                                 f"{sorted(set(chunk.objects) - set(manifest.levels))} outside its levels")
         return manifest
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a non-negative int, got {value!r}")
+    return value
+
+
+def _dict(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"{what}: expected an object, got {type(value).__name__}")
+    return dict(value)
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(f"{what}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _sha256(value: Any) -> str:
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise ValueError(f"expected a SHA-256 (64 hex digits), got {value!r}")
+    return value
+
+
+def _object_entry(doc: Any) -> ObjectEntry:
+    doc = _dict(doc, "object")
+    quality = doc.get("quality")
+    if quality is not None:
+        quality = {str(k): float(v) for k, v in _dict(quality, "quality").items()}
+    return ObjectEntry(check_key(doc["key"]), _int(doc["nbytes"]), _sha256(doc["sha256"]), quality)
 
 
 @dataclass(frozen=True)
@@ -254,8 +325,18 @@ class Store(abc.ABC):
         """Remove every object no manifest names (an interrupted put's leftovers); returns bytes freed."""
         return self._collect(set(self.object_keys()))
 
+    def _live_keys(self) -> set[str]:
+        """Keys named by any manifest (`StoreError` if a manifest is malformed: nothing can be collected then)."""
+        live: set[str] = set()
+        for context in self.contexts():
+            try:
+                live.update(self.get_manifest(context).keys())
+            except NotFound:  # removed meanwhile
+                continue
+        return live
+
     def _collect(self, candidates: set[str]) -> int:
-        live = {k for c in self.contexts() for k in self.get_manifest(c).keys()}
+        live = self._live_keys()
         freed = 0
         for key in sorted(candidates - live):
             try:
@@ -265,8 +346,18 @@ class Store(abc.ABC):
             self.delete_object(key)
         return freed
 
+    def manifests(self) -> list[Manifest]:
+        """The manifests of `contexts` (skipping any removed meanwhile); `StoreError` if one is malformed."""
+        found = []
+        for context in self.contexts():
+            try:
+                found.append(self.get_manifest(context))
+            except NotFound:
+                continue
+        return found
+
     def usage(self) -> StoreUsage:
-        manifests = [self.get_manifest(c) for c in self.contexts()]
+        manifests = self.manifests()
         named = {e.key: e.nbytes for m in manifests for c in m.chunks for e in c.objects.values()}
         stored = set(self.object_keys())
         return StoreUsage(contexts=len(manifests), objects=len(named), object_bytes=sum(named.values()),

@@ -124,8 +124,8 @@ def test_live_kv_equals_the_local_run_of_the_same_actions(model, context, policy
     for (k, v), (wk, wv) in zip(result.kv, want):
         assert torch.equal(k, wk) and torch.equal(v, wv)
     # the model's answer and first logits on the loaded KV equal a local run on the same KV
-    got_ids, got_logits = answer(model, result.kv, ids[-2:], max_new_tokens=6)
-    want_ids, want_logits = answer(model, want, ids[-2:], max_new_tokens=6)
+    got_ids, got_logits, _ = answer(model, result.kv, ids[-2:], max_new_tokens=6)
+    want_ids, want_logits, _ = answer(model, want, ids[-2:], max_new_tokens=6)
     assert got_ids == want_ids and torch.equal(got_logits, want_logits)
     # records: every loaded chunk was transferred then decoded, every text chunk recomputed
     for rec in result.session.chunks:

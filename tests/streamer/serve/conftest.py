@@ -1,0 +1,192 @@
+"""Fixtures of the `kvcast serve` tests: an in-memory `Store`, contexts of random objects, a served app.
+
+pytest-aiohttp is not used: each test runs its coroutine with `asyncio.run` (`run_with_client`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from kvcast.streamer.store import (
+    ChunkEntry,
+    Manifest,
+    NotFound,
+    ObjectEntry,
+    Store,
+    StoreError,
+    check_context_id,
+    object_key,
+)
+
+TOKEN = "test-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SECRET = b"TOP-SECRET-FILE-CONTENT"
+
+
+class MemoryStore(Store):
+    """A `Store` in a dict (thread-safe), for the server's tests."""
+
+    def __init__(self, url: str = "memory://test") -> None:
+        self.url = url
+        self._objects: dict[str, bytes] = {}
+        self._manifests: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def put_object(self, key: str, data: bytes) -> None:
+        with self._lock:
+            self._objects.setdefault(key, bytes(data))
+
+    def get_object(self, key: str, start: int = 0, stop: int | None = None) -> bytes:
+        try:
+            data = self._objects[key]
+        except KeyError:
+            raise NotFound(f"no object {key}") from None
+        return data[start:stop]
+
+    def object_size(self, key: str) -> int:
+        return len(self.get_object(key))
+
+    def has_object(self, key: str) -> bool:
+        return key in self._objects
+
+    def delete_object(self, key: str) -> None:
+        with self._lock:
+            self._objects.pop(key, None)
+
+    def object_keys(self) -> list[str]:
+        return sorted(self._objects)
+
+    def put_manifest(self, manifest: Manifest) -> None:
+        missing = [k for k in manifest.keys() if k not in self._objects]
+        if missing:
+            raise StoreError(f"missing objects {missing}")
+        with self._lock:
+            self._manifests[manifest.context_id] = manifest.to_json()
+
+    def get_manifest(self, context_id: str) -> Manifest:
+        try:
+            return Manifest.from_json(self._manifests[check_context_id(context_id)])
+        except KeyError:
+            raise NotFound(f"no context {context_id!r}") from None
+
+    def delete_manifest(self, context_id: str) -> None:
+        with self._lock:
+            self._manifests.pop(context_id, None)
+
+    def contexts(self) -> list[str]:
+        return sorted(self._manifests)
+
+
+class BrokenStore(MemoryStore):
+    """A store whose backend is down: every call raises `StoreError`."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in ("get_object", "object_size", "get_manifest", "contexts", "object_keys", "has_object"):
+            def down(*args: Any, **kwargs: Any) -> Any:
+                raise StoreError("connection refused (test)")
+            return down
+        return super().__getattribute__(name)
+
+
+def put_context(store: Store, context_id: str, objects: list[dict[str, bytes]], chunk_tokens: int = 4) -> Manifest:
+    """Store a context whose chunk i has the objects ``objects[i]`` (level -> bytes); returns its manifest."""
+    tokens = list(range(len(objects) * chunk_tokens))
+    model = {"name": "test-model", "layers": 2}
+    chunks = []
+    for i, by_level in enumerate(objects):
+        entries = {}
+        for level, data in by_level.items():
+            key = object_key(model, tokens, i * chunk_tokens, (i + 1) * chunk_tokens, level,
+                             params={"context": context_id})
+            store.put_object(key, data)
+            entries[level] = ObjectEntry(key, len(data), hashlib.sha256(data).hexdigest())
+        chunks.append(ChunkEntry(i, i * chunk_tokens, chunk_tokens, entries))
+    levels = tuple(dict.fromkeys(lv for c in objects for lv in c))
+    manifest = Manifest(context_id=context_id, model=model, token_ids_sha256=hashlib.sha256(b"t").hexdigest(),
+                        tokens=len(tokens), chunk_tokens=chunk_tokens, levels=levels, chunks=tuple(chunks))
+    store.put_manifest(manifest)
+    return manifest
+
+
+@dataclass
+class Fixture:
+    """A store holding context ``ctx-1`` (3 chunks at raw and int8) and its objects."""
+
+    store: Store
+    manifest: Manifest
+    objects: list[dict[str, bytes]]
+    secret: Path
+
+
+def _fill(store: Store, root: Path) -> Fixture:
+    rng = os.urandom
+    objects = [{"raw": rng(700_000), "int8": rng(350_000)}, {"raw": rng(10_000), "int8": rng(5_000)},
+               {"raw": rng(1), "int8": b""}]
+    manifest = put_context(store, "ctx-1", objects)
+    secret = root / "secret.txt"
+    secret.write_bytes(SECRET)
+    return Fixture(store, manifest, objects, secret)
+
+
+@pytest.fixture
+def memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Fixture:
+    monkeypatch.chdir(tmp_path)  # a secret file in the working folder too: relative paths must not reach it
+    return _fill(MemoryStore(), tmp_path)
+
+
+def _dir_store(tmp_path: Path) -> Store:
+    try:
+        from kvcast.streamer.store.dir import DirStore
+    except ImportError:
+        pytest.skip("kvcast.streamer.store.dir is not there yet")
+    return DirStore("dir://" + str(tmp_path / "store"))
+
+
+@pytest.fixture(params=["memory", "dir"])
+def stored(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Fixture:
+    """The fixture context in each backend: the in-memory store and a `DirStore` (the secret file sits beside
+    the store's folder and in the working folder)."""
+    monkeypatch.chdir(tmp_path)
+    store = MemoryStore() if request.param == "memory" else _dir_store(tmp_path)
+    return _fill(store, tmp_path)
+
+
+def run_with_client(app: web.Application, body: Callable[[TestClient], Awaitable[Any]], timeout: float = 20.0) -> Any:
+    """Serve `app` on a loopback port and run ``body(client)`` in a fresh event loop (bounded by `timeout`)."""
+
+    async def main() -> Any:
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            return await asyncio.wait_for(body(client), timeout)
+
+    return asyncio.run(main())
+
+
+async def raw_request(client: TestClient, head: bytes, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    """Send `head` (a request's bytes, verbatim: no URL normalisation) and read the answer until the server
+    closes the connection. Returns (status, headers with lowercase names, body)."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+    header, _, body = data.partition(b"\r\n\r\n")
+    lines = header.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, body
