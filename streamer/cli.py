@@ -98,6 +98,9 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         profile: Annotated[Path | None, typer.Option(
             help="kvcast-profile/1 JSON (default: the shipped profile, measured on WikiText-2 test).")]
         = _SIM.profile,
+        host_profile: Annotated[Path | None, typer.Option(
+            help="kvcast-host-profile/1 JSON (kvcast calibrate host): this host's prefill cost and decode "
+                 "speeds replace --gpu/--recompute and the profile's decode speeds.")] = _SIM.host_profile,
         levels: Annotated[str | None, typer.Option(
             help="Codec levels on the menu, comma-separated, united: a set (all, cachegen = raw, int8, "
                  "cachegen-N; kvcast = raw, int8, kvcast-N) or level names. Default: all. cachegen and "
@@ -143,6 +146,7 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
             config = SimulationConfig(
                 policies=comma_list(policies), model=model, gpu=gpu,
                 recompute=recompute, profile=None if profile is None else str(profile),
+                host_profile=None if host_profile is None else str(host_profile),
                 levels=None if not levels else tuple(x.strip() for x in levels.split(",")),
                 chunk_tokens=chunk_tokens, context_tokens=_range(context_tokens, "--context-tokens", int),
                 contexts=contexts, slo_s=slo, scaling=scaling,

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from kvcast.streamer.host import HostProfile
     from kvcast.streamer.menus import ModelShape, RecomputeCost
     from kvcast.streamer.profile import Profile
 
@@ -31,6 +33,10 @@ class SimulationConfig:
     """Override of the recompute cost: ``gpu/model`` of the table, or ``a,b,c`` (see `RecomputeCost`)."""
     profile: str | None = None
     """Path of a ``kvcast-profile/1`` JSON; None: the shipped default profile (measured)."""
+    host_profile: str | None = None
+    """Path of a ``kvcast-host-profile/1`` JSON (``kvcast calibrate host``): the serving host's prefill cost and
+    decode speeds replace the recompute cost table (`gpu`, `recompute`) and the profile's decode speeds, so a
+    simulation models the same host as a live session."""
     levels: tuple[str, ...] | None = None
     """The codec levels on the menu: set names (``all``, ``cachegen``, ``kvcast``; `kvcast.streamer.menus.LEVEL_SETS`)
     and level names of the profile, united, kept in the profile's order (None: all). The CacheGen controllers
@@ -99,7 +105,14 @@ class SimulationConfig:
     def recompute_cost(self) -> RecomputeCost:
         from kvcast.streamer.menus import recompute_cost
 
+        if self.host_profile is not None:
+            return self.load_host_profile().recompute
         return recompute_cost(self.recompute or f"{self.gpu}/{self.model}")
+
+    def load_host_profile(self) -> HostProfile | None:
+        from kvcast.streamer.host import load_host_profile
+
+        return None if self.host_profile is None else load_host_profile(Path(self.host_profile))
 
     def load_profile(self) -> Profile:
         from kvcast.streamer.profile import Profile, default_profile

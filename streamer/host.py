@@ -21,18 +21,33 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvcast.streamer.costfit import fit_recompute_cost
-from kvcast.streamer.live import HostProfile
 from kvcast.streamer.menus import RecomputeCost
 
-__all__ = ["HOST_PROFILE_FORMAT", "HostProfileError", "load_host_profile", "measure_host_profile",
+__all__ = ["HOST_PROFILE_FORMAT", "HostProfile", "HostProfileError", "load_host_profile", "measure_host_profile",
            "save_host_profile"]
 
 HOST_PROFILE_FORMAT = "kvcast-host-profile/1"
+
+
+@dataclass(frozen=True)
+class HostProfile:
+    """What a serving host's resources cost, for the estimates the policy observes: decode speed per level
+    (values per second; a level not listed decodes at `default_decode_values_per_s`), the prefill cost by
+    position, and each level's quality loss (from a codec profile)."""
+
+    recompute: RecomputeCost
+    decode_values_per_s: Mapping[str, float] = field(default_factory=dict)
+    default_decode_values_per_s: float = 20e6
+    quality_loss: Mapping[str, float] = field(default_factory=dict)
+
+    def decode_s(self, level: str, values: int) -> float:
+        return values / self.decode_values_per_s.get(level, self.default_decode_values_per_s)
 
 
 class HostProfileError(ValueError):

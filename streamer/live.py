@@ -20,9 +20,9 @@ import asyncio
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from kvcast.codec.hf import KV, cache_from_kv, kv_from_cache, kv_tokens
 from kvcast.netsim.link import ChunkRequest, Link, TransferOutcome, TransferTiming
 from kvcast.policies.base import ChunkMenu, LevelOption, Policy
 from kvcast.streamer.engine import SessionResult, StreamingEngine
-from kvcast.streamer.menus import RecomputeCost
+from kvcast.streamer.host import HostProfile
 from kvcast.streamer.resources import Compute, Decoder, Done
 from kvcast.streamer.store import Manifest, Store, StoreError
 
@@ -198,21 +198,6 @@ class StoreLink(Link):
 
 
 # ----------------------------------------------------------------------------------------------- menus
-
-
-@dataclass(frozen=True)
-class HostProfile:
-    """What a serving host's resources cost, for the estimates the policy observes: decode speed per level
-    (values per second; a level not listed decodes at `default_decode_values_per_s`), the prefill cost by
-    position, and each level's quality loss (from a codec profile)."""
-
-    recompute: RecomputeCost
-    decode_values_per_s: Mapping[str, float] = field(default_factory=dict)
-    default_decode_values_per_s: float = 20e6
-    quality_loss: Mapping[str, float] = field(default_factory=dict)
-
-    def decode_s(self, level: str, values: int) -> float:
-        return values / self.decode_values_per_s.get(level, self.default_decode_values_per_s)
 
 
 def live_menus(manifest: Manifest, host: HostProfile, *, levels: Sequence[str] | None = None

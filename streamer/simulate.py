@@ -175,6 +175,9 @@ def run_trace_task(task: TraceTask, registry: PolicyRegistry | None = None) -> T
     profile = config.load_profile()
     shape = config.shape()
     cost = config.recompute_cost()
+    host = config.load_host_profile()
+    speeds = None if host is None else dict(host.decode_values_per_s)
+    default_speed = None if host is None else host.default_decode_values_per_s
     menus_by_length: dict[int, tuple[ChunkMenu, ...]] = {}
     sessions: list[dict[str, Any]] = []
     lines: list[str] = []
@@ -186,7 +189,8 @@ def run_trace_task(task: TraceTask, registry: PolicyRegistry | None = None) -> T
             menus = menus_by_length.get(setup.context_tokens)
             if menus is None:
                 menus = build_menus(profile, shape, setup.context_tokens, config.chunk_tokens, cost,
-                                    levels=config.levels)
+                                    levels=config.levels, decode_values_per_s=speeds,
+                                    default_decode_values_per_s=default_speed)
                 menus_by_length[setup.context_tokens] = menus
             for spec in config.policies:
                 try:

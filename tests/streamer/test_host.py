@@ -37,3 +37,33 @@ def test_bad_files_are_refused_with_the_reason(tmp_path, content, match):
     path.write_text(content)
     with pytest.raises(HostProfileError, match=match):
         load_host_profile(path)
+
+
+def test_simulate_reads_the_host_profile(tmp_path):
+    from typer.testing import CliRunner
+
+    from kvcast.cli import app
+    from kvcast.streamer.config import SimulationConfig
+    from kvcast.streamer.menus import ModelShape, build_menus
+
+    record = {"format": "kvcast-host-profile/1", "model": "m", "decode_values_per_s": {"int8": 2e7, "raw": 4e7},
+              "recompute": {"a_s_per_token": 1e-4, "b_s_per_token_pair": 1e-8, "c_s": 0.01}}
+    path = save_host_profile(record, tmp_path / "host.json")
+    config = SimulationConfig(host_profile=str(path), model="30,3,64", levels=("raw", "int8"))
+    host = config.load_host_profile()
+    assert config.recompute_cost().prefill_s(512, 256) == pytest.approx(host.recompute.prefill_s(512, 256))
+    shape = ModelShape.parse("30,3,64")
+    menus = build_menus(config.load_profile(), shape, 1024, 256, config.recompute_cost(), levels=config.levels,
+                        decode_values_per_s=host.decode_values_per_s)
+    values = 256 * shape.values_per_token
+    assert {o.level: o.decode_s for o in menus[0].levels} == pytest.approx({"raw": values / 4e7,
+                                                                            "int8": values / 2e7})
+    out = tmp_path / "sim"
+    done = CliRunner().invoke(app, ["simulate", "--host-profile", str(path), "--model", "30,3,64", "--levels",
+                                    "raw,int8", "--contexts", "1", "--policies", "text,raw", "--out", str(out),
+                                    "--context-tokens", "1024-2048", "--chunk-tokens", "256"])
+    assert done.exit_code == 0, done.output
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    done = CliRunner().invoke(app, ["simulate", "--host-profile", str(bad), "--out", str(tmp_path / "x")])
+    assert done.exit_code == 2 and "not a kvcast-host-profile/1" in done.output
