@@ -240,6 +240,7 @@ async def load_context(manifest: Manifest, link: Link, model: Any, token_ids: Se
     returned KV is what the model continues on (`answer`)."""
     if len(token_ids) != manifest.tokens:
         raise LiveError(f"{len(token_ids)} token ids given, the context has {manifest.tokens}")
+    codec.default_codec().pool.warm_up()  # a serving host keeps its coder processes running: not timed
     assembly = ContextAssembly([c.tokens for c in manifest.chunks])
     decoder = CodecDecoder(assembly, dtype=kv_dtype)
     compute = ModelCompute(assembly, model, token_ids, [c.start_token for c in manifest.chunks])
