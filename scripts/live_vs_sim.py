@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mean-mbps", default="40-400")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--host-profile", type=Path, default=None, help="Reuse a measured host profile.")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="Torch threads of the model (0: torch's default); with 1 the model leaves a core to the "
+                         "link and the decoder, as a GPU would")
     args = ap.parse_args(argv)
 
     import torch
@@ -54,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     from kvcast.streamer.ingest import put_context
     from kvcast.streamer.store import open_store
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     levels = [x for x in args.levels.split(",") if x]

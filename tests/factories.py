@@ -5,14 +5,33 @@ Plain functions and classes only; pytest fixtures live in the conftest.py files.
 
 from __future__ import annotations
 
+import hashlib
 import random
+import socket
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from kvcast import codec
+from kvcast.codec.hf import cache_from_kv, kv_from_cache
 from kvcast.policies.base import TEXT, ChunkMenu, Decision, LevelOption, Observation, Policy
+from kvcast.streamer.live import answer
+from kvcast.streamer.store import (
+    ChunkEntry,
+    Manifest,
+    NotFound,
+    ObjectEntry,
+    Store,
+    StoreError,
+    check_context_id,
+    object_key,
+)
+from kvcast.streamer.store.base import check_key, check_range
 
 MB = 1_000_000
 
@@ -150,57 +169,144 @@ class Idle(Policy):
 # ----------------------------------------------------------------------------------------------- stores
 
 
-def make_memory_store():
-    """A fresh in-memory `Store` (objects and manifests in dicts), for tests that need no backend."""
-    from kvcast.streamer.store import Manifest, NotFound, Store, StoreError
+class MemoryStore(Store):
+    """The `Store` semantics in two dicts (thread-safe): the reference both backends must behave like, and the
+    store of tests that need no backend. ``objects`` is open to tests that corrupt it behind the manifest's back."""
 
-    class _MemoryStore(Store):
-        url = "memory://"
+    def __init__(self, url: str = "memory://") -> None:
+        self.url = url
+        self.objects: dict[str, bytes] = {}
+        self.manifest_json: dict[str, str] = {}
+        self._lock = threading.Lock()
 
-        def __init__(self) -> None:
-            self.objects: dict[str, bytes] = {}
-            self.manifests: dict[str, str] = {}
-
-        def put_object(self, key, data):
+    def put_object(self, key, data):
+        check_key(key)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise StoreError("object data must be bytes")
+        with self._lock:
             self.objects.setdefault(key, bytes(data))
 
-        def get_object(self, key, start=0, stop=None):
-            if key not in self.objects:
-                raise NotFound(f"no object {key}")
-            return self.objects[key][start:stop]
+    def get_object(self, key, start=0, stop=None):
+        check_key(key)
+        check_range(start, stop)
+        if key not in self.objects:
+            raise NotFound(f"no object {key}")
+        return self.objects[key][start:stop]
 
-        def object_size(self, key):
-            if key not in self.objects:
-                raise NotFound(f"no object {key}")
-            return len(self.objects[key])
+    def object_size(self, key):
+        check_key(key)
+        if key not in self.objects:
+            raise NotFound(f"no object {key}")
+        return len(self.objects[key])
 
-        def has_object(self, key):
-            return key in self.objects
+    def has_object(self, key):
+        return check_key(key) in self.objects
 
-        def delete_object(self, key):
-            self.objects.pop(key, None)
+    def delete_object(self, key):
+        with self._lock:
+            self.objects.pop(check_key(key), None)
 
-        def object_keys(self):
-            return sorted(self.objects)
+    def object_keys(self):
+        return sorted(self.objects)
 
-        def put_manifest(self, manifest: Manifest):
-            missing = [k for k in manifest.keys() if k not in self.objects]
-            if missing:
-                raise StoreError(f"manifest names missing objects {missing[:3]}")
-            self.manifests[manifest.context_id] = manifest.to_json()
+    def put_manifest(self, manifest):
+        if not isinstance(manifest, Manifest):
+            raise StoreError("expected a Manifest")
+        check_context_id(manifest.context_id)
+        missing = [k for k in manifest.keys() if check_key(k) not in self.objects]
+        if missing:
+            raise StoreError(f"the manifest names missing objects {missing[:3]}")
+        with self._lock:
+            self.manifest_json[manifest.context_id] = manifest.to_json()
 
-        def get_manifest(self, context_id):
-            if context_id not in self.manifests:
-                raise NotFound(f"no context {context_id!r}")
-            return Manifest.from_json(self.manifests[context_id])
+    def get_manifest(self, context_id):
+        check_context_id(context_id)
+        if context_id not in self.manifest_json:
+            raise NotFound(f"no context {context_id!r}")
+        return Manifest.from_json(self.manifest_json[context_id])
 
-        def delete_manifest(self, context_id):
-            self.manifests.pop(context_id, None)
+    def delete_manifest(self, context_id):
+        with self._lock:
+            self.manifest_json.pop(check_context_id(context_id), None)
 
-        def contexts(self):
-            return sorted(self.manifests)
+    def contexts(self):
+        return sorted(self.manifest_json)
 
-    return _MemoryStore()
+
+SERVE_TOKEN = "test-token-0123456789abcdef"
+"""The bearer token of the servers the tests start."""
+
+
+def put_synthetic_context(store: Store, context_id: str, objects: list[dict[str, bytes]],
+                          chunk_tokens: int = 4) -> Manifest:
+    """Store a context whose chunk i has the objects ``objects[i]`` (level -> bytes); returns its manifest."""
+    tokens = list(range(len(objects) * chunk_tokens))
+    model = {"name": "test-model", "layers": 2}
+    chunks = []
+    for i, by_level in enumerate(objects):
+        entries = {}
+        for level, data in by_level.items():
+            key = object_key(model, tokens, i * chunk_tokens, (i + 1) * chunk_tokens, level,
+                             params={"context": context_id})
+            store.put_object(key, data)
+            entries[level] = ObjectEntry(key, len(data), hashlib.sha256(data).hexdigest())
+        chunks.append(ChunkEntry(i, i * chunk_tokens, chunk_tokens, entries))
+    levels = tuple(dict.fromkeys(lv for c in objects for lv in c))
+    manifest = Manifest(context_id=context_id, model=model, token_ids_sha256=hashlib.sha256(b"t").hexdigest(),
+                        tokens=len(tokens), chunk_tokens=chunk_tokens, levels=levels, chunks=tuple(chunks))
+    store.put_manifest(manifest)
+    return manifest
+
+
+REDIS_BINARY = "redis-server"
+
+
+class RedisServer:
+    """A throw-away redis-server on a loopback port (no persistence), stoppable and restartable."""
+
+    def __init__(self, binary: str, port: int, workdir: Path) -> None:
+        self.binary, self.port, self.workdir = binary, port, workdir
+        self.proc: subprocess.Popen | None = None
+
+    def url(self, prefix: str | None = None, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}" + (f"?prefix={prefix}" if prefix else "")
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5)
+        for _ in range(200):  # up to ~10 s; PING answers once the server accepts commands
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode} on port {self.port}")
+            try:
+                if client.ping():
+                    break
+            except redis.exceptions.RedisError:
+                time.sleep(0.05)
+        else:
+            self.stop()
+            raise RuntimeError(f"redis-server on port {self.port} did not answer PING")
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for servers the tests start)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------- model folders
@@ -241,3 +347,27 @@ def save_tiny_model(folder: Path, seed: int = 0, architecture: str = "llama") ->
         if bars:
             transformers.utils.logging.enable_progress_bar()
     return folder
+
+
+# ----------------------------------------------------------------------------------------------- live sessions
+
+
+def local_answer(lm, store, manifest, actions, prompt, max_new_tokens=8):
+    """The answer (token ids, first logits) on the KV a local run builds from the same stored objects and
+    actions: each chunk decoded from its level, or prefilled on the prefix for ``"text"``."""
+    parts = []
+    ids = manifest.meta["token_ids"]
+    for chunk, action in zip(manifest.chunks, actions):
+        if action == TEXT:
+            prefix = [(torch.cat([p[i][0] for p in parts], 2), torch.cat([p[i][1] for p in parts], 2))
+                      for i in range(len(parts[0]))] if parts else None
+            cache = None if prefix is None else cache_from_kv(prefix, lm.model.config)
+            s, e = chunk.start_token, chunk.start_token + chunk.tokens
+            with torch.no_grad():
+                out = lm.model(torch.tensor([ids[s:e]]), cache=cache, use_cache=True)
+            parts.append([(k[:, :, s:e], v[:, :, s:e]) for k, v in kv_from_cache(out.cache)])
+        else:
+            parts.append(codec.decode(store.get_object(chunk.objects[action].key), dtype=torch.float32))
+    kv = [(torch.cat([p[i][0] for p in parts], 2), torch.cat([p[i][1] for p in parts], 2))
+          for i in range(len(parts[0]))]
+    return answer(lm.model, kv, prompt, max_new_tokens=max_new_tokens)[:2]

@@ -12,20 +12,18 @@ import asyncio
 import contextlib
 
 import pytest
-import torch
 from aiohttp import web
 
-from kvcast import codec
 from kvcast.codec.model import load_model
 from kvcast.policies.base import TEXT
 from kvcast.policies.registry import default_registry
 from kvcast.streamer.fetch import FetchError, fetch_context
 from kvcast.streamer.ingest import put_context
-from kvcast.streamer.live import HostProfile, answer
+from kvcast.streamer.live import HostProfile
 from kvcast.streamer.menus import RecomputeCost
 from kvcast.streamer.serve import make_app
 from kvcast.streamer.store import open_store
-from tests.factories import save_tiny_model
+from tests.factories import local_answer, save_tiny_model
 
 TOKEN = "e2e-test-token-0123456789"
 TEXT_BODY = "The quick brown fox jumps over the lazy dog. " * 4  # 180 byte tokens
@@ -54,28 +52,6 @@ async def serving(store, **kwargs):
         yield f"http://127.0.0.1:{port}", runner
     finally:
         await runner.cleanup()
-
-
-def local_answer(lm, store, manifest, actions, prompt):
-    """The answer on the KV a local run builds from the same objects and actions."""
-    parts = []
-    ids = manifest.meta["token_ids"]
-    for chunk, action in zip(manifest.chunks, actions):
-        if action == TEXT:
-            from kvcast.codec.hf import cache_from_kv, kv_from_cache
-
-            prefix = [(torch.cat([p[i][0] for p in parts], 2), torch.cat([p[i][1] for p in parts], 2))
-                      for i in range(len(parts[0]))] if parts else None
-            cache = None if prefix is None else cache_from_kv(prefix, lm.model.config)
-            s, e = chunk.start_token, chunk.start_token + chunk.tokens
-            with torch.no_grad():
-                out = lm.model(torch.tensor([ids[s:e]]), cache=cache, use_cache=True)
-            parts.append([(k[:, :, s:e], v[:, :, s:e]) for k, v in kv_from_cache(out.cache)])
-        else:
-            parts.append(codec.decode(store.get_object(chunk.objects[action].key), dtype=torch.float32))
-    kv = [(torch.cat([p[i][0] for p in parts], 2), torch.cat([p[i][1] for p in parts], 2))
-          for i in range(len(parts[0]))]
-    return answer(lm.model, kv, prompt, max_new_tokens=8)[:2]
 
 
 @pytest.mark.parametrize("policy", ["fixed:raw", "fixed:cachegen-2", "hybrid", "text"])

@@ -21,7 +21,7 @@ from kvcast.policies.registry import default_registry
 from kvcast.streamer.live import ContextAssembly, HostProfile, LiveError, StoreLink, answer, live_menus, load_context
 from kvcast.streamer.menus import RecomputeCost
 from kvcast.streamer.store import ChunkEntry, Manifest, ObjectEntry, object_key, token_ids_digest
-from tests.factories import make_memory_store, tiny_llama
+from tests.factories import MemoryStore, tiny_llama
 
 CHUNK = 16
 TOKENS = 48
@@ -112,7 +112,7 @@ def expected_kv(manifest, store, model, ids, actions):
                                          "cachegen"])
 def test_live_kv_equals_the_local_run_of_the_same_actions(model, context, policy_spec):
     ids, kv = context
-    store = make_memory_store()
+    store = MemoryStore()
     manifest = store_context(store, "ctx", model, ids, kv)
     policy = Plan(text=[0], level="int8") if policy_spec == "mixed" else default_registry().create(policy_spec)
     result = run(manifest, store, model, ids, policy)
@@ -138,7 +138,7 @@ def test_live_kv_equals_the_local_run_of_the_same_actions(model, context, policy
 
 def test_text_only_session_equals_the_full_prefill(model, context):
     ids, kv = context
-    store = make_memory_store()
+    store = MemoryStore()
     manifest = store_context(store, "ctx", model, ids, kv)
     result = run(manifest, store, model, ids, default_registry().create("text"))
     for (k, v), (wk, wv) in zip(result.kv, kv):
@@ -148,7 +148,7 @@ def test_text_only_session_equals_the_full_prefill(model, context):
 
 def test_a_corrupt_object_fails_the_checksum_before_decoding(model, context):
     ids, kv = context
-    store = make_memory_store()
+    store = MemoryStore()
     manifest = store_context(store, "ctx", model, ids, kv)
     key = manifest.chunks[1].objects["raw"].key
     data = bytearray(store.objects[key])
@@ -160,7 +160,7 @@ def test_a_corrupt_object_fails_the_checksum_before_decoding(model, context):
 
 def test_menus_come_from_the_manifest_sizes(model, context):
     ids, kv = context
-    store = make_memory_store()
+    store = MemoryStore()
     manifest = store_context(store, "ctx", model, ids, kv)
     menus = live_menus(manifest, HOST)
     assert [m.tokens for m in menus] == [CHUNK] * 3

@@ -6,9 +6,7 @@ pytest-aiohttp is not used: each test runs its coroutine with `asyncio.run` (`ru
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
-import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,73 +17,16 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from kvcast.streamer.store import (
-    ChunkEntry,
     Manifest,
-    NotFound,
-    ObjectEntry,
     Store,
     StoreError,
-    check_context_id,
-    object_key,
 )
+from tests.factories import SERVE_TOKEN as TOKEN
+from tests.factories import MemoryStore
+from tests.factories import put_synthetic_context as put_context
 
-TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SECRET = b"TOP-SECRET-FILE-CONTENT"
-
-
-class MemoryStore(Store):
-    """A `Store` in a dict (thread-safe), for the server's tests."""
-
-    def __init__(self, url: str = "memory://test") -> None:
-        self.url = url
-        self._objects: dict[str, bytes] = {}
-        self._manifests: dict[str, str] = {}
-        self._lock = threading.Lock()
-
-    def put_object(self, key: str, data: bytes) -> None:
-        with self._lock:
-            self._objects.setdefault(key, bytes(data))
-
-    def get_object(self, key: str, start: int = 0, stop: int | None = None) -> bytes:
-        try:
-            data = self._objects[key]
-        except KeyError:
-            raise NotFound(f"no object {key}") from None
-        return data[start:stop]
-
-    def object_size(self, key: str) -> int:
-        return len(self.get_object(key))
-
-    def has_object(self, key: str) -> bool:
-        return key in self._objects
-
-    def delete_object(self, key: str) -> None:
-        with self._lock:
-            self._objects.pop(key, None)
-
-    def object_keys(self) -> list[str]:
-        return sorted(self._objects)
-
-    def put_manifest(self, manifest: Manifest) -> None:
-        missing = [k for k in manifest.keys() if k not in self._objects]
-        if missing:
-            raise StoreError(f"missing objects {missing}")
-        with self._lock:
-            self._manifests[manifest.context_id] = manifest.to_json()
-
-    def get_manifest(self, context_id: str) -> Manifest:
-        try:
-            return Manifest.from_json(self._manifests[check_context_id(context_id)])
-        except KeyError:
-            raise NotFound(f"no context {context_id!r}") from None
-
-    def delete_manifest(self, context_id: str) -> None:
-        with self._lock:
-            self._manifests.pop(context_id, None)
-
-    def contexts(self) -> list[str]:
-        return sorted(self._manifests)
 
 
 class BrokenStore(MemoryStore):
@@ -97,26 +38,6 @@ class BrokenStore(MemoryStore):
                 raise StoreError("connection refused (test)")
             return down
         return super().__getattribute__(name)
-
-
-def put_context(store: Store, context_id: str, objects: list[dict[str, bytes]], chunk_tokens: int = 4) -> Manifest:
-    """Store a context whose chunk i has the objects ``objects[i]`` (level -> bytes); returns its manifest."""
-    tokens = list(range(len(objects) * chunk_tokens))
-    model = {"name": "test-model", "layers": 2}
-    chunks = []
-    for i, by_level in enumerate(objects):
-        entries = {}
-        for level, data in by_level.items():
-            key = object_key(model, tokens, i * chunk_tokens, (i + 1) * chunk_tokens, level,
-                             params={"context": context_id})
-            store.put_object(key, data)
-            entries[level] = ObjectEntry(key, len(data), hashlib.sha256(data).hexdigest())
-        chunks.append(ChunkEntry(i, i * chunk_tokens, chunk_tokens, entries))
-    levels = tuple(dict.fromkeys(lv for c in objects for lv in c))
-    manifest = Manifest(context_id=context_id, model=model, token_ids_sha256=hashlib.sha256(b"t").hexdigest(),
-                        tokens=len(tokens), chunk_tokens=chunk_tokens, levels=levels, chunks=tuple(chunks))
-    store.put_manifest(manifest)
-    return manifest
 
 
 @dataclass

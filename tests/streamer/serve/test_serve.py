@@ -291,7 +291,7 @@ def test_an_object_shorter_than_its_manifest_aborts_the_stream(memory):
     store = MemoryStore()
     manifest = put_context(store, "short", [{"raw": b"x" * 300_000}])
     key = manifest.chunks[0].objects["raw"].key
-    store._objects[key] = b"x" * 200_000  # truncated behind the manifest's back
+    store.objects[key] = b"x" * 200_000  # truncated behind the manifest's back
 
     async def body(client):
         r = await client.get("/v1/contexts/short/chunks/0/raw", headers=AUTH)

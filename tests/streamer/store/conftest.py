@@ -5,68 +5,21 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import socket
-import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from kvcast.streamer.store import Manifest, NotFound, Store, StoreError, check_context_id, open_store
-from kvcast.streamer.store.base import check_key, check_range
-from tests.factories import save_tiny_model
-
-REDIS_BINARY = "redis-server"
+from kvcast.streamer.store import Store, open_store
+from tests.factories import (  # noqa: F401 (MemoryStore, RedisServer: for the tests)
+    REDIS_BINARY,
+    MemoryStore,
+    RedisServer,
+    free_port,
+    save_tiny_model,
+)
 
 # ----------------------------------------------------------------------------------------------- redis
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A throw-away redis-server on a loopback port (no persistence), stoppable and restartable."""
-
-    def __init__(self, binary: str, port: int, workdir: Path) -> None:
-        self.binary, self.port, self.workdir = binary, port, workdir
-        self.proc: subprocess.Popen | None = None
-
-    def url(self, prefix: str | None = None, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}" + (f"?prefix={prefix}" if prefix else "")
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        import redis
-
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5)
-        for _ in range(200):  # up to ~10 s; PING answers once the server accepts commands
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode} on port {self.port}")
-            try:
-                if client.ping():
-                    break
-            except redis.exceptions.RedisError:
-                time.sleep(0.05)
-        else:
-            self.stop()
-            raise RuntimeError(f"redis-server on port {self.port} did not answer PING")
-        client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
 
 
 @pytest.fixture(scope="session")
@@ -117,63 +70,6 @@ def backend_url(kind: str, tmp_path: Path, redis_server: RedisServer | None) -> 
 
 
 # ----------------------------------------------------------------------------------------------- reference
-
-
-class MemoryStore(Store):
-    """The reference: the `Store` semantics in a few dicts (what both backends must behave like)."""
-
-    def __init__(self) -> None:
-        self.url = "memory://"
-        self.objects: dict[str, bytes] = {}
-        self.manifest_json: dict[str, str] = {}
-
-    def put_object(self, key, data):
-        check_key(key)
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise StoreError("object data must be bytes")
-        self.objects.setdefault(key, bytes(data))
-
-    def get_object(self, key, start=0, stop=None):
-        check_key(key)
-        check_range(start, stop)
-        if key not in self.objects:
-            raise NotFound(key)
-        return self.objects[key][start:stop]
-
-    def object_size(self, key):
-        check_key(key)
-        if key not in self.objects:
-            raise NotFound(key)
-        return len(self.objects[key])
-
-    def has_object(self, key):
-        return check_key(key) in self.objects
-
-    def delete_object(self, key):
-        self.objects.pop(check_key(key), None)
-
-    def object_keys(self):
-        return sorted(self.objects)
-
-    def put_manifest(self, manifest):
-        if not isinstance(manifest, Manifest):
-            raise StoreError("expected a Manifest")
-        check_context_id(manifest.context_id)
-        if any(check_key(k) not in self.objects for k in manifest.keys()):
-            raise StoreError("missing objects")
-        self.manifest_json[manifest.context_id] = manifest.to_json()
-
-    def get_manifest(self, context_id):
-        check_context_id(context_id)
-        if context_id not in self.manifest_json:
-            raise NotFound(context_id)
-        return Manifest.from_json(self.manifest_json[context_id])
-
-    def delete_manifest(self, context_id):
-        self.manifest_json.pop(check_context_id(context_id), None)
-
-    def contexts(self):
-        return sorted(self.manifest_json)
 
 
 # ----------------------------------------------------------------------------------------------- checks
