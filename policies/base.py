@@ -194,6 +194,11 @@ class Policy(abc.ABC):
     name: ClassVar[str] = ""
     needs_future: ClassVar[bool] = False
     """True for oracles: the simulator then fills `Session.future_*`; real links refuse such policies."""
+    max_inflight: int = 1
+    """Transfers the policy lets the engine keep in flight at once. 1 (the default): one request at a time, as
+    CacheGen streams; more: several requests share the link (Cake's batched retrieval), which saves round trips.
+    `Observation.link_idle` is then True while fewer are in flight and none is queued. A policy may set it per
+    instance (in ``__init__``); the dry run executes one transfer at a time and refuses more."""
 
     def reset(self, session: Session) -> None:
         """Start a new session. The default keeps the session as ``self.session``."""

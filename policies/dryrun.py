@@ -119,6 +119,9 @@ class _DryRun:
                 session.future_bandwidth_bps is None:
             raise PolicyError(f"policy {self.label!r} needs the future of the link, and the session has none "
                               "(Session.future_transfer_end_s)")
+        if getattr(self.policy, "max_inflight", 1) != 1:
+            raise PolicyError(f"policy {self.label!r} keeps {self.policy.max_inflight} transfers in flight; the dry "
+                              "run executes one at a time (use the streaming engine)")
         self.policy.reset(session)
         self.step()
         for _ in range(max_events):

@@ -29,6 +29,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from functools import partial
 from typing import Any
 
 from kvcast.netsim.link import ChunkRequest, Link, LinkFailure, TransferOutcome
@@ -178,7 +179,8 @@ class StreamingEngine:
         self._prefix_ready = 0.0    # the latest of those ready times
         self._last_ready = 0.0
         self._link_queue: deque[int] = deque()
-        self._inflight: int | None = None
+        self._inflight: list[int] = []  # chunks in flight, in the order their transfers started
+        self._max_inflight = max(1, int(getattr(policy, "max_inflight", 1)))
         self._decoder_free = 0.0
         self._compute_queue: list[int] = []   # heap of chunk indices
         self._compute_running: int | None = None
@@ -234,24 +236,23 @@ class StreamingEngine:
     def _now(self) -> float:
         return self._loop.time() - self._t0
 
-    def _on_transfer_done(self, outcome: TransferOutcome) -> None:
+    def _on_transfer_done(self, chunk: int, outcome: TransferOutcome) -> None:
         try:
-            self._transfer_done(outcome)
+            self._transfer_done(chunk, outcome)
         except BaseException as exc:
             if self._done.done():
                 raise
             self._done.set_exception(exc)
 
-    def _transfer_done(self, timing: TransferOutcome) -> None:
+    def _transfer_done(self, c: int, timing: TransferOutcome) -> None:
         if self._done.done():
             return
         if isinstance(timing, LinkFailure):
-            self._fall_back_to_text(timing)
+            self._fall_back_to_text(c, timing)
             return
         if isinstance(timing, BaseException):
             raise timing
-        c = self._inflight
-        self._inflight = None
+        self._inflight.remove(c)
         t0 = self._t0
         rec = self.records[c]
         start, end = timing.start_s - t0, timing.end_s - t0
@@ -272,10 +273,9 @@ class StreamingEngine:
         self._set_ready(c, decode_end)
         self._step()
 
-    def _fall_back_to_text(self, failure: LinkFailure) -> None:
-        """The link gave up on the chunk in flight: recompute it from text (lossless) instead."""
-        c = self._inflight
-        self._inflight = None
+    def _fall_back_to_text(self, c: int, failure: LinkFailure) -> None:
+        """The link gave up on chunk `c`'s transfer: recompute it from text (lossless) instead."""
+        self._inflight.remove(c)
         rec = self.records[c]
         rec.fallback = str(failure)
         rec.action, rec.quality_loss, rec.nbytes = TEXT, 0.0, 0
@@ -366,7 +366,7 @@ class StreamingEngine:
             self._prefix += 1
 
     def _link_idle(self) -> bool:
-        return self._inflight is None and not self._link_queue
+        return len(self._inflight) < self._max_inflight and not self._link_queue
 
     def _compute_idle(self) -> bool:
         return self._compute_running is None and not self._compute_queue
@@ -389,7 +389,7 @@ class StreamingEngine:
                 self._finish_scheduled = True
                 self._loop.call_at(self._t0 + self._last_ready + self.query_prefill_s, self._finish)
             return
-        if waiting and self._inflight is None and self._compute_running is None and self._decoding is None:
+        if waiting and not self._inflight and self._compute_running is None and self._decoding is None:
             later = [t for t in self._ready_at if t is not None and t > now]
             if not later:
                 raise PolicyStalled.waiting(self.label, now, self._pending)
@@ -424,16 +424,16 @@ class StreamingEngine:
             self._start_transfer(now)
 
     def _start_transfer(self, now: float) -> None:
-        if self._inflight is not None or not self._link_queue:
-            return
-        chunk = self._link_queue.popleft()
-        rec = self.records[chunk]
-        rec.transfer_start_s = now
-        self._inflight = chunk
-        if self._link_takes_requests:
-            self.link.send_request(ChunkRequest(chunk, rec.action, rec.nbytes), self._on_transfer_done)
-        else:  # a simulated link needs only the size
-            self.link.send(rec.nbytes, self._on_transfer_done)
+        while len(self._inflight) < self._max_inflight and self._link_queue:
+            chunk = self._link_queue.popleft()
+            rec = self.records[chunk]
+            rec.transfer_start_s = now
+            self._inflight.append(chunk)
+            done = partial(self._on_transfer_done, chunk)
+            if self._link_takes_requests:
+                self.link.send_request(ChunkRequest(chunk, rec.action, rec.nbytes), done)
+            else:  # a simulated link needs only the size
+                self.link.send(rec.nbytes, done)
 
     def _start_compute(self, now: float) -> None:
         if self._compute_running is not None or not self._compute_queue:
@@ -464,14 +464,16 @@ class StreamingEngine:
 
     def _observe(self, now: float) -> Observation:
         link_until = now
-        if not self._link_idle():
+        if self._inflight or self._link_queue:
             samples = self._samples
             est = samples[-1].throughput_bps if samples else self.prior_throughput_bps
             rtt = self.link.rtt_s
             queued = list(self._link_queue)
-            if self._inflight is not None:
-                rec = self.records[self._inflight]
-                t_est = rec.transfer_start_s + rtt + (rec.nbytes * 8.0 / est if est else 0.0)
+            if self._inflight:  # transfers in flight share the link: all done after their bytes in sum
+                first = self.records[self._inflight[0]]
+                nbytes = first.nbytes if len(self._inflight) == 1 else sum(
+                    self.records[c].nbytes for c in self._inflight)
+                t_est = first.transfer_start_s + rtt + (nbytes * 8.0 / est if est else 0.0)
                 link_until = t_est if t_est > now else now
             for c in queued:
                 link_until += rtt + (self.records[c].nbytes * 8.0 / est if est else 0.0)

@@ -244,3 +244,32 @@ def test_a_failed_transfer_ends_the_session_with_its_error():
     with pytest.raises(ConnectionResetError, match="peer went away"):
         engine = StreamingEngine(FixedLevelPolicy("small"), big_small_menus(2), Broken(), slo_s=1.0)
         loop.run_until_complete(engine.run())
+
+
+class _Concurrent(FixedLevelPolicy):
+    """`FixedLevelPolicy` keeping `k` transfers in flight."""
+
+    def __init__(self, level: str, k: int) -> None:
+        super().__init__(level)
+        self.max_inflight = k
+
+
+def test_several_requests_in_flight_share_the_link_and_save_round_trips():
+    # 3 x 1 MB at 1 MB/s with a 0.5 s RTT: one at a time pays three RTTs; three at once share the link after one
+    one = run(_Concurrent("small", 1), big_small_menus(3, decode_s=0.0), rtt_s=0.5)
+    three = run(_Concurrent("small", 3), big_small_menus(3, decode_s=0.0), rtt_s=0.5)
+    assert [c.transfer_end_s for c in one.chunks] == pytest.approx([1.5, 3.0, 4.5])
+    assert [c.transfer_start_s for c in three.chunks] == pytest.approx([0.0, 0.0, 0.0])
+    assert [c.transfer_end_s for c in three.chunks] == pytest.approx([3.5, 3.5, 3.5])  # fair share, one RTT
+    assert three.ttft_s == pytest.approx(3.5) and one.ttft_s == pytest.approx(4.5)
+    two = run(_Concurrent("small", 2), big_small_menus(3, decode_s=0.0), rtt_s=0.5)
+    assert sorted(c.transfer_end_s for c in two.chunks) == pytest.approx([2.5, 2.5, 4.0])
+
+
+def test_the_dry_run_refuses_several_requests_in_flight():
+    from kvcast.policies.base import Session
+    from kvcast.policies.dryrun import dry_run
+    from kvcast.policies.planning import ConstantThroughput
+
+    with pytest.raises(PolicyError, match="one at a time"):
+        dry_run(_Concurrent("small", 2), Session(big_small_menus(2), slo_s=1.0), ConstantThroughput(8e6, 0.0))

@@ -112,3 +112,23 @@ def test_a_missing_object_falls_back_to_recompute_with_the_same_answer(stored, t
     assert actions == ["raw", TEXT, "raw"]
     prompt = lm.tokenizer("Who?", add_special_tokens=False)["input_ids"]
     assert result.answer_ids == local_answer(lm, store, manifest, actions, prompt)[0]
+
+
+def test_several_requests_in_flight_over_http(stored):
+    from kvcast.policies.fixed import FixedLevelPolicy
+
+    lm, store, manifest = stored
+    policy = FixedLevelPolicy("int8")
+    policy.max_inflight = 3
+
+    async def go():
+        async with serving(store) as (url, _):
+            return await fetch_context(url, "doc", model=lm, policy=policy, slo_s=2.0, host=HOST, token=TOKEN,
+                                       question="Who?", max_new_tokens=8)
+
+    result = asyncio.run(go())
+    chunks = result.session.chunks
+    assert all(c.action == "int8" for c in chunks)
+    assert max(c.transfer_start_s for c in chunks) < min(c.transfer_end_s for c in chunks)  # all in flight at once
+    prompt = lm.tokenizer("Who?", add_special_tokens=False)["input_ids"]
+    assert result.answer_ids == local_answer(lm, store, manifest, ["int8"] * 3, prompt)[0]
