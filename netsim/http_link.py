@@ -11,7 +11,9 @@ before handing it on, and recovers from faults:
 * past ``deadline_s`` (loop-clock time; e.g. the session's start plus its SLO) or after the last retry, the
   transfer fails with `LinkFailure`, and the engine recomputes the chunk from text instead.
 
-Errors the server answers with (401, 404, 416...) are not retried: they fail at once with the server's message.
+Errors the server answers with (401, 404, 416, 503 ``store_unavailable``...) are not retried: they fail at once
+with the server's message. A busy or rate-limited server (503 ``busy``, 429) is retried after its
+``Retry-After`` (at most ``max_retry_after_s``), within the same retry budget and deadline.
 """
 
 from __future__ import annotations
@@ -56,13 +58,14 @@ class HttpLink(Link):
         connect_timeout_s: connection set-up limit.
         deadline_s: loop-clock time after which no retry starts and transfers fail (`set_deadline`).
         pacer: paces the reads to follow a trace on the client side (`kvcast.netsim.pacing.TracePacer`).
+        max_retry_after_s: the longest ``Retry-After`` of a busy server the link waits for.
     """
 
     def __init__(self, base_url: str, context_id: str, objects: Mapping[tuple[int, str], ExpectedObject], *,
                  token: str | None = None, session: aiohttp.ClientSession | None = None, rtt_s: float = 0.0,
                  retries: int = 3, backoff_s: float = 0.05, stall_timeout_s: float = 5.0,
                  connect_timeout_s: float = 5.0, deadline_s: float | None = None,
-                 pacer: TracePacer | None = None) -> None:
+                 pacer: TracePacer | None = None, max_retry_after_s: float = 2.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.context_id = context_id
         self.objects = dict(objects)
@@ -73,6 +76,7 @@ class HttpLink(Link):
         self.connect_timeout_s = connect_timeout_s
         self.deadline_s = deadline_s
         self.pacer = pacer
+        self.max_retry_after_s = max_retry_after_s
         self._token = token
         self._session = session
         self._own_session = session is None
@@ -108,6 +112,7 @@ class HttpLink(Link):
         received = bytearray()
         attempt = 0
         while True:
+            wait_s = 0.0
             try:
                 await self._get(session, self.url(chunk, level), headers, received)
                 if len(received) == expected.nbytes and hashlib.sha256(received).hexdigest() == expected.sha256:
@@ -117,13 +122,15 @@ class HttpLink(Link):
                 error = (f"checksum mismatch ({len(received)} bytes, expected {expected.nbytes})"
                          if len(received) >= expected.nbytes else f"short body ({len(received)} bytes)")
                 received.clear()  # corrupt or short: fetch the whole object again
+            except _ServerBusy as exc:
+                error, wait_s = str(exc), min(exc.retry_after_s, self.max_retry_after_s)
             except _ServerRefused as exc:
                 raise LinkFailure(f"chunk {chunk} at {level}: {exc}") from None
             except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self.attempts.append({"chunk": chunk, "level": level, "error": error, "received": len(received)})
             attempt += 1
-            delay = self.backoff_s * 2 ** (attempt - 1)
+            delay = max(self.backoff_s * 2 ** (attempt - 1), wait_s)
             if attempt > self.retries:
                 raise LinkFailure(f"chunk {chunk} at {level}: gave up after {attempt} attempts ({error})")
             if self.deadline_s is not None and loop.time() + delay >= self.deadline_s:
@@ -142,6 +149,8 @@ class HttpLink(Link):
         async with session.get(url, headers=headers, timeout=timeout) as response:
             if received and response.status == 200:
                 received.clear()  # the server ignored the range: the body is the whole object
+            elif response.status in (429, 503) and await _is_busy(response):
+                raise _ServerBusy(f"HTTP {response.status}: busy", _retry_after_s(response))
             elif response.status not in (200, 206):
                 raise _ServerRefused(await _error_text(response))
             async for piece in response.content.iter_chunked(_READ_BYTES):
@@ -163,6 +172,32 @@ class HttpLink(Link):
 
 class _ServerRefused(Exception):
     """The server answered with an error status: not retried."""
+
+
+class _ServerBusy(Exception):
+    """The server is busy or rate-limits this client: retried after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+async def _is_busy(response: aiohttp.ClientResponse) -> bool:
+    """429, or 503 whose JSON error kind is ``busy`` (not ``store_unavailable``)."""
+    if response.status == 429:
+        return True
+    try:
+        body = await response.json(content_type=None)
+    except (ValueError, aiohttp.ClientError):
+        return False
+    return isinstance(body, dict) and body.get("error") == "busy"
+
+
+def _retry_after_s(response: aiohttp.ClientResponse) -> float:
+    try:
+        return max(float(response.headers.get("Retry-After", "0")), 0.0)
+    except ValueError:
+        return 0.0
 
 
 async def _error_text(response: aiohttp.ClientResponse) -> str:

@@ -49,6 +49,14 @@ def make_app(faults: Faults) -> web.Application:
         if "Range" in request.headers:
             start = int(request.headers["Range"].removeprefix("bytes=").split("-")[0])
         fault = faults.next()
+        if fault == "busy":
+            return web.json_response({"error": "busy", "message": "too many streams"}, status=503,
+                                     headers={"Retry-After": "0"})
+        if fault == "store_down":
+            return web.json_response({"error": "store_unavailable", "message": "redis down"}, status=503)
+        if fault == "rate":
+            return web.json_response({"error": "rate_limited", "message": "slow down"}, status=429,
+                                     headers={"Retry-After": "0"})
         body = data[start:]
         if fault == "corrupt":
             body = body[:100] + bytes([body[100] ^ 1]) + body[101:]
@@ -154,3 +162,21 @@ def test_send_request_reports_to_the_engine_callback():
 
     outcome = run(Faults(), body)
     assert outcome.payload == OBJECTS[(1, "int8")]
+
+
+@pytest.mark.parametrize("fault", ["busy", "rate"])
+def test_a_busy_or_rate_limited_server_is_retried(fault):
+    async def body(link):
+        return await link.fetch(0, "raw"), link.attempts
+
+    timing, attempts = run(Faults(fault), body)
+    assert timing.payload == OBJECTS[(0, "raw")] and len(attempts) == 1 and "busy" in attempts[0]["error"]
+
+
+def test_a_store_outage_is_not_retried():
+    async def body(link):
+        with pytest.raises(LinkFailure, match="HTTP 503: redis down"):
+            await link.fetch(0, "raw")
+        return link.attempts
+
+    assert run(Faults("store_down"), body) == []
