@@ -109,15 +109,15 @@ class HttpLink(Link):
         session = await self._ensure_session()
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         start = loop.time()
-        received = bytearray()
+        received = _Body()
         attempt = 0
         while True:
             wait_s = 0.0
             try:
                 await self._get(session, self.url(chunk, level), headers, received)
-                if len(received) == expected.nbytes and hashlib.sha256(received).hexdigest() == expected.sha256:
+                if len(received) == expected.nbytes and received.sha256() == expected.sha256:
                     end = loop.time()
-                    data = bytes(received)
+                    data = bytes(received.data)
                     return TransferTiming(len(data), len(data) * 8.0, start, start, end, payload=data)
                 error = (f"checksum mismatch ({len(received)} bytes, expected {expected.nbytes})"
                          if len(received) >= expected.nbytes else f"short body ({len(received)} bytes)")
@@ -138,7 +138,7 @@ class HttpLink(Link):
             await asyncio.sleep(delay)
 
     async def _get(self, session: aiohttp.ClientSession, url: str, headers: dict[str, str],
-                   received: bytearray) -> None:
+                   received: _Body) -> None:
         """GET the rest of the object into `received` (resuming with a Range header when it holds a prefix)."""
         if received:
             headers = {**headers, "Range": f"bytes={len(received)}-"}
@@ -154,7 +154,7 @@ class HttpLink(Link):
             elif response.status not in (200, 206):
                 raise _ServerRefused(await _error_text(response))
             async for piece in response.content.iter_chunked(_READ_BYTES):
-                received += piece
+                received.add(piece)
                 if self.pacer is not None:
                     await self.pacer.wait(len(piece))
 
@@ -168,6 +168,28 @@ class HttpLink(Link):
         """Close the HTTP session if the link created it."""
         if self._own_session and self._session is not None:
             await self._session.close()
+
+
+class _Body:
+    """The bytes received so far and their running SHA-256 (hashed as they arrive, not after the last byte)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self._hash = hashlib.sha256()
+
+    def add(self, piece: bytes) -> None:
+        self.data += piece
+        self._hash.update(piece)
+
+    def clear(self) -> None:
+        self.data.clear()
+        self._hash = hashlib.sha256()
+
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.data)
 
 
 class _ServerRefused(Exception):
