@@ -8,6 +8,9 @@ context tokens past the sink and continuation tokens, give the per-channel table
 per-position curve gives the distance-from-end profile (`kvcast.codec.sensitivity`). The table records the
 model's fingerprint and its KV signature (`kvcast.codec.fingerprint.KVSignature`), by which the encoder finds
 it for any copy of the same model.
+
+`calibrate_model` does this for SmolLM2-135M-Instruct (the default; its table ships in ``codec/tables``) or any
+causal LM `kvcast.codec.model.load_model` finds, and names the file after the model (`table_filename`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 
 from kvcast.codec.evaluate import EvalSettings, corpus_path, passages_from_text, read_text
 from kvcast.codec.hf import cache_from_kv, fingerprint_from_config, kv_from_cache
-from kvcast.codec.model import load_smollm2
+from kvcast.codec.model import load_model
 from kvcast.codec.sensitivity import (
     TABLES_DIR,
     SensitivityTable,
@@ -112,15 +115,17 @@ def calibrate(model: Any, passages: list[torch.Tensor], *, name: str, context_to
               "seconds": round(time.perf_counter() - started, 1)})
 
 
-def calibrate_smollm2(*, split: str = _CAL.split, passages: int = _CAL.passages,
-                      context_tokens: int = _CAL.context_tokens, continuation_tokens: int = _CAL.continuation_tokens,
-                      trim: float = DEFAULT_TRIM, out_dir: Path | None = _CAL.out_dir,
-                      datasets: Path | None = None, text_file: Path | None = None, progress: bool = True) -> Path:
-    """Calibrate SmolLM2-135M on a WikiText-2 split (or a text file) and write its table to `out_dir`
-    (None: the shipped tables folder). Defaults: `kvcast.codec.settings.CalibrateSettings`."""
+def calibrate_model(model: str = _CAL.model, *, split: str = _CAL.split, passages: int = _CAL.passages,
+                    context_tokens: int = _CAL.context_tokens, continuation_tokens: int = _CAL.continuation_tokens,
+                    trim: float = DEFAULT_TRIM, out_dir: Path | None = _CAL.out_dir,
+                    datasets: Path | None = None, text_file: Path | None = None, progress: bool = True) -> Path:
+    """Calibrate `model` (SmolLM2-135M-Instruct by default, else any causal-LM folder or hub id on this machine:
+    `kvcast.codec.model.load_model`, which raises `ModelUnavailable`) on a WikiText-2 split (or a text file)
+    and write its table to ``out_dir / table_filename(name)`` (None: the shipped tables folder), ``name`` the
+    model's `LoadedModel.name`. Returns the table's path. Defaults: `kvcast.codec.settings.CalibrateSettings`."""
     settings = EvalSettings(split=split, passages=passages, datasets=datasets, text_file=text_file)
     source = corpus_path(settings)
-    loaded = load_smollm2(progress=progress)
+    loaded = load_model(model, progress=progress)
     found = passages_from_text(read_text(source), loaded.tokenizer, passages,
                                context_tokens + continuation_tokens, source=str(source))
     note = (lambda msg: print(f"calibrate: {msg}", flush=True)) if progress else None
@@ -128,6 +133,11 @@ def calibrate_smollm2(*, split: str = _CAL.split, passages: int = _CAL.passages,
                       continuation_tokens=continuation_tokens, trim=trim, source=f"{source.parent.name}/{source.name}",
                       progress=note)
     return table.save(Path(TABLES_DIR if out_dir is None else out_dir) / table_filename(loaded.name))
+
+
+def calibrate_smollm2(**kwargs: Any) -> Path:
+    """`calibrate_model` of SmolLM2-135M-Instruct (the same keyword arguments, less `model`)."""
+    return calibrate_model(_CAL.model, **kwargs)
 
 
 def table_summary(table: SensitivityTable) -> dict[str, Any]:

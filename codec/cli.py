@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -18,6 +18,10 @@ from kvcast.codec.settings import DEFAULT_THREADS, CalibrateSettings, DemoSettin
 
 _THREADS_HELP = "torch threads (0: torch's default)."
 _DATASETS_HELP = "Datasets folder (default: ../shared/datasets)."
+_MODEL_HELP = ("smollm2 (SmolLM2-135M-Instruct), or a transformers causal-LM folder or hub id already on this "
+               "machine (never downloaded).")
+_TABLES_HELP = ("Folder of sensitivity tables (kvcast calibrate --out-dir) searched before the shipped ones; "
+                "kvcast-* levels are skipped when no table fits the model.")
 
 
 def _console() -> Any:
@@ -31,6 +35,14 @@ def _set_threads(threads: int) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def _model_failed(exc: Exception, model: str) -> NoReturn:
+    """A model the user named that cannot be loaded is bad input (2); SmolLM2, the default, not installed is a
+    failed run (1)."""
+    from kvcast.codec.model import SMOLLM2_ALIASES
+
+    fail(str(exc), FAILED if model.strip().lower() in SMOLLM2_ALIASES else BAD_INPUT)
 
 
 def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> dict[str, typer.Typer]:
@@ -93,10 +105,12 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> dic
         datasets: Annotated[Path | None, typer.Option(help=_DATASETS_HELP)] = _eval.datasets,
         text_file: Annotated[Path | None, typer.Option(help="Evaluate on this UTF-8 text instead.")]
         = _eval.text_file,
+        model: Annotated[str, typer.Option(help=_MODEL_HELP)] = _eval.model,
+        tables: Annotated[Path | None, typer.Option(help=_TABLES_HELP)] = _eval.tables,
         threads: Annotated[int, typer.Option(help=_THREADS_HELP)] = DEFAULT_THREADS,
     ) -> None:
-        """Rate (bits/value) vs quality (KL, top-1, ΔPPL) of every level on SmolLM2-135M and WikiText-2."""
-        from kvcast.codec.evaluate import EvalError, rich_table, run_codec_eval, write_outputs
+        """Rate (bits/value) vs quality (KL, top-1, ΔPPL) of every level on a model (SmolLM2-135M) and WikiText-2."""
+        from kvcast.codec.evaluate import EvalError, LevelPlan, rich_table, run_codec_eval, write_outputs
         from kvcast.codec.model import ModelUnavailable
 
         _set_threads(threads)
@@ -104,15 +118,18 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> dic
             settings = EvalSettings(
                 context_tokens=context_tokens, continuation_tokens=continuation_tokens, passages=passages,
                 chunk_tokens=chunk_tokens, levels=comma_list(levels) or None, baselines=comma_list(baselines),
-                split=split, datasets=datasets, text_file=text_file)
+                split=split, datasets=datasets, text_file=text_file, model=model, tables=tables)
             results = run_codec_eval(settings)
         except EvalError as exc:
             fail(str(exc))
         except ModelUnavailable as exc:
-            fail(str(exc), FAILED)
+            _model_failed(exc, model)
         paths = write_outputs(results, out)
         console = _console()
         console.print(rich_table(results))
+        if results.get("skipped_levels"):
+            console.print(LevelPlan([], skipped=results["skipped_levels"]).note(), highlight=False, soft_wrap=True,
+                          markup=False)
         console.print(f"{results['elapsed_s']:.0f} s; wrote " + ", ".join(str(p) for p in paths.values()))
 
     _demo = DemoSettings
@@ -127,9 +144,12 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> dic
         text_file: Annotated[Path | None, typer.Option(help="Use this UTF-8 text file.")] = None,
         datasets: Annotated[Path | None, typer.Option(help=_DATASETS_HELP)] = None,
         save_bitstreams: Annotated[bool, typer.Option(help="Also write each level's object.")] = False,
+        model: Annotated[str, typer.Option(help=_MODEL_HELP)] = _demo.model,
+        tables: Annotated[Path | None, typer.Option(help=_TABLES_HELP)] = _demo.tables,
         threads: Annotated[int, typer.Option(help=_THREADS_HELP)] = _demo.threads,
     ) -> None:
-        """The main job on embedded defaults: a real passage's KV through every codec level on SmolLM2-135M."""
+        """The main job on embedded defaults: a real passage's KV through every codec level on SmolLM2-135M (or
+        --model)."""
         from kvcast.codec.demo import run_demo
         from kvcast.codec.evaluate import EvalError
         from kvcast.codec.model import ModelUnavailable
@@ -137,11 +157,12 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> dic
         try:
             run_demo(out=out, context_tokens=tokens, next_tokens=next_tokens,
                      levels=list(comma_list(levels)) or None, text_file=text_file, datasets=datasets,
-                     threads=threads or None, save_bitstreams=save_bitstreams, console=_console())
+                     threads=threads or None, save_bitstreams=save_bitstreams, console=_console(), model=model,
+                     tables=tables)
         except EvalError as exc:
             fail(str(exc))
         except ModelUnavailable as exc:
-            fail(str(exc), FAILED)
+            _model_failed(exc, model)
 
     _cal = CalibrateSettings
 
@@ -169,14 +190,17 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> dic
         = _cal.continuation_tokens,
         datasets: Annotated[Path | None, typer.Option(help=_DATASETS_HELP)] = None,
         text_file: Annotated[Path | None, typer.Option(help="Calibrate on this UTF-8 text instead.")] = None,
+        model: Annotated[str, typer.Option(
+            help=_MODEL_HELP + " The table's file is named after the model.")] = _cal.model,
         threads: Annotated[int, typer.Option(help=_THREADS_HELP)] = DEFAULT_THREADS,
     ) -> None:
-        """Measure SmolLM2-135M's KV sensitivity (Fisher) table from real text, for the kvcast-* levels."""
+        """Measure a model's KV sensitivity (Fisher) table from real text, for the kvcast-* levels (default:
+        SmolLM2-135M)."""
         if ctx.invoked_subcommand is not None:
             return  # e.g. `kvcast calibrate host`
         import json
 
-        from kvcast.codec.calibrate import calibrate_smollm2, table_summary
+        from kvcast.codec.calibrate import calibrate_model, table_summary
         from kvcast.codec.errors import CodecError
         from kvcast.codec.evaluate import EvalError
         from kvcast.codec.model import ModelUnavailable
@@ -184,12 +208,14 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> dic
 
         _set_threads(threads)
         try:
-            path = calibrate_smollm2(split=split, passages=passages, context_tokens=context_tokens,
-                                     continuation_tokens=continuation_tokens, trim=trim, out_dir=out_dir,
-                                     datasets=datasets, text_file=text_file)
+            path = calibrate_model(model, split=split, passages=passages, context_tokens=context_tokens,
+                                   continuation_tokens=continuation_tokens, trim=trim, out_dir=out_dir,
+                                   datasets=datasets, text_file=text_file)
         except EvalError as exc:
             fail(str(exc), BAD_INPUT)
-        except (ModelUnavailable, CodecError) as exc:
+        except ModelUnavailable as exc:
+            _model_failed(exc, model)
+        except CodecError as exc:
             fail(str(exc), FAILED)
         summary = table_summary(SensitivityTable.load(path))
         typer.echo(json.dumps({"table": str(path), "meta": summary["meta"],

@@ -3,6 +3,10 @@
 Loads SmolLM2 (converting its GGUF once), prefills a ~1.5K-token WikiText passage, encodes its KV at every
 level, decodes it, continues the next tokens on the decoded cache, and prints a table of size, speed and
 agreement with the exact cache; writes ``demo.json`` (and, on request, the bitstreams) to the output folder.
+
+``model`` names any other causal LM on this machine (`kvcast.codec.model.load_model`); its ``kvcast-*`` levels
+run only with a sensitivity table that fits it (``tables``, then the shipped ones), else they are skipped with
+a note (and listed under ``skipped_levels`` in ``demo.json``).
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from kvcast.codec.evaluate import (
     continuation_logits,
     find_datasets_dir,
     passages_from_text,
+    plan_levels,
     read_text,
     warm_up_levels,
 )
 from kvcast.codec.hf import cache_from_kv, kv_from_cache, kv_values
-from kvcast.codec.model import load_smollm2
+from kvcast.codec.model import SMOLLM2_ALIASES, SMOLLM2_NAME, load_model
 from kvcast.codec.settings import DemoSettings as _DEMO
 
 DEMO_FORMAT = "kvcast-demo/1"
@@ -35,9 +40,12 @@ DEMO_FORMAT = "kvcast-demo/1"
 def run_demo(*, out: Path = _DEMO.out, context_tokens: int = _DEMO.context_tokens,
              next_tokens: int = _DEMO.next_tokens, levels: list[str] | None = None, text_file: Path | None = None,
              datasets: Path | None = None, threads: int | None = _DEMO.threads, save_bitstreams: bool = False,
-             sample_tokens: int = _DEMO.sample_tokens, console: Any = None) -> dict[str, Any]:
+             sample_tokens: int = _DEMO.sample_tokens, console: Any = None, model: str = _DEMO.model,
+             tables: Path | None = _DEMO.tables) -> dict[str, Any]:
     """Run the demo, print its table to `console` (a rich Console) and write ``demo.json`` under `out`.
-    Defaults: `kvcast.codec.settings.DemoSettings`."""
+    Defaults: `kvcast.codec.settings.DemoSettings`. `model` is loaded by `kvcast.codec.model.load_model`
+    (`kvcast.codec.model.ModelUnavailable` when it cannot be); `tables` is a folder of sensitivity tables
+    searched before the shipped ones."""
     from rich.console import Console
 
     console = console or Console()
@@ -48,14 +56,23 @@ def run_demo(*, out: Path = _DEMO.out, context_tokens: int = _DEMO.context_token
     unknown = [lv for lv in levels if lv not in codec.levels()]
     if unknown:
         raise EvalError(f"unknown level(s) {', '.join(unknown)}; the codec has {', '.join(codec.levels())}")
+    if tables is not None and not tables.is_dir():
+        raise EvalError(f"tables folder {tables} does not exist")
 
-    with console.status("Loading SmolLM2-135M-Instruct ..."):
-        lm = load_smollm2(threads=threads, progress=True)
+    smollm2 = str(model).strip().lower() in SMOLLM2_ALIASES
+    with console.status(f"Loading {SMOLLM2_NAME if smollm2 else model} ..."):
+        lm = load_model(model, threads=threads, progress=True)
+    fingerprint = lm.fingerprint()
+    plan = plan_levels(levels, fingerprint, tables, model_arg=model)
+    if plan.skipped:
+        console.print(plan.note(), highlight=False, soft_wrap=True, markup=False)
+    levels = plan.levels
+    if not levels:
+        raise EvalError(f"no level left to run ({plan.note()})")
     need = context_tokens + next_tokens + 1
     passage = passages_from_text(text, lm.tokenizer, 1, need, source=str(source))[0]
     ids = passage.token_ids
     ctx, fed, targets = ids[:, :context_tokens], ids[:, context_tokens:need - 1], ids[0, context_tokens + 1:need]
-    fingerprint = lm.fingerprint()
     with console.status(f"Prefilling {context_tokens} tokens ..."):
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -70,12 +87,12 @@ def run_demo(*, out: Path = _DEMO.out, context_tokens: int = _DEMO.context_token
     out.mkdir(parents=True, exist_ok=True)
     decoded_by_level: dict[str, Any] = {}
     with console.status("Warming up the coder ..."):
-        warm_up_levels(levels, kv, fingerprint)
+        warm_up_levels(levels, kv, fingerprint, plan.table)
     with console.status("Encoding ...") as status:
         for level in levels:
             status.update(f"Level {level}: encode, decode, continue ...")
             t0 = time.perf_counter()
-            data = codec.encode(kv, level, model=fingerprint)
+            data = codec.encode(kv, level, model=fingerprint, sensitivity=plan.sensitivity(level))
             t1 = time.perf_counter()
             decoded = codec.decode(data, dtype=torch.float32, expect_model=fingerprint)
             t2 = time.perf_counter()
@@ -105,6 +122,8 @@ def run_demo(*, out: Path = _DEMO.out, context_tokens: int = _DEMO.context_token
         "values": values, "fp16_bytes": fp16_bytes, "prefill_s": prefill_s, "levels": rows,
         "greedy_samples": samples, "elapsed_s": time.perf_counter() - started,
     }
+    if plan.skipped:  # only then, so a run that skips nothing writes what it always did
+        result["skipped_levels"] = dict(plan.skipped)
     (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     _print(console, result, lm.tokenizer, text[passage.char_offset:passage.char_offset + 160], out)
     return result

@@ -16,6 +16,11 @@ passages. Baselines that are not codec levels (token eviction, no context) are s
 
 Outputs (`write_outputs`): ``eval.json``, ``table.md``, ``rate_distortion.png`` and ``profile.json`` (the
 ``kvcast-profile/1`` file the simulator reads).
+
+The model is SmolLM2-135M-Instruct unless `EvalSettings.model` names another causal LM
+(`kvcast.codec.model.load_model`). The ``kvcast-*`` levels need the model's sensitivity table (`plan_levels`:
+the folder `EvalSettings.tables`, then the shipped ones); for a model without one they are skipped and listed
+under ``skipped_levels`` (absent when nothing is skipped).
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ from kvcast.codec.hf import (
     kv_values,
     slice_kv,
 )
-from kvcast.codec.model import load_smollm2
+from kvcast.codec.model import load_model
+from kvcast.codec.sensitivity import TABLES_DIR, SensitivityTable, TableRegistry
 from kvcast.codec.settings import (  # light; re-exported
     DEFAULT_BASELINES,
     SPLITS,
@@ -138,6 +144,65 @@ def _encoder(tokenizer: Any) -> Callable[[str], list[int]]:
     if backend is not None:  # fast tokenizer: no length warnings, no special tokens
         return lambda s: backend.encode(s, add_special_tokens=False).ids
     return lambda s: tokenizer(s, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+# ----------------------------------------------------------------------------------------------- levels
+
+
+@dataclass(frozen=True)
+class LevelPlan:
+    """The levels a run measures, the sensitivity table of its ``kvcast-*`` levels, and those it skips."""
+
+    levels: list[str]
+    table: SensitivityTable | None = None
+    """The model's table (None when no kvcast-* level runs); passed to `codec.encode` as ``sensitivity``."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Level -> why it is skipped (no sensitivity table fits the model)."""
+
+    def sensitivity(self, level: str) -> SensitivityTable | None:
+        """The ``sensitivity`` of `codec.encode` for `level`: the table for a ``kvcast-*`` level, else None."""
+        return _sensitivity(level, self.table)
+
+    def note(self) -> str | None:
+        """One line naming the skipped levels and why (None when none is skipped)."""
+        if not self.skipped:
+            return None
+        reasons = list(dict.fromkeys(self.skipped.values()))
+        return f"skipped {', '.join(self.skipped)}: {'; '.join(reasons)}"
+
+
+def plan_levels(levels: Sequence[str] | None, fingerprint: Any, tables: Path | None = None, *,
+                model_arg: str | None = None) -> LevelPlan:
+    """Check `levels` (None: every codec level) and find the sensitivity table of the ``kvcast-*`` ones for
+    `fingerprint` in `tables` (searched first) and the shipped tables; without one those levels are skipped.
+    `model_arg` (the ``--model`` given) goes into the hint of the skip reason. `EvalError` for an unknown
+    level, a missing `tables` folder or a bad table file in it."""
+    known = codec.levels()
+    chosen = list(levels) if levels is not None else known
+    unknown = [lv for lv in chosen if lv not in known]
+    if unknown:
+        raise EvalError(f"unknown level(s) {', '.join(unknown)}; the codec has {', '.join(known)}")
+    if tables is not None and not Path(tables).is_dir():
+        raise EvalError(f"tables folder {tables} does not exist")
+    grid = [lv for lv in chosen if codec.describe(lv)["quantizer"] == "grid"]
+    if not grid:
+        return LevelPlan(chosen)
+    folders = [Path(tables), TABLES_DIR] if tables is not None else [TABLES_DIR]
+    try:
+        found = TableRegistry(folders).tables()
+    except codec.CodecError as exc:  # a file in the folder that is not a sensitivity table
+        raise EvalError(str(exc).splitlines()[0]) from None
+    table = next((t for t in found if t.matches(fingerprint)), None)  # TableRegistry.find's choice
+    if table is None:
+        signature = getattr(fingerprint, "kv_signature", None)
+        where = " or ".join(str(f) for f in folders)
+        make = f"kvcast calibrate --model {model_arg} --out-dir DIR" if model_arg else "kvcast calibrate --model M " \
+            "--out-dir DIR"
+        reason = (f"no sensitivity table fits model {fingerprint.name!r} (KV signature "
+                  f"{signature if signature is not None else 'none'}) in {where}; make one with `{make}` and "
+                  "pass --tables DIR")
+        return LevelPlan([lv for lv in chosen if lv not in grid], None, {lv: reason for lv in grid})
+    return LevelPlan(chosen, table)
 
 
 # ----------------------------------------------------------------------------------------------- scoring
@@ -259,23 +324,31 @@ def run_codec_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any 
                    progress: bool = True) -> dict[str, Any]:
     """Measure every level and baseline of `settings`; returns the ``kvcast-eval-codec/1`` results dict.
 
-    `model`/`tokenizer` default to SmolLM2-135M-Instruct (`kvcast.codec.model.load_smollm2`).
+    `model`/`tokenizer` default to the model `settings.model` names (`kvcast.codec.model.load_model`: SmolLM2-
+    135M-Instruct by default), which raises `kvcast.codec.model.ModelUnavailable` when it cannot be loaded.
+    ``kvcast-*`` levels without a sensitivity table for the model are skipped (`plan_levels`).
     """
     started = time.perf_counter()
-    levels = list(settings.levels) if settings.levels is not None else codec.levels()
     known = codec.levels()
-    for level in levels:
+    for level in settings.levels or ():
         if level not in known:
             raise EvalError(f"unknown level {level!r}; the codec has {', '.join(known)}")
+    if settings.tables is not None and not settings.tables.is_dir():
+        raise EvalError(f"tables folder {settings.tables} does not exist")
     baselines = [parse_baseline(b) for b in settings.baselines]
     source = corpus_path(settings)
     text = read_text(source)
     if model is not None and tokenizer is None:
         raise EvalError("pass the model's tokenizer along with the model")
+    model_arg = None  # for the hint of a skipped level: the --model that loaded it
     if model is None:
-        loaded = load_smollm2(progress=progress)
-        model, tokenizer, model_name = loaded.model, loaded.tokenizer, loaded.name
+        loaded = load_model(settings.model, progress=progress)
+        model, tokenizer, model_name, model_arg = loaded.model, loaded.tokenizer, loaded.name, settings.model
     fingerprint = fingerprint_from_config(model.config, name=model_name, dtype=model.dtype)
+    plan = plan_levels(settings.levels, fingerprint, settings.tables, model_arg=model_arg)
+    levels = plan.levels
+    if not levels and not baselines:
+        raise EvalError(f"nothing left to evaluate ({plan.note()})")
     need = settings.context_tokens + settings.continuation_tokens + 1
     passages = passages_from_text(text, tokenizer, settings.passages, need, source=str(source))
 
@@ -291,10 +364,10 @@ def run_codec_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any 
                 kv = kv_from_cache(model(ctx, use_cache=True, logits_to_keep=1).cache)
             exact = continuation_logits(model, kv, fed)
             if index == 0:
-                warm_up_levels(levels, kv, fingerprint)
+                warm_up_levels(levels, kv, fingerprint, plan.table)
             for row in rows[:len(levels)]:
                 advance(f"passage {index + 1}/{len(passages)}: {row.name}")
-                _score_level(row, kv, fed, targets, exact, model, fingerprint, settings)
+                _score_level(row, kv, fed, targets, exact, model, fingerprint, settings, plan.table)
             for row, baseline in zip(rows[len(levels):], baselines):
                 advance(f"passage {index + 1}/{len(passages)}: {row.name}")
                 sums = QualitySums()
@@ -305,7 +378,7 @@ def run_codec_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any 
                 row.per_passage.append({"passage": index, **sums.summary()})
 
     exact_ppl = next((r.quality.summary()["ppl_exact"] for r in rows), math.nan)
-    return {
+    results = {
         "format": EVAL_FORMAT,
         "model": {"name": fingerprint.name, "layers": fingerprint.layers, "kv_heads": fingerprint.kv_heads,
                   "head_dim": fingerprint.head_dim, "dtype": fingerprint.dtype, "rope": fingerprint.rope},
@@ -320,12 +393,16 @@ def run_codec_eval(settings: EvalSettings, *, model: Any = None, tokenizer: Any 
         "rows": [_row_result(row, {b.name: b for b in baselines}) for row in rows],
         "elapsed_s": time.perf_counter() - started,
     }
+    if plan.skipped:  # only then, so a run that skips nothing writes what it always did
+        results["skipped_levels"] = dict(plan.skipped)
+    return results
 
 
 def _score_level(row: _Row, kv: KV, fed: torch.Tensor, targets: torch.Tensor, exact: torch.Tensor, model: Any,
-                 fingerprint: Any, settings: EvalSettings) -> None:
+                 fingerprint: Any, settings: EvalSettings, table: SensitivityTable | None = None) -> None:
+    sensitivity = _sensitivity(row.name, table)
     t0 = time.perf_counter()
-    data = codec.encode(kv, row.name, model=fingerprint)
+    data = codec.encode(kv, row.name, model=fingerprint, sensitivity=sensitivity)
     t1 = time.perf_counter()
     decoded = codec.decode(data, dtype=torch.float32, expect_model=fingerprint)
     t2 = time.perf_counter()
@@ -344,7 +421,7 @@ def _score_level(row: _Row, kv: KV, fed: torch.Tensor, targets: torch.Tensor, ex
         stop = min(start + settings.chunk_tokens, tokens)
         part = slice_kv(kv, start, stop)
         chunk_info = codec.inspect(codec.encode(part, row.name, model=fingerprint, token_start=start,
-                                                context_end=tokens))
+                                                context_end=tokens, sensitivity=sensitivity))
         for role in row.chunk_bytes:
             row.chunk_bytes[role] += int(chunk_info["sizes"][role])
         row.chunk_values += int(chunk_info["values"])
@@ -355,13 +432,19 @@ def _score_level(row: _Row, kv: KV, fed: torch.Tensor, targets: torch.Tensor, ex
                             "encode_s": t1 - t0, "decode_s": t2 - t1, **sums.summary()})
 
 
-def warm_up_levels(levels: Sequence[str], kv: KV, fingerprint: Any) -> None:
+def warm_up_levels(levels: Sequence[str], kv: KV, fingerprint: Any, table: SensitivityTable | None = None) -> None:
     """Start the coder processes and run one small encode/decode per level, so one-time set-up (extension
-    build, worker start, table load) is not timed."""
+    build, worker start, table load) is not timed. `table`: the ``kvcast-*`` levels' table (None: the codec
+    finds one by `fingerprint`)."""
     codec.default_codec().pool.warm_up()
     part = slice_kv(kv, 0, min(16, kv_tokens(kv)))
     for level in levels:
-        codec.decode(codec.encode(part, level, model=fingerprint))
+        codec.decode(codec.encode(part, level, model=fingerprint, sensitivity=_sensitivity(level, table)))
+
+
+def _sensitivity(level: str, table: SensitivityTable | None) -> SensitivityTable | None:
+    """`table` for a grid level, None for the others (they take none)."""
+    return table if table is not None and codec.describe(level)["quantizer"] == "grid" else None
 
 
 def _row_result(row: _Row, baselines: dict[str, Baseline]) -> dict[str, Any]:
@@ -467,6 +550,10 @@ def markdown_table(results: dict[str, Any]) -> str:
                  f"next {s['continuation_tokens']} tokens teacher-forced; exact PPL {results['exact']['ppl']:.3f}. "
                  f"KL(exact || decoded) in nats per token; ΔPPL relative; speed = median over passages of "
                  f"{whole}-token objects, {s['torch_threads']} torch threads.")
+    if results.get("skipped_levels"):
+        skipped = results["skipped_levels"]
+        lines.append("")
+        lines.append(f"Skipped {', '.join(skipped)}: {next(iter(skipped.values()))}.")
     return "\n".join(lines) + "\n"
 
 
@@ -556,6 +643,7 @@ def _fmt_kl(value: float) -> str:
     return f"{value:.4f}" if value >= 1e-3 else f"{value:.2e}"
 
 
-__all__ = ["DEFAULT_BASELINES", "EvalError", "EvalSettings", "Passage", "QualitySums", "continuation_logits",
-           "find_datasets_dir", "markdown_table", "parse_baseline", "passages_from_text", "plot_rate_distortion",
-           "profile_from_results", "read_text", "rich_table", "run_codec_eval", "write_outputs"]
+__all__ = ["DEFAULT_BASELINES", "EvalError", "EvalSettings", "LevelPlan", "Passage", "QualitySums",
+           "continuation_logits", "find_datasets_dir", "markdown_table", "parse_baseline", "passages_from_text",
+           "plan_levels", "plot_rate_distortion", "profile_from_results", "read_text", "rich_table", "run_codec_eval",
+           "write_outputs"]

@@ -289,7 +289,8 @@ class TableRegistry:
                 lines.append(f"  {table.describe()} in {path}{differs}")
         else:
             lines.append(f"known tables: none in {', '.join(str(f) for f in self.folders) or 'no folder'}")
-        lines.append("grid levels need a table calibrated on this model: run `kvcast calibrate` (SmolLM2), or "
+        lines.append("grid levels need a table calibrated on this model: run `kvcast calibrate --model M` "
+                     "(default SmolLM2-135M), or "
                      "`kvcast.codec.calibrate.calibrate(model, passages, ...).save(folder / name)` and "
                      "Codec(tables=TableRegistry([folder])); or pass sensitivity=SensitivityTable.uniform(...)")
         raise CodecError("\n".join(lines))

