@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
                                             chunk_tokens=args.chunk_tokens,
                                             positions=tuple(range(0, args.tokens - args.chunk_tokens + 1,
                                                                   max(args.chunk_tokens, args.tokens // 4))),
-                                            repeats=2, progress=lambda m: print(m, file=sys.stderr))
+                                            repeats=5, progress=lambda m: print(m, file=sys.stderr))
         save_host_profile(record, out / "host.json")
     traces = make_traces(args.traces, args.mean_mbps, args.seed)
     token = "live-vs-sim-token-" + os.urandom(8).hex()

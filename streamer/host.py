@@ -5,8 +5,9 @@ A live session's menus (`kvcast.streamer.live.live_menus`) take their decode and
 this host share one cost model. ``kvcast calibrate host`` measures it in about a minute (format
 ``kvcast-host-profile/1``):
 
-* decode: one chunk of the model's real KV (a random-token prefill) encoded at each level, decoded
-  ``repeats`` times with the codec as the live decoder runs it; the median gives values per second;
+* decode: every chunk of the model's real KV (a random-token prefill of ``max(positions) + chunk_tokens``
+  tokens) encoded at each level as a stored context holds them, decoded ``repeats`` times with the codec as
+  the live decoder runs it; the median round gives values per second;
 * prefill: the model prefills chunks of ``chunk_tokens`` and ``chunk_tokens / 2`` tokens at several positions
   on a cached prefix (as `kvcast.streamer.live.ModelCompute` does); ``kvcast.streamer.costfit`` fits
   ``c + a * len + b * len * (pos + len / 2)`` to the medians;
@@ -83,20 +84,25 @@ def measure_host_profile(model: Any, *, fingerprint: Any = None, levels: Sequenc
 
     decode_speed: dict[str, float] = {}
     skipped: dict[str, str] = {}
-    chunk = slice_kv(kv, total - chunk_tokens, total)
-    values = kv_values(chunk)
+    # Every chunk of the context, as a stored context holds them: grid levels spend more bits near the context's
+    # end, so one chunk would misstate a level's speed over a whole context.
+    starts = range(0, total - chunk_tokens + 1, chunk_tokens)
+    codec.default_codec().pool.warm_up()
     for level in levels:
         try:
-            data = codec.encode(chunk, level, model=fingerprint, token_start=total - chunk_tokens, context_end=total)
+            objects = [(codec.encode(slice_kv(kv, s, s + chunk_tokens), level, model=fingerprint, token_start=s,
+                                     context_end=total), kv_values(slice_kv(kv, s, s + chunk_tokens)))
+                       for s in starts]
         except CodecError as exc:
             skipped[level] = str(exc).split(";")[0]
             continue
-        times = []
-        for _ in range(repeats + 1):  # the first decode warms the coder processes up
+        rounds = []
+        for _ in range(repeats + 1):  # the first round warms up
             t = time.perf_counter()
-            codec.decode(data, dtype=dtype)
-            times.append(time.perf_counter() - t)
-        decode_speed[level] = values / statistics.median(times[1:])
+            for data, _values in objects:
+                codec.decode(data, dtype=dtype)
+            rounds.append(time.perf_counter() - t)
+        decode_speed[level] = sum(v for _, v in objects) / statistics.median(rounds[1:])
         say(f"decode {level}: {decode_speed[level] / 1e6:.1f} M values/s")
 
     points = []
