@@ -97,14 +97,7 @@ def load_smollm2(*, threads: int | None = None, progress: bool = True) -> Loaded
     `threads` sets ``torch.set_num_threads`` (None keeps torch's setting). Raises `ModelUnavailable` with an
     install hint when the weights or the model libraries are missing.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    if not _transformers_installed():
-        raise ModelUnavailable("transformers is not installed: pip install 'kvcast[model]'")
+    _prepare(threads)
     path = smollm2_cache_path()
     if not _is_converted(path):
         convert_smollm2(path, progress=progress)
@@ -127,14 +120,8 @@ def load_model(name_or_path: str | Path | None = None, *, threads: int | None = 
     """
     if name_or_path is None or str(name_or_path).strip().lower() in SMOLLM2_ALIASES:
         return load_smollm2(threads=threads, progress=progress)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    _prepare(threads)
     import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    if not _transformers_installed():
-        raise ModelUnavailable("transformers is not installed: pip install 'kvcast[model]'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     text = str(name_or_path)
@@ -185,6 +172,18 @@ def convert_smollm2(dest: Path, *, progress: bool = True) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+
+def _prepare(threads: int | None) -> None:
+    """Offline mode (nothing is downloaded), torch's threads, and a clear error without transformers."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if not _transformers_installed():
+        raise ModelUnavailable("transformers is not installed: pip install 'kvcast[model]'")
 
 
 def _transformers_installed() -> bool:

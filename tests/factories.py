@@ -6,6 +6,7 @@ Plain functions and classes only; pytest fixtures live in the conftest.py files.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import socket
 import subprocess
@@ -256,6 +257,38 @@ def put_synthetic_context(store: Store, context_id: str, objects: list[dict[str,
                         tokens=len(tokens), chunk_tokens=chunk_tokens, levels=levels, chunks=tuple(chunks))
     store.put_manifest(manifest)
     return manifest
+
+
+def start_serve_process(args: list[str], *, prefix: tuple[str, ...] = (), timeout_s: float = 30.0,
+                        **popen) -> tuple[subprocess.Popen, list[str], str]:
+    """Start ``python -m kvcast.cli serve ARGS`` (after `prefix`, e.g. ``ip netns exec NS``) and wait until it
+    says it listens. Returns the process, its stderr lines so far (its thread ``proc.reader`` keeps appending)
+    and its URL;
+    RuntimeError with what it printed if it does not come up. Stop it with SIGTERM (or SIGKILL)."""
+    import re
+    import sys
+
+    popen.setdefault("env", {**os.environ, "KVCAST_TOKEN": ""})
+    popen.setdefault("stdout", subprocess.DEVNULL)
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "kvcast.cli", "serve", *args],
+                            stderr=subprocess.PIPE, text=True, **popen)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def drain() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if "listening on" in line:
+                ready.set()
+        ready.set()
+
+    proc.reader = threading.Thread(target=drain, daemon=True)  # joined by the caller after stopping it
+    proc.reader.start()
+    if not ready.wait(timeout_s) or proc.poll() is not None:
+        proc.kill()
+        raise RuntimeError("kvcast serve did not start:\n" + "".join(lines))
+    url = re.search(r"listening on (http://\S+?:\d+)", "".join(lines))[1]
+    return proc, lines, url
 
 
 REDIS_BINARY = "redis-server"

@@ -254,6 +254,18 @@ def _object_entry(doc: Any) -> ObjectEntry:
     return ObjectEntry(check_key(doc["key"]), _int(doc["nbytes"]), _sha256(doc["sha256"]), quality)
 
 
+def parse_stored_manifest(data: str | bytes, context_id: str, url: str) -> Manifest:
+    """The manifest a backend read for `context_id`: parsed, checked, and holding that context (`StoreError`
+    naming the store otherwise)."""
+    try:
+        manifest = Manifest.from_json(data)
+    except StoreError as exc:
+        raise StoreError(f"context {context_id!r} in {url}: {exc}") from None
+    if manifest.context_id != context_id:
+        raise StoreError(f"the manifest of {context_id!r} in {url} holds context {manifest.context_id!r}")
+    return manifest
+
+
 @dataclass(frozen=True)
 class StoreUsage:
     """Size accounting of a store."""

@@ -39,6 +39,7 @@ from kvcast.streamer.store.base import (
     check_range,
     is_context_id,
     is_key,
+    parse_stored_manifest,
 )
 
 __all__ = ["STALE_TEMP_S", "DirStore"]
@@ -189,14 +190,7 @@ class DirStore(Store):
             raise NotFound(f"no context {context_id!r} in {self.url}") from None
         except OSError as exc:
             raise StoreError(f"reading the manifest of {context_id!r} in {self.url}: {exc}") from None
-        try:
-            manifest = Manifest.from_json(data)
-        except StoreError as exc:
-            raise StoreError(f"context {context_id!r} in {self.url}: {exc}") from None
-        if manifest.context_id != context_id:
-            raise StoreError(f"the manifest file of {context_id!r} in {self.url} holds context "
-                             f"{manifest.context_id!r}")
-        return manifest
+        return parse_stored_manifest(data, context_id, self.url)
 
     def delete_manifest(self, context_id: str) -> None:
         path = self._manifest_path(context_id)

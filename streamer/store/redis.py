@@ -34,6 +34,7 @@ from kvcast.streamer.store.base import (
     check_range,
     is_context_id,
     is_key,
+    parse_stored_manifest,
 )
 
 __all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT_S", "RedisStore"]
@@ -196,14 +197,7 @@ class RedisStore(Store):
             data = self._client.get(name)
         if data is None:
             raise NotFound(f"no context {context_id!r} in {self.url}")
-        try:
-            manifest = Manifest.from_json(data)
-        except StoreError as exc:
-            raise StoreError(f"context {context_id!r} in {self.url}: {exc}") from None
-        if manifest.context_id != context_id:
-            raise StoreError(f"the manifest key of {context_id!r} in {self.url} holds context "
-                             f"{manifest.context_id!r}")
-        return manifest
+        return parse_stored_manifest(data, context_id, self.url)
 
     def delete_manifest(self, context_id: str) -> None:
         name = self._manifest(context_id)

@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import uuid
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import pytest
 
 from tests.factories import SERVE_TOKEN as TOKEN
 from tests.factories import put_synthetic_context as put_context
+from tests.factories import start_serve_process
 
 RATE_BPS = 40e6
 OBJECT_BYTES = 6_000_000  # ~1.3 s at 40 Mbit/s
@@ -121,25 +121,11 @@ def test_tbf_shapes_kvcast_serve_between_namespaces(netns, tmp_path):
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
     env = {**os.environ, "KVCAST_TOKEN": ""}
-    server = subprocess.Popen(
-        ["ip", "netns", "exec", netns.server_ns, sys.executable, "-m", "kvcast.cli", "serve", "--store",
-         f"dir://{store}", "--host", netns.server_ip, "--port", str(PORT), "--token-file", str(token_file),
-         "--access-log", "off"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def drain() -> None:
-        for line in server.stderr:
-            lines.append(line)
-            if "listening on" in line:
-                ready.set()
-        ready.set()
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
+    server, lines, _ = start_serve_process(
+        ["--store", f"dir://{store}", "--host", netns.server_ip, "--port", str(PORT), "--token-file",
+         str(token_file), "--access-log", "off"], prefix=("ip", "netns", "exec", netns.server_ns), env=env,
+        start_new_session=True, timeout_s=20)
     try:
-        assert ready.wait(20) and server.poll() is None, "".join(lines)
         assert re.search(rf"listening on http://{re.escape(netns.server_ip)}:{PORT}\b", "".join(lines))
         args = {"url": f"http://{netns.server_ip}:{PORT}", "context": "ctx-1", "nbytes": len(data),
                 "sha256": hashlib.sha256(data).hexdigest(), "token": TOKEN}
@@ -171,5 +157,5 @@ def test_tbf_shapes_kvcast_serve_between_namespaces(netns, tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait(5)
-        reader.join(5)
+        server.reader.join(5)
         server.stderr.close()

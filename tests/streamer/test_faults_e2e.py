@@ -13,12 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -36,7 +34,7 @@ from kvcast.streamer.live import HostProfile
 from kvcast.streamer.menus import RecomputeCost
 from kvcast.streamer.serve_config import DEFAULT_LIMITS
 from kvcast.streamer.store import open_store
-from tests.factories import local_answer, save_tiny_model
+from tests.factories import local_answer, save_tiny_model, start_serve_process
 
 TOKEN = "faults-e2e-token-0123456789"
 CHUNK_TOKENS = 384
@@ -140,28 +138,13 @@ class CliServer:
     def start(self) -> None:
         log = self.workdir / f"access-{len(self.logs)}.log"
         self.logs.append(log)
-        args = [sys.executable, "-m", "kvcast.cli", "serve", "--store", self.store, "--port", str(self.port),
-                "--token-file", str(self.token_file), "--rate", "0", "--access-log", str(log)]
+        args = ["--store", self.store, "--port", str(self.port), "--token-file", str(self.token_file), "--rate", "0",
+                "--access-log", str(log)]
         if self.trace is not None:
             args += ["--trace", str(self.trace)]
-        self.proc = subprocess.Popen(args, env={**os.environ, "KVCAST_TOKEN": ""}, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
-        lines: list[str] = []
-        ready = threading.Event()
-
-        def drain(stream) -> None:
-            for line in stream:
-                lines.append(line)
-                if "listening on" in line:
-                    ready.set()
-            ready.set()
-
-        self._reader = threading.Thread(target=drain, args=(self.proc.stderr,), daemon=True)
-        self._reader.start()
-        if not ready.wait(30) or self.proc.poll() is not None:
-            self.stop()
-            raise RuntimeError("kvcast serve did not start: " + "".join(lines))
-        self.port = int(re.search(r"http://127\.0\.0\.1:(\d+)", "".join(lines))[1])
+        self.proc, _, url = start_serve_process(args)
+        self._reader = self.proc.reader
+        self.port = int(url.rsplit(":", 1)[1])
 
     def kill(self) -> None:
         """SIGKILL: no clean shutdown, the open connections are cut mid-stream."""

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
 import subprocess
-import sys
-import threading
 import urllib.request
 from pathlib import Path
 
@@ -17,7 +13,9 @@ from typer.testing import CliRunner
 
 from kvcast.benchmark import LAYOUT_KEYS
 from kvcast.cli import app
-from tests.streamer.serve.conftest import TOKEN, put_context
+from tests.factories import SERVE_TOKEN as TOKEN
+from tests.factories import put_synthetic_context as put_context
+from tests.factories import start_serve_process
 
 pytest.importorskip("kvcast.streamer.store.dir")
 
@@ -67,25 +65,9 @@ def test_serve_starts_answers_and_stops(store_dir, tmp_path):
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
     log = tmp_path / "access.log"
-    proc = subprocess.Popen([sys.executable, "-m", "kvcast.cli", "serve", "--store", f"dir://{store_dir}",
-                             "--port", "0", "--token-file", str(token_file), "--access-log", str(log)],
-                            env={**os.environ, "KVCAST_TOKEN": ""}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def drain():
-        for line in proc.stderr:
-            lines.append(line)
-            if "listening on" in line:
-                ready.set()
-        ready.set()
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
+    proc, lines, base = start_serve_process(["--store", f"dir://{store_dir}", "--port", "0", "--token-file",
+                                             str(token_file), "--access-log", str(log)], stdout=subprocess.PIPE)
     try:
-        assert ready.wait(30) and lines, "".join(lines)
-        base = re.search(r"http://127\.0\.0\.1:\d+", lines[0])[0]
         with urllib.request.urlopen(base + "/healthz", timeout=5) as r:
             assert json.load(r) == {"status": "ok"}
         request = urllib.request.Request(base + "/v1/contexts/ctx-1/chunks/0/raw",
@@ -98,7 +80,7 @@ def test_serve_starts_answers_and_stops(store_dir, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
-        reader.join(5)
+        proc.reader.join(5)
         out = proc.stdout.read()
         proc.stdout.close()
         proc.stderr.close()
