@@ -49,11 +49,15 @@ class TracePacer:
         rtt_s: round-trip time slept by `round_trip` (seconds, >= 0).
         efficiency: payload bytes per wire byte, in (0, 1]: ``n`` bytes cost ``n * 8 / efficiency`` bits.
         burst_bytes: unused capacity kept while the link idles (token-bucket depth, bytes, >= 0).
+        slack_s: a send reserved at most this late after the link went idle continues the link's timeline
+            instead of starting a new one (seconds, >= 0): the event loop's scheduling delay between the pieces
+            of one stream then costs no capacity, while a real pause (an RTT, no request) still does.
         clock: monotonic seconds (`time.monotonic`; the asyncio loop's clock in real use).
         sleep: coroutine function sleeping that many seconds of `clock` (`asyncio.sleep`).
     """
 
     def __init__(self, trace: Trace, *, rtt_s: float = 0.0, efficiency: float = 1.0, burst_bytes: int = 0,
+                 slack_s: float = 0.0,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:
         if not isinstance(trace, Trace):
@@ -71,6 +75,9 @@ class TracePacer:
         self.rtt_s = float(rtt_s)
         self.efficiency = float(efficiency)
         self.burst_bytes = burst_bytes
+        if not (0.0 <= slack_s < math.inf):
+            raise ValueError(f"slack_s must be finite and >= 0, got {slack_s}")
+        self.slack_s = float(slack_s)
         self._clock = clock
         self._sleep = sleep
         self._epoch = clock()
@@ -96,7 +103,9 @@ class TracePacer:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
         now = self.now()
         bits = nbytes * 8.0 / self.efficiency
-        if self._busy_until <= now:
+        if self._busy_until <= now and now - self._busy_until <= self.slack_s and self._busy_until > 0:
+            start = self._busy_until  # late by scheduling only: the stream goes on where it was
+        elif self._busy_until <= now:
             if self.burst_bytes:  # capacity accumulated while idle, at most the bucket's depth
                 idle = self.trace.delivered_bits(self._busy_until, now)
                 bits = max(bits - min(idle, self.burst_bytes * 8.0), 0.0)

@@ -63,6 +63,23 @@ def test_burst_spends_idle_capacity_up_to_the_bucket_depth():
     assert p.reserve(MB) == pytest.approx(5.5)  # half a megabyte came out of the bucket
 
 
+def test_slack_continues_a_stream_reserved_a_little_late_but_not_after_a_pause():
+    clock = Clock()
+    p = TracePacer(Trace([0.0, 100.0], [8e6]), clock=clock, slack_s=0.005)
+    assert p.reserve(MB) == pytest.approx(1.0)
+    clock.now = 1.004  # the next piece is reserved 4 ms late (the event loop was busy): no capacity lost
+    assert p.reserve(MB) == pytest.approx(2.0)
+    clock.now = 2.010  # 10 ms after the link went idle (an RTT, say): a new timeline starts now
+    assert p.reserve(MB) == pytest.approx(3.010)
+    clock = Clock()
+    strict = TracePacer(Trace([0.0, 100.0], [8e6]), clock=clock)
+    strict.reserve(MB)
+    clock.now = 1.004
+    assert strict.reserve(MB) == pytest.approx(2.004)  # without slack the 4 ms are lost
+    with pytest.raises(ValueError, match="slack_s"):
+        TracePacer(Trace([0.0, 100.0], [8e6]), slack_s=-1.0)
+
+
 def test_concurrent_streams_share_the_trace():
     piece = 100_000
 
