@@ -15,17 +15,10 @@ import pytest
 from kvcast.netsim.pacing import TracePacer
 from kvcast.streamer.serve import ACCESS_LOG_FIELDS, ServeLimits, make_app, parse_range
 from kvcast.traces.trace import Trace
-from tests.streamer.serve.conftest import (
-    AUTH,
-    SECRET,
-    TOKEN,
-    BrokenStore,
-    Fixture,
-    MemoryStore,
-    put_context,
-    raw_request,
-    run_with_client,
-)
+from tests.factories import SERVE_TOKEN as TOKEN
+from tests.factories import MemoryStore
+from tests.factories import put_synthetic_context as put_context
+from tests.streamer.serve.support import AUTH, SECRET, BrokenStore, Fixture, raw_request, run_with_client
 
 CHUNK = "/v1/contexts/ctx-1/chunks/{}/{}"
 PROTECTED = [("GET", "/metrics"), ("GET", "/v1/contexts"), ("GET", "/v1/contexts/ctx-1/manifest"),

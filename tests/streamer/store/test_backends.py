@@ -27,8 +27,8 @@ from kvcast.streamer.store import (
     open_store,
 )
 from kvcast.streamer.store.dir import _host
-
-from .conftest import MemoryStore, snapshot, unique_prefix
+from tests.factories import MemoryStore
+from tests.streamer.store.support import snapshot, unique_prefix
 
 KEYS = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(6)]
 OP_KEYS = 4  # operations use the first four keys, so they often meet

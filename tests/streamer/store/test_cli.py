@@ -15,8 +15,8 @@ from kvcast import codec
 from kvcast.cli import app
 from kvcast.streamer.ingest import IngestError, put_context
 from kvcast.streamer.store import StoreError, open_store
-
-from .conftest import assert_consistent, backend_url, free_port, raw_state
+from tests.factories import free_port
+from tests.streamer.store.support import assert_consistent, backend_url, raw_state
 
 TEXT = "The quick brown fox jumps over the lazy dog; " * 7  # 315 bytes: 315 tokens of the byte-level model
 LEVELS = "raw,int8,cachegen-2,kvcast-2"  # kvcast-2: the tiny model has no sensitivity table: skipped

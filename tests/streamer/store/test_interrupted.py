@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 
 from kvcast.streamer.store import open_store
-
-from .conftest import assert_consistent, backend_url
+from tests.streamer.store.support import assert_consistent, backend_url
 
 KILLS = 24  # 12 per backend
 SEED = 20240601

@@ -19,8 +19,7 @@ from kvcast.streamer.store import (
     open_store,
     token_ids_digest,
 )
-
-from .conftest import unique_prefix
+from tests.streamer.store.support import unique_prefix
 
 LEVELS = ["raw", "int8", "cachegen-2", "kvcast-3"]
 ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True)

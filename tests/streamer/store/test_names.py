@@ -16,8 +16,7 @@ from kvcast.streamer.store import (
     open_store,
     store_url,
 )
-
-from .conftest import raw_state
+from tests.streamer.store.support import raw_state
 
 BAD_CONTEXT_IDS = ["../x", "..%2Fx", "/etc/passwd", "a/b", ".hidden", "", "a" * 200, "a\0b", "..", ".",
                    "a\\b", "x y", "-lead", "é", "a\nb", "a:b", "a*"]
