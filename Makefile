@@ -19,7 +19,7 @@ test: $(VENV)/.kvcast-ready
 
 lint: $(VENV)/.kvcast-ready
 	$(VENV)/bin/ruff check .
-	bash scripts/lint_imports.sh
+	$(VENV)/bin/lint-imports
 
 # Re-resolve every dependency (all extras, torch's CPU build) into requirements/lock.txt with hashes.
 lock: $(VENV)/.kvcast-ready

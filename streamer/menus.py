@@ -162,11 +162,6 @@ FALLBACK_DECODE_VALUES_PER_S = 1.0e10
 
 def decode_values_per_s(profile: Profile, level: str) -> float | None:
     """GPU decode speed of `level`: the profile's measurement, else the default table (None: no decoding)."""
-    return _profile_decode_speed(profile, level)
-
-
-def _profile_decode_speed(profile: Profile, level: str) -> float | None:
-    """GPU decode speed of `level`: the profile's measurement, else the default table (None: no decoding)."""
     measured = profile.level(level).gpu_decode_values_per_s
     if measured is not None:
         return measured
@@ -215,12 +210,13 @@ def resolve_levels(profile: Profile, spec: str | tuple[str, ...] | list[str] | N
 
 def build_menus(profile: Profile, shape: ModelShape, context_tokens: int, chunk_tokens: int,
                 recompute: RecomputeCost, *, levels: str | tuple[str, ...] | None = None,
-                decode_values_per_s: Mapping[str, float] | None = None,
-                default_decode_values_per_s: float | None = None) -> tuple[ChunkMenu, ...]:
+                decode_speeds: Mapping[str, float] | None = None,
+                default_decode_speed: float | None = None) -> tuple[ChunkMenu, ...]:
     """Menus of a ``context_tokens`` context cut into chunks of ``chunk_tokens`` (the last one may be
     shorter).
 
-    `decode_values_per_s` (a host profile's, ``kvcast calibrate host``) replaces the profile's decode speeds.
+    `decode_speeds` (values per second by level: a host profile's, ``kvcast calibrate host``) replace the
+    profile's decode speeds.
     `levels` restricts the menu to some of the profile's levels (set names and level names, see
     `resolve_levels`), kept in the profile's order, which need not be monotone in size or quality. The
     ``raw`` level's size follows the model shape's ``raw_bytes_per_value``; the other levels use the
@@ -231,10 +227,10 @@ def build_menus(profile: Profile, shape: ModelShape, context_tokens: int, chunk_
     rows = profile.levels if levels is None else profile.restricted(resolve_levels(profile, levels)).levels
     if not rows:
         raise ValueError("a menu needs at least one level")
-    if decode_values_per_s is None:
-        speeds = [_profile_decode_speed(profile, r.level) for r in rows]
-    else:  # a host profile's measured speeds (levels it did not time: its slowest)
-        speeds = [decode_values_per_s.get(r.level, default_decode_values_per_s) for r in rows]
+    if decode_speeds is None:
+        speeds = [decode_values_per_s(profile, r.level) for r in rows]
+    else:  # a host profile's measured values per second (levels it did not time: `default_decode_speed`)
+        speeds = [decode_speeds.get(r.level, default_decode_speed) for r in rows]
     bits = [8.0 * shape.raw_bytes_per_value if r.level == "raw" else r.bits_per_value for r in rows]
     menus = []
     for index, start in enumerate(range(0, context_tokens, chunk_tokens)):

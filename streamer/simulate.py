@@ -189,8 +189,8 @@ def run_trace_task(task: TraceTask, registry: PolicyRegistry | None = None) -> T
             menus = menus_by_length.get(setup.context_tokens)
             if menus is None:
                 menus = build_menus(profile, shape, setup.context_tokens, config.chunk_tokens, cost,
-                                    levels=config.levels, decode_values_per_s=speeds,
-                                    default_decode_values_per_s=default_speed)
+                                    levels=config.levels, decode_speeds=speeds,
+                                    default_decode_speed=default_speed)
                 menus_by_length[setup.context_tokens] = menus
             for spec in config.policies:
                 try:

@@ -54,7 +54,7 @@ def test_simulate_reads_the_host_profile(tmp_path):
     assert config.recompute_cost().prefill_s(512, 256) == pytest.approx(host.recompute.prefill_s(512, 256))
     shape = ModelShape.parse("30,3,64")
     menus = build_menus(config.load_profile(), shape, 1024, 256, config.recompute_cost(), levels=config.levels,
-                        decode_values_per_s=host.decode_values_per_s)
+                        decode_speeds=host.decode_values_per_s)
     values = 256 * shape.values_per_token
     assert {o.level: o.decode_s for o in menus[0].levels} == pytest.approx({"raw": values / 4e7,
                                                                             "int8": values / 2e7})
