@@ -161,7 +161,8 @@ class Codec:
 
     def _group_params(self, spec: LevelSpec, bins: tuple[Sequence[int], Sequence[int]]):
         common = {"delta_group": spec.delta_group, "anchor_bins": spec.anchor_bins,
-                  "tokens_per_stream": spec.tokens_per_stream, "channels_per_stream": spec.channels_per_stream}
+                  "tokens_per_stream": spec.tokens_per_stream, "channels_per_stream": spec.channels_per_stream,
+                  "coder": spec.coder, "lane_symbols": spec.lane_symbols, "max_lanes": spec.max_lanes}
         for kv in range(2):
             slots = max(bins[kv])  # CacheGen: Lp = B_max + 1 for every layer of K (resp. V)
             for layer, b in enumerate(bins[kv]):
@@ -200,7 +201,8 @@ class Codec:
         steps = channel_steps(table.channel_fisher(), spec.step)           # fp16 [2, L, C]
         keys = torch.stack([k[0] for k, _ in kv]).to(torch.float32).numpy() if spec.recency else None
         mult = token_multipliers(table, token_start, tokens, context_end, spec.recency, keys)
-        params = {"sink_rows": sink_rows, "tokens_per_stream": spec.tokens_per_stream, "rounding": spec.rounding}
+        params = {"sink_rows": sink_rows, "tokens_per_stream": spec.tokens_per_stream, "rounding": spec.rounding,
+                  "coder": spec.coder, "lane_symbols": spec.lane_symbols, "max_lanes": spec.max_lanes}
         calls = []
         for i in range(2):
             for layer in range(layers):
@@ -213,8 +215,10 @@ class Codec:
             streams.extend(split_payload(parts["streams"], reply["lengths"]))
         header["grid"] = {"context_end": context_end, "sink_rows": sink_rows,
                           "tops": [[int(t) for t in reply["tops"]] for reply, _ in groups],
-                          "raw_bits": [[int(b) for b in reply["raw_bits"]] for reply, _ in groups],
-                          "outliers": [int(p["outliers"].numel()) for _, p in groups]}
+                          "raw_bits": [[int(b) for b in reply["raw_bits"]] for reply, _ in groups]}
+        in_streams = spec.coder == "rans"  # format 2 keeps escaped values in their streams
+        if not in_streams:
+            header["grid"]["outliers"] = [int(p["outliers"].numel()) for _, p in groups]
         header["streams"] = {"count": len(streams), "tokens_per_stream": spec.tokens_per_stream,
                              "order": GRID_STREAM_ORDER}
         sections = [
@@ -225,8 +229,9 @@ class Codec:
             Section("stream_lengths", np.array([len(s) for s in streams], dtype=np.uint32)),
             Section("sink", torch.stack([p["sink"] for _, p in groups]).view(2, layers, sink_rows, channels).numpy(),
                     "payload"),
-            Section("outliers", torch.cat([p["outliers"] for _, p in groups]).numpy(), "payload"),
             Section("streams", b"".join(streams), role="payload")]
+        if not in_streams:
+            sections.insert(-1, Section("outliers", torch.cat([p["outliers"] for _, p in groups]).numpy(), "payload"))
         return pack(header, sections)
 
     def _decode_grid(self, h: dict[str, Any], sec, spec: LevelSpec, model: ModelFingerprint, tokens: int,
@@ -239,7 +244,7 @@ class Codec:
             sink_rows = int(g["sink_rows"])
             tops = [[int(t) for t in group] for group in g["tops"]]
             raw_bits = [[int(b) for b in group] for group in g["raw_bits"]]
-            outliers = [int(n) for n in g["outliers"]]
+            outliers = [int(n) for n in g["outliers"]] if spec.coder == "torchac" else [0] * groups
         except (KeyError, TypeError, ValueError):
             raise CodecError("header lacks a valid 'grid' table") from None
         if not (0 <= sink_rows <= tokens) or not (len(tops) == len(outliers) == groups):
@@ -262,7 +267,8 @@ class Codec:
         cdf_sizes = [sum(cdf_length(x, b) for x, b in zip(t, r)) for t, r in zip(tops, raw_bits)]
         cdfs = _section(sec, "cdfs", "int16", (sum(cdf_sizes),))
         sink = torch.from_numpy(_section(sec, "sink", "float16", (2, layers, sink_rows, channels)).copy())
-        outl = torch.from_numpy(_section(sec, "outliers", "float16", (sum(outliers),)).copy())
+        outl = (torch.from_numpy(_section(sec, "outliers", "float16", (sum(outliers),)).copy())
+                if spec.coder == "torchac" else torch.zeros(0, dtype=torch.float16))
         lengths = _section(sec, "stream_lengths", "uint32", (sum(per_group),)).astype(np.int64)
         payload = sec.get("streams")
         if not isinstance(payload, memoryview) or int(lengths.sum()) != len(payload):
@@ -283,8 +289,9 @@ class Codec:
                      "outliers": outl[out_pos[gi]:out_pos[gi + 1]], "streams": payload[offsets[s0]:offsets[s1]]}
             parts_meta, blob = pack_parts(parts)
             params = {"tops": tops[gi], "raw_bits": raw_bits[gi], "sink_rows": sink_rows, "heads": heads,
-                      "tokens": tokens, "head_dim": dim,
-                      "tokens_per_stream": spec.tokens_per_stream, "out_dtype": dtype_name}
+                      "tokens": tokens, "head_dim": dim, "tokens_per_stream": spec.tokens_per_stream,
+                      "out_dtype": dtype_name, "coder": spec.coder, "lane_symbols": spec.lane_symbols,
+                      "max_lanes": spec.max_lanes}
             calls.append(({"op": "decode_grid", "parts": parts_meta, "params": params,
                            "lengths": [int(n) for n in lengths[s0:s1]]}, blob))
         results = self.pool.run(calls, total_symbols=groups * tokens * channels)
@@ -300,6 +307,8 @@ class Codec:
         obj = unpack(data)
         h = obj.header
         spec, model, tokens = _header_basics(h)
+        if spec.coder == "rans" and obj.version < 2:
+            raise CodecError("a format-1 object names the rANS coder, which format 1 does not have: corrupt object")
         if expect_model is not None and not expect_model.same_shape(model):
             raise CodecError(f"object is for model shape {model} but {expect_model} was expected")
         if expect_model is not None and expect_model.rope and model.rope and expect_model.rope != model.rope:

@@ -4,7 +4,7 @@ Layout (all integers little-endian)::
 
     offset  size  field
     0       8     magic  b"\\x89KVCAST\\n"  (detects foreign data and text-mode mangling)
-    8       2     format version (u16), currently 1
+    8       2     format version (u16): 2 (1: objects whose entropy-coded levels use torchac; still read)
     10      2     flags (u16), 0
     12      4     header length H (u32): UTF-8 JSON, at most 1 MiB
     16      8     body length B (u64)
@@ -32,7 +32,9 @@ import numpy as np
 from kvcast.codec.errors import CodecError
 
 MAGIC = b"\x89KVCAST\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The version this writer writes: 2 added kvcast's interleaved rANS coder (`kvcast.codec.rans`)."""
+READABLE_VERSIONS = (1, 2)
 PREFIX = struct.Struct("<8sHHIQ")
 CRC = struct.Struct("<I")
 MAX_HEADER_BYTES = 1 << 20
@@ -92,9 +94,10 @@ class Unpacked:
     side_bytes: int
     payload_bytes: int
     total_bytes: int
+    version: int = FORMAT_VERSION
 
 
-def _read_prefix(data: bytes | memoryview) -> tuple[int, int]:
+def _read_prefix(data: bytes | memoryview) -> tuple[int, int, int]:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise CodecError(f"expected bytes, got {type(data).__name__}")
     if len(data) < PREFIX.size + CRC.size:
@@ -102,8 +105,10 @@ def _read_prefix(data: bytes | memoryview) -> tuple[int, int]:
     magic, version, flags, hlen, blen = PREFIX.unpack_from(data, 0)
     if magic != MAGIC:
         raise CodecError(f"not a kvcast object: bad magic {bytes(magic)!r}")
-    if version != FORMAT_VERSION:
-        raise CodecError(f"unsupported format version {version} (this reader knows version {FORMAT_VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise CodecError(f"unsupported format version {version}: this reader knows versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))}; a newer kvcast made the object, update kvcast "
+                         "or re-encode the context with this one")
     if flags != 0:
         raise CodecError(f"unknown flags 0x{flags:04x}")
     if hlen > MAX_HEADER_BYTES:
@@ -113,12 +118,12 @@ def _read_prefix(data: bytes | memoryview) -> tuple[int, int]:
         raise CodecError(f"truncated object: {len(data)} bytes, the prefix announces {expected}")
     if len(data) > expected:
         raise CodecError(f"{len(data) - expected} trailing bytes after the object (expected {expected} bytes)")
-    return hlen, blen
+    return hlen, blen, version
 
 
 def unpack(data: bytes | memoryview, *, verify: bool = True) -> Unpacked:
     """Parse and check an object. Raises `CodecError` for anything corrupt, truncated or foreign."""
-    hlen, blen = _read_prefix(data)
+    hlen, blen, version = _read_prefix(data)
     mv = memoryview(data)
     end = PREFIX.size + hlen + blen
     if verify:
@@ -160,4 +165,5 @@ def unpack(data: bytes | memoryview, *, verify: bool = True) -> Unpacked:
     if offset != end:
         raise CodecError(f"sections cover {offset - PREFIX.size - hlen} bytes but the body has {blen}")
     return Unpacked(header=header, sections=sections, header_bytes=PREFIX.size + hlen + CRC.size,
-                    side_bytes=sizes["side"], payload_bytes=sizes["payload"], total_bytes=end + CRC.size)
+                    side_bytes=sizes["side"], payload_bytes=sizes["payload"], total_bytes=end + CRC.size,
+                    version=version)

@@ -27,6 +27,7 @@ only, never on the CacheGen pipeline (`kvcast.codec.pipeline`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ import torch
 from kvcast.codec.errors import CodecError
 from kvcast.codec.packing import FP16_MAX, TORCH_DTYPES, block_rows, pack_parts, split_payload, unpack_parts
 from kvcast.codec.rangecoder import cachegen_cdf, check_cdf, torchac_backend
+from kvcast.codec.rans import StreamGeometry, cum_tables, decode_streams, encode_streams
 
 ESCAPE = 127
 ESCAPE_RATE = 1e-4
@@ -66,7 +68,8 @@ def grid_of(steps: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
 
 
 def encode_grid_layer(x: torch.Tensor, steps: torch.Tensor, multipliers: torch.Tensor, *, sink_rows: int,
-                      tokens_per_stream: int, rounding: float = 0.5) -> dict[str, Any]:
+                      tokens_per_stream: int, rounding: float = 0.5, coder: str = "torchac", lane_symbols: int = 0,
+                      max_lanes: int = 32) -> dict[str, Any]:
     """Encode one group ``[heads, tokens, head_dim]`` with fp16 `steps` ``[channels]`` and `multipliers`
     ``[tokens]``. `rounding` 0.5 rounds to nearest; less widens the zero bin (a dead zone)."""
     heads, tokens, dim = x.shape
@@ -106,12 +109,19 @@ def encode_grid_layer(x: torch.Tensor, steps: torch.Tensor, multipliers: torch.T
         cdfs.append(cachegen_cdf(high_counts(kept, bits).view(1, -1)).numpy()[0])
     top_c = torch.tensor(tops, dtype=torch.float32)[cls]
     escaped = (q.abs() >= top_c) & (top_c > 0)
-    outliers = body[escaped].to(torch.float16)
     sym = torch.minimum(torch.maximum(q, -top_c), top_c).add_(top_c).to(torch.int16).numpy()
     members = [np.flatnonzero(cls.numpy() == k) for k in range(classes)]
-    streams = encode_class_streams(sym, members, cdfs, raw_bits, _coded_rows(tokens, sink_rows, tokens_per_stream))
-    return {"mean": mean, "classes": cls.to(torch.uint8).numpy(), "cdf": np.concatenate(cdfs), "tops": tops,
-            "raw_bits": raw_bits, "sink": x[:sink_rows].to(torch.float16), "outliers": outliers, "streams": streams}
+    rows = _coded_rows(tokens, sink_rows, tokens_per_stream)
+    out = {"mean": mean, "classes": cls.to(torch.uint8).numpy(), "cdf": np.concatenate(cdfs), "tops": tops,
+           "raw_bits": raw_bits, "sink": x[:sink_rows].to(torch.float16)}
+    if coder == "rans":
+        out["streams"], out["lengths"] = encode_class_streams_rans(
+            sym, members, cdfs, raw_bits, rows, escaped.numpy(), body.numpy(), lane_symbols=lane_symbols,
+            max_lanes=max_lanes)
+    else:
+        out["outliers"] = body[escaped].to(torch.float16)
+        out["streams"] = encode_class_streams(sym, members, cdfs, raw_bits, rows)
+    return out
 
 
 def histogram_spread(hist: torch.Tensor) -> torch.Tensor:
@@ -214,12 +224,151 @@ def decode_class_streams(channels: int, members: list[np.ndarray], cdfs: list[np
     return out
 
 
+# --------------------------------------------------------------------------------- rANS class streams
+
+
+def stream_positions(block_rows: tuple[int, ...], members: list[np.ndarray], channels: int) -> list[np.ndarray]:
+    """Flat indices into the coded ``[rows, channels]`` matrix of every symbol of every stream, in stream order
+    (block-major, then class; within a stream token-major over the class's channels in ascending order)."""
+    out, r0 = [], 0
+    for n in block_rows:
+        rows = np.arange(r0, r0 + n, dtype=np.int64)[:, None] * channels
+        out.extend((rows + idx[None, :].astype(np.int64)).reshape(-1) for idx in members)
+        r0 += n
+    return out
+
+
+def grid_geometry(block_rows: tuple[int, ...], members: list[np.ndarray], *, lane_symbols: int,
+                  max_lanes: int) -> StreamGeometry:
+    """The rANS geometry of a grid group: one stream per (block, class), the class's CDF row for every symbol."""
+    counts = [n * len(idx) for n in block_rows for idx in members]
+    row0 = [k for _ in block_rows for k in range(len(members))]
+    return StreamGeometry.of(counts=counts, row0=row0, period=[1] * len(counts), lane_symbols=lane_symbols,
+                             max_lanes=max_lanes)
+
+
+def varint(n: int) -> bytes:
+    """LEB128: 7 bits a byte, low first."""
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def read_varint(data: memoryview | bytes, pos: int, end: int) -> tuple[int, int]:
+    """(value, position after it) of the LEB128 number at `pos`; `CodecError` if it runs past `end`."""
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 35:
+            raise CodecError("grid stream: truncated or oversized escape count")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def encode_class_streams_rans(sym: np.ndarray, members: list[np.ndarray], cdfs: list[np.ndarray],
+                              raw_bits: list[int], block_rows: tuple[int, ...], escaped: np.ndarray,
+                              body: np.ndarray, *, lane_symbols: int, max_lanes: int) -> tuple[bytes, list[int]]:
+    """Format 2's streams of a grid group. Stream ``(block, class)``: the number of escaped symbols (LEB128),
+    the rANS-coded high parts, the `raw_bits` low bits of every symbol (MSB first, packed), then the escaped
+    values as fp16 in stream order. Returns the streams back to back and their lengths."""
+    positions = stream_positions(block_rows, members, sym.shape[1])
+    geometry = grid_geometry(block_rows, members, lane_symbols=lane_symbols, max_lanes=max_lanes)
+    flat_sym, flat_esc, flat_body = sym.reshape(-1), escaped.reshape(-1), body.reshape(-1)
+    classes = len(members)
+    bits = [raw_bits[k % classes] for k in range(len(positions))]
+    values = [flat_sym[p] for p in positions]
+    high = [v >> b if b else v for v, b in zip(values, bits)]
+    cum, nsym = cum_tables(cdfs)
+    coded, lengths = encode_streams(np.concatenate(high) if high else np.zeros(0, np.int16), geometry, cum, nsym)
+    out, pos = [], 0
+    for p, v, b, n in zip(positions, values, bits, lengths):
+        if not len(p):  # an empty stream (a block of sink tokens only) has no bytes at all
+            out.append(b"")
+            continue
+        esc = flat_esc[p]
+        outliers = flat_body[p][esc].astype("<f2")
+        out.append(varint(int(esc.sum())) + coded[pos:pos + n] + (_pack_low(v & ((1 << b) - 1), b) if b else b"")
+                   + outliers.tobytes())
+        pos += int(n)
+    return b"".join(out), [len(s) for s in out]
+
+
+def parse_grid_streams(payload: memoryview | bytes, lengths: Sequence[int], counts: Sequence[int],
+                       bits: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Byte ranges of format 2's grid streams: (rANS begin, rANS end = raw bits begin, outliers begin, escape
+    count), each int64 ``[S]``; `CodecError` where a stream cannot hold its parts."""
+    s = len(lengths)
+    begin, raw_at, out_at, escapes = (np.zeros(s, dtype=np.int64) for _ in range(4))
+    pos = 0
+    for k, (n, count, b) in enumerate(zip(lengths, counts, bits)):
+        end = pos + int(n)
+        if count == 0:
+            if n:
+                raise CodecError("grid group: an empty stream holds data")
+            begin[k] = raw_at[k] = out_at[k] = pos
+            continue
+        esc, start = read_varint(payload, pos, end)
+        raw = -(-count * b // 8)
+        out_at[k] = end - 2 * esc
+        raw_at[k] = out_at[k] - raw
+        if esc > count or raw_at[k] < start:
+            raise CodecError("grid group: a stream is shorter than its escapes and raw low bits")
+        begin[k], escapes[k] = start, esc
+        pos = end
+    return begin, raw_at, out_at, escapes
+
+
+def decode_class_streams_rans(channels: int, members: list[np.ndarray], cdfs: list[np.ndarray],
+                              raw_bits: list[int], block_rows: tuple[int, ...], payload: memoryview | bytes,
+                              lengths: Sequence[int], tops: list[int], *, lane_symbols: int,
+                              max_lanes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of `encode_class_streams_rans`: symbols int16 ``[rows, channels]``, the flat positions of the
+    escaped symbols in stream order, and their fp16 values in the same order."""
+    positions = stream_positions(block_rows, members, channels)
+    if len(lengths) != len(positions):
+        raise CodecError("grid group: wrong number of streams")
+    if sum(int(n) for n in lengths) != len(payload):
+        raise CodecError("grid group: stream lengths do not cover the payload")
+    geometry = grid_geometry(block_rows, members, lane_symbols=lane_symbols, max_lanes=max_lanes)
+    classes = len(members)
+    bits = [raw_bits[k % classes] for k in range(len(positions))]
+    counts = [len(p) for p in positions]
+    begin, raw_at, out_at, escapes = parse_grid_streams(payload, lengths, counts, bits)
+    cum, nsym = cum_tables(cdfs)
+    high = decode_streams(payload, geometry, cum, nsym, begin, raw_at)
+    sym = np.zeros(sum(block_rows) * channels, dtype=np.int16)
+    esc_pos, esc_vals = [], []
+    for k, (p, b) in enumerate(zip(positions, bits)):
+        v = high[geometry.sym_start[k]:geometry.sym_start[k + 1]]
+        if b:
+            v = (v << b) | _unpack_low(bytes(payload[raw_at[k]:out_at[k]]), len(p), b).astype(np.int16)
+        sym[p] = v
+        top = tops[k % classes]
+        esc = (v == 0) | (v == 2 * top) if top else np.zeros(len(v), dtype=bool)
+        if int(esc.sum()) != escapes[k]:
+            raise CodecError(f"grid group: a stream has {int(esc.sum())} escaped symbols but stores "
+                             f"{int(escapes[k])} escaped values")
+        esc_pos.append(p[esc])
+        end = out_at[k] + 2 * int(escapes[k])
+        esc_vals.append(np.frombuffer(bytes(payload[out_at[k]:end]), dtype="<f2"))
+    positions_out = np.concatenate(esc_pos) if esc_pos else np.zeros(0, dtype=np.int64)
+    values_out = np.concatenate(esc_vals) if esc_vals else np.zeros(0, dtype=np.float16)
+    return sym.reshape(-1, channels), positions_out, values_out
+
+
 def decode_grid_layer(parts: dict[str, Any], *, tops: list[int], raw_bits: list[int], sink_rows: int, heads: int,
-                      tokens: int, head_dim: int, tokens_per_stream: int, out_dtype: torch.dtype) -> torch.Tensor:
+                      tokens: int, head_dim: int, tokens_per_stream: int, out_dtype: torch.dtype,
+                      coder: str = "torchac", lane_symbols: int = 0, max_lanes: int = 32) -> torch.Tensor:
     """Decode one group back to ``[heads, tokens, head_dim]``; `tops` and `raw_bits` are per class."""
     channels = heads * head_dim
     steps, multipliers, mean = parts["steps"], parts["multipliers"], parts["mean"]
-    classes, cdf, sink, outliers = parts["classes"], parts["cdf"], parts["sink"], parts["outliers"]
+    classes, cdf, sink = parts["classes"], parts["cdf"], parts["sink"]
     if (tuple(steps.shape), tuple(mean.shape), tuple(classes.shape), tuple(multipliers.shape)) != (
             (channels,), (channels,), (channels,), (tokens,)):
         raise CodecError("grid group side information has the wrong shape")
@@ -240,20 +389,29 @@ def decode_grid_layer(parts: dict[str, Any], *, tops: list[int], raw_bits: list[
         check_cdf(table.reshape(1, -1))
     members = [np.flatnonzero(cls == k) for k in range(len(tops))]
     rows = _coded_rows(tokens, sink_rows, tokens_per_stream)
-    if len(parts["streams"]) != len(rows) * len(tops):
-        raise CodecError("grid group: wrong number of streams")
-    sym = decode_class_streams(channels, members, cdfs, raw_bits, rows, parts["streams"])
+    if coder == "rans":
+        sym, esc_pos, esc_vals = decode_class_streams_rans(
+            channels, members, cdfs, raw_bits, rows, parts["streams"], parts["lengths"], tops,
+            lane_symbols=lane_symbols, max_lanes=max_lanes)
+    else:
+        if len(parts["streams"]) != len(rows) * len(tops):
+            raise CodecError("grid group: wrong number of streams")
+        sym = decode_class_streams(channels, members, cdfs, raw_bits, rows, parts["streams"])
     top_c = torch.tensor(tops, dtype=torch.int32)[torch.from_numpy(cls)]
     q = torch.from_numpy(sym.astype(np.int32)) - top_c
     if q.numel() and bool(((q > top_c) | (q < -top_c)).any()):
         raise CodecError("decoded symbol out of range for its class: corrupt stream")
     body = mean.to(torch.float32) + q.to(torch.float32) * grid_of(steps, multipliers)[sink_rows:]
-    escaped = (q.abs() >= top_c) & (top_c > 0)
-    n_escaped = int(escaped.sum())
-    if n_escaped != outliers.numel():
-        raise CodecError(f"grid group: {n_escaped} escaped symbols but {outliers.numel()} stored outliers")
-    if n_escaped:
-        body[escaped] = outliers.to(torch.float32)
+    if coder == "rans":
+        body.view(-1)[torch.from_numpy(esc_pos)] = torch.from_numpy(esc_vals.astype(np.float32))
+    else:
+        outliers = parts["outliers"]
+        escaped = (q.abs() >= top_c) & (top_c > 0)
+        n_escaped = int(escaped.sum())
+        if n_escaped != outliers.numel():
+            raise CodecError(f"grid group: {n_escaped} escaped symbols but {outliers.numel()} stored outliers")
+        if n_escaped:
+            body[escaped] = outliers.to(torch.float32)
     x = torch.cat([sink.to(torch.float32), body]) if sink_rows else body
     return x.reshape(tokens, heads, head_dim).permute(1, 0, 2).to(out_dtype).contiguous()
 
@@ -286,14 +444,18 @@ def handle_encode_grid(meta: dict, blob: bytes) -> tuple[dict, bytes]:
     res = encode_grid_layer(parts["x"], parts["steps"], parts["multipliers"], **meta["params"])
     streams = res.pop("streams")
     tops, raw_bits = res.pop("tops"), res.pop("raw_bits")
-    res["streams"] = b"".join(streams)
+    lengths = res.pop("lengths") if "lengths" in res else [len(s) for s in streams]
+    res["streams"] = streams if isinstance(streams, bytes) else b"".join(streams)
     parts_meta, out = pack_parts(res)
-    return {"parts": parts_meta, "lengths": [len(s) for s in streams], "tops": tops, "raw_bits": raw_bits}, out
+    return {"parts": parts_meta, "lengths": lengths, "tops": tops, "raw_bits": raw_bits}, out
 
 
 def handle_decode_grid(meta: dict, blob: bytes) -> tuple[dict, bytes]:
     parts = unpack_parts(meta["parts"], blob)
-    parts["streams"] = split_payload(parts["streams"], meta["lengths"])
+    if meta["params"].get("coder") == "rans":
+        parts["lengths"] = meta["lengths"]
+    else:
+        parts["streams"] = split_payload(parts["streams"], meta["lengths"])
     for name in ("classes", "cdf"):
         parts[name] = np.asarray(parts[name])
     params = dict(meta["params"])

@@ -20,7 +20,8 @@ from typing import Any
 from kvcast.codec.errors import CodecError
 
 QUANTIZERS = ("fp16", "absmax_token", "grid")
-CODERS = ("none", "torchac")
+CODERS = ("none", "torchac", "rans")
+ENTROPY_CODERS = ("torchac", "rans")
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,9 @@ class LevelSpec:
     ``grid``: kvcast's sensitivity-weighted uniform grid (`kvcast.codec.grid`): channel steps ``step / sqrt(F_c)`` from
     the model's Fisher table, scaled per token by its modelled sensitivity, class-shared CDFs."""
     coder: str = "none"
-    """``none``: fixed width (fp16, or int8 for 256 bins); ``torchac``: range coding with CDFs."""
+    """``none``: fixed width (fp16, or int8 for 256 bins); ``rans``: kvcast's interleaved rANS coder with the
+    shipped CDFs (`kvcast.codec.rans`, format version 2, decodable on CPU and GPU); ``torchac``: torchac's
+    arithmetic coder (format version 1: objects made before version 2 still decode)."""
     key_bins: tuple[tuple[float, int], ...] = ()
     """(end fraction of depth, bins) groups for keys."""
     value_bins: tuple[tuple[float, int], ...] = ()
@@ -49,6 +52,10 @@ class LevelSpec:
     """Independent streams restart every this many tokens (CacheGen's GPU coder uses 256)."""
     channels_per_stream: int = 64
     """Channels per stream (64 = one SmolLM2 head); a stream is (K/V, layer, channel group, token block)."""
+    lane_symbols: int = 4096
+    """``rans``: one interleaved lane per this many symbols of a stream (a power of two of lanes)."""
+    max_lanes: int = 32
+    """``rans``: at most this many lanes per stream (a power of two <= 32: one GPU warp)."""
     cdf: str = "per_object"
     """Where the CDFs come from: ``per_object`` = estimated from the object's symbols and shipped in it."""
     description: str = ""
@@ -81,14 +88,16 @@ class LevelSpec:
             if self.coder == "none" and any(b != 256 for _, b in (*self.key_bins, *self.value_bins)):
                 raise CodecError(f"level {self.name!r}: fixed-width coding supports 256 bins only")
         if self.quantizer == "grid":
-            if self.coder != "torchac" or not (self.step > 0) or not (0 <= self.recency <= 2):
-                raise CodecError(f"level {self.name!r}: grid needs the torchac coder, step > 0, 0 <= recency <= 2")
+            if self.coder not in ENTROPY_CODERS or not (self.step > 0) or not (0 <= self.recency <= 2):
+                raise CodecError(f"level {self.name!r}: grid needs an entropy coder, step > 0, 0 <= recency <= 2")
             if self.sink_tokens < 0 or not (0 < self.rounding <= 0.5) or self.delta_group:
                 raise CodecError(f"level {self.name!r}: grid needs sink_tokens >= 0, 0 < rounding <= 0.5, no deltas")
-        if self.delta_group < 0 or (self.delta_group and self.coder != "torchac"):
-            raise CodecError(f"level {self.name!r}: delta coding needs the torchac coder")
+        if self.delta_group < 0 or (self.delta_group and self.coder not in ENTROPY_CODERS):
+            raise CodecError(f"level {self.name!r}: delta coding needs an entropy coder")
         if self.tokens_per_stream < 1 or self.channels_per_stream < 1:
             raise CodecError(f"level {self.name!r}: stream sizes must be positive")
+        if self.lane_symbols < 1 or self.max_lanes not in (1, 2, 4, 8, 16, 32):
+            raise CodecError(f"level {self.name!r}: lane_symbols must be positive, max_lanes a power of two <= 32")
 
     def bins_per_layer(self, layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Resolve the bin groups to one bin count per layer, for keys and for values."""
@@ -150,7 +159,7 @@ def builtin_levels() -> list[LevelSpec]:
     for n in (3, 2, 1):
         keys, values = _CACHEGEN_TABLES[n]
         levels.append(LevelSpec(
-            f"cachegen-delta-{n}", "absmax_token", coder="torchac", key_bins=keys, value_bins=values,
+            f"cachegen-delta-{n}", "absmax_token", coder="rans", key_bins=keys, value_bins=values,
             delta_group=10, anchor_bins=256, family="cachegen-paper",
             description=(f"CacheGen paper's change-based coding with level-{n} bins: groups of 10 tokens, an 8-bit "
                          "anchor, deltas to the anchor quantized per token and range-coded with per-object "
@@ -158,11 +167,12 @@ def builtin_levels() -> list[LevelSpec]:
             error_bound=("anchors: " + _ABSMAX_BOUND + " (M = 127); other tokens: the same bound with s = the "
                          "absmax of the token's delta to the reconstructed anchor")))
         levels.append(LevelSpec(
-            f"cachegen-{n}", "absmax_token", coder="torchac", key_bins=keys, value_bins=values,
+            f"cachegen-{n}", "absmax_token", coder="rans", key_bins=keys, value_bins=values,
             family="cachegen-code",
             description=(f"CacheGen's public code, level {n}: per-token absmax quantization, its bins-per-layer-"
                          "group table mapped to the model's depth, one CDF per (layer, channel) estimated per "
-                         "object and shipped with it, torchac range coding, streams restart every 256 tokens."),
+                         "object and shipped with it, entropy-coded (kvcast's rANS coder where CacheGen uses "
+                         "torchac: the same CDFs, within 0.5% of its size), streams restart every 256 tokens."),
             error_bound=_ABSMAX_BOUND))
     levels.extend(grid_levels())
     # best quality first: top-1 agreement measured on SmolLM2, WikiText-2 test (docs/codec-experiments.md)
@@ -186,12 +196,12 @@ _GRID_LADDER = (
 def grid_levels() -> list[LevelSpec]:
     """kvcast's own levels (`kvcast.codec.grid`), best quality first."""
     return [LevelSpec(
-        name, "grid", coder="torchac", step=step, recency=strength, sink_tokens=4, family="kvcast",
+        name, "grid", coder="rans", step=step, recency=strength, sink_tokens=4, family="kvcast",
         description=(f"kvcast grid level ({aim}): channel steps lambda/sqrt(F_c) from the model's Fisher table "
                      f"(lambda = {step:g}), token steps scaled by w_t^(-{strength:g}/2) with w_t the token's "
                      "modelled sensitivity (distance from the context's end x sink score), the first 4 tokens "
-                     "at fp16, class-shared CDFs shipped per object, torchac range coding, independent streams "
-                     "per 256 tokens x 64 channels."),
+                     "at fp16, class-shared CDFs shipped per object, interleaved rANS coding, independent streams "
+                     "per (256 tokens, class)."),
         error_bound=_GRID_BOUND) for name, step, strength, aim in _GRID_LADDER]
 
 

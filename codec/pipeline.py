@@ -19,7 +19,8 @@ import torch
 
 from kvcast.codec.errors import CodecError
 from kvcast.codec.packing import FP16_MAX, TORCH_DTYPES, block_rows, pack_parts, split_payload, unpack_parts
-from kvcast.codec.rangecoder import StreamGroup, cachegen_cdf, check_cdf, decode_group, encode_group
+from kvcast.codec.rangecoder import StreamGroup, cachegen_cdf, check_cdf, decode_group, encode_group, iter_streams
+from kvcast.codec.rans import StreamGeometry, cum_tables, decode_streams, encode_streams
 
 # ------------------------------------------------------------------------------------------ quantizer
 
@@ -69,11 +70,59 @@ def anchor_mask(tokens: int, delta_group: int) -> torch.Tensor:
     return mask
 
 
+# ---------------------------------------------------------------------------------- rANS stream groups
+
+
+def rans_geometry(block_rows: tuple[int, ...], channels: int, channels_per_stream: int, *, lane_symbols: int,
+                  max_lanes: int) -> StreamGeometry:
+    """The rANS geometry of a group's streams (block-major, then channel group): symbol ``i`` of stream
+    ``(block, channels c0:c1)`` is token ``i // (c1 - c0)`` of the block, channel ``c0 + i % (c1 - c0)``, and
+    takes that channel's CDF row."""
+    spans = list(iter_streams(block_rows, channels, channels_per_stream))
+    return StreamGeometry.of(counts=[n * (c1 - c0) for _, n, c0, c1 in spans], row0=[c0 for _, _, c0, _ in spans],
+                             period=[c1 - c0 for _, _, c0, c1 in spans], lane_symbols=lane_symbols,
+                             max_lanes=max_lanes)
+
+
+def encode_group_rans(symbols: np.ndarray, cdf: np.ndarray, block_rows: tuple[int, ...], channels_per_stream: int,
+                      *, lane_symbols: int, max_lanes: int) -> tuple[bytes, list[int]]:
+    """Encode the symbols ``[rows, channels]`` of one group as rANS streams; their bytes and lengths."""
+    channels = symbols.shape[1]
+    flat = [symbols[r0:r0 + n, c0:c1].reshape(-1) for r0, n, c0, c1 in iter_streams(block_rows, channels,
+                                                                                     channels_per_stream)]
+    geometry = rans_geometry(block_rows, channels, channels_per_stream, lane_symbols=lane_symbols,
+                             max_lanes=max_lanes)
+    cum, nsym = cum_tables([cdf])
+    data, lengths = encode_streams(np.concatenate(flat) if flat else np.zeros(0, np.int16), geometry, cum, nsym)
+    return data, [int(n) for n in lengths]
+
+
+def decode_group_rans(cdf: np.ndarray, block_rows: tuple[int, ...], channels_per_stream: int, payload: bytes,
+                      lengths: list[int], *, lane_symbols: int, max_lanes: int) -> np.ndarray:
+    """Inverse of `encode_group_rans`: int16 ``[sum(block_rows), channels]``."""
+    channels = cdf.shape[0]
+    geometry = rans_geometry(block_rows, channels, channels_per_stream, lane_symbols=lane_symbols,
+                             max_lanes=max_lanes)
+    if len(lengths) != len(geometry.lanes):
+        raise CodecError("group has the wrong number of streams")
+    end = np.cumsum(np.asarray(lengths, dtype=np.int64))
+    if end.size and int(end[-1]) != len(payload):
+        raise CodecError("group's stream lengths do not cover its payload")
+    cum, nsym = cum_tables([cdf])
+    flat = decode_streams(payload, geometry, cum, nsym, end - np.asarray(lengths, dtype=np.int64), end)
+    out = np.empty((int(sum(block_rows)), channels), dtype=np.int16)
+    for (r0, n, c0, c1), a, b in zip(iter_streams(block_rows, channels, channels_per_stream), geometry.sym_start,
+                                     geometry.sym_start[1:]):
+        out[r0:r0 + n, c0:c1] = flat[a:b].reshape(n, c1 - c0)
+    return out
+
+
 # ----------------------------------------------------------------------------------------- one group
 
 
 def encode_layer(x: torch.Tensor, *, bins: int, slots: int, delta_group: int, anchor_bins: int,
-                 tokens_per_stream: int, channels_per_stream: int) -> dict[str, Any]:
+                 tokens_per_stream: int, channels_per_stream: int, coder: str = "torchac", lane_symbols: int = 0,
+                 max_lanes: int = 32) -> dict[str, Any]:
     """Encode one (K/V, layer) group ``[heads, tokens, head_dim]``.
 
     Returns ``scales`` (fp16 [T]: the anchor's scale at anchors, the delta's elsewhere), ``cdf`` (int16
@@ -102,13 +151,17 @@ def encode_layer(x: torch.Tensor, *, bins: int, slots: int, delta_group: int, an
     rows = block_rows(~is_anchor, tokens_per_stream)
     out["scales"] = s16
     out["cdf"] = cdf
-    out["streams"] = encode_group(StreamGroup(q.numpy(), cdf, rows, channels_per_stream))
+    if coder == "rans":
+        out["streams"], out["lengths"] = encode_group_rans(q.numpy(), cdf, rows, channels_per_stream,
+                                                           lane_symbols=lane_symbols, max_lanes=max_lanes)
+    else:
+        out["streams"] = encode_group(StreamGroup(q.numpy(), cdf, rows, channels_per_stream))
     return out
 
 
 def decode_layer(parts: dict[str, Any], *, bins: int, slots: int, heads: int, tokens: int, head_dim: int,
                  delta_group: int, anchor_bins: int, tokens_per_stream: int, channels_per_stream: int,
-                 out_dtype: str) -> torch.Tensor:
+                 out_dtype: str, coder: str = "torchac", lane_symbols: int = 0, max_lanes: int = 32) -> torch.Tensor:
     """Decode one group back to ``[heads, tokens, head_dim]`` in `out_dtype`."""
     channels = heads * head_dim
     scales, cdf, streams = parts["scales"], parts["cdf"], parts["streams"]
@@ -118,7 +171,11 @@ def decode_layer(parts: dict[str, Any], *, bins: int, slots: int, heads: int, to
     is_anchor = anchor_mask(tokens, delta_group)
     coded = ~is_anchor
     rows = block_rows(coded, tokens_per_stream)
-    q = decode_group(cdf, rows, channels_per_stream, streams)
+    if coder == "rans":
+        q = decode_group_rans(cdf, rows, channels_per_stream, streams, parts["lengths"], lane_symbols=lane_symbols,
+                              max_lanes=max_lanes)
+    else:
+        q = decode_group(cdf, rows, channels_per_stream, streams)
     half = bins / 2 - 1
     if q.size and (int(q.max()) > 2 * half or int(q.min()) < 0):
         raise CodecError("decoded symbol out of range for its layer: corrupt stream")
@@ -144,14 +201,18 @@ def handle_encode_layer(meta: dict, blob: bytes) -> tuple[dict, bytes]:
     x = parts["x"]
     res = encode_layer(x, **meta["params"])
     streams = res.pop("streams")
-    res["streams"] = b"".join(streams)
+    lengths = res.pop("lengths") if "lengths" in res else [len(s) for s in streams]
+    res["streams"] = streams if isinstance(streams, bytes) else b"".join(streams)
     parts_meta, out = pack_parts(res)
-    return {"parts": parts_meta, "lengths": [len(s) for s in streams]}, out
+    return {"parts": parts_meta, "lengths": lengths}, out
 
 
 def handle_decode_layer(meta: dict, blob: bytes) -> tuple[dict, bytes]:
     parts = unpack_parts(meta["parts"], blob)
-    parts["streams"] = split_payload(parts["streams"], meta["lengths"])
+    if meta["params"].get("coder") == "rans":
+        parts["lengths"] = meta["lengths"]
+    else:
+        parts["streams"] = split_payload(parts["streams"], meta["lengths"])
     y = decode_layer(parts, **meta["params"])
     parts_meta, out = pack_parts({"y": y})
     return {"parts": parts_meta}, out

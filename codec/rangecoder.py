@@ -16,10 +16,8 @@ module only codes the stream groups it is handed.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import importlib.util
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 
 from kvcast.codec.errors import CodecError
+from kvcast.codec.extensions import build_extension
 
 CDF_PRECISION_BITS = 16
 CDF_TOTAL = 1 << CDF_PRECISION_BITS
@@ -35,35 +34,17 @@ CDF_TOTAL = 1 << CDF_PRECISION_BITS
 
 @functools.cache
 def torchac_backend():
-    """The torchac C++ extension, built once with -O3 (cached by torch's extension builder)."""
+    """The torchac C++ extension, built once with -O3 (cached by `kvcast.codec.extensions`)."""
     spec = importlib.util.find_spec("torchac")
     if spec is None or not spec.submodule_search_locations:
         raise CodecError("torchac is not installed (pip install torchac==0.9.3)")
     source = Path(next(iter(spec.submodule_search_locations))) / "backend" / "torchac_backend.cpp"
     try:
-        from torch.utils.cpp_extension import load
-
-        # torch's builder guards its folder with a lock *file*; a process killed inside `load` (SIGKILL, the OOM
-        # killer) leaves it behind and every later process waits for it forever. Our own flock is released by
-        # the kernel when its holder dies, so while we hold it any lock file in the folder is stale: remove it.
-        build = _extension_dir()
-        build.mkdir(parents=True, exist_ok=True)
-        with open(build.parent / "kvcast_torchac_o3.flock", "a") as guard:
-            fcntl.flock(guard, fcntl.LOCK_EX)
-            (build / "lock").unlink(missing_ok=True)
-            return load(name="kvcast_torchac_o3", sources=[str(source)], extra_cflags=["-O3"], verbose=False,
-                        build_directory=str(build))
-    except Exception:  # pragma: no cover - fall back to the package's own build
+        return build_extension("kvcast_torchac_o3", [source])
+    except CodecError:  # pragma: no cover - fall back to the package's own build
         import torchac.torchac as torchac_module
 
         return torchac_module.torchac_backend
-
-
-def _extension_dir() -> Path:
-    """Where the -O3 torchac extension is built: per torch version, under ``$KVCAST_CACHE_DIR`` (default
-    ``~/.cache/kvcast``)."""
-    base = Path(os.environ.get("KVCAST_CACHE_DIR") or Path.home() / ".cache" / "kvcast")
-    return base / "torch_extensions" / f"torch-{torch.__version__}" / "kvcast_torchac_o3"
 
 
 def cachegen_cdf(counts: torch.Tensor) -> torch.Tensor:
@@ -110,7 +91,8 @@ class StreamGroup:
     channels_per_stream: int
 
 
-def _iter_streams(rows_per_block: Sequence[int], channels: int, channels_per_stream: int):
+def iter_streams(rows_per_block: Sequence[int], channels: int, channels_per_stream: int):
+    """``(first row, rows, c0, c1)`` of every stream of a group: block-major, then channel group."""
     start = 0
     for n in rows_per_block:
         for c0 in range(0, channels, channels_per_stream):
@@ -141,7 +123,7 @@ def encode_group(group: StreamGroup) -> list[bytes]:
     sym = group.symbols
     expanded = _ExpandedCdf(group.cdf, group.block_rows)
     out: list[bytes] = []
-    for r0, n, c0, c1 in _iter_streams(group.block_rows, sym.shape[1], group.channels_per_stream):
+    for r0, n, c0, c1 in iter_streams(group.block_rows, sym.shape[1], group.channels_per_stream):
         if n == 0:
             out.append(b"")
             continue
@@ -157,7 +139,7 @@ def decode_group(cdf: np.ndarray, block_rows: Sequence[int], channels_per_stream
     channels = cdf.shape[0]
     expanded = _ExpandedCdf(cdf, block_rows)
     out = np.empty((int(sum(block_rows)), channels), dtype=np.int16)
-    for i, (r0, n, c0, c1) in enumerate(_iter_streams(block_rows, channels, channels_per_stream)):
+    for i, (r0, n, c0, c1) in enumerate(iter_streams(block_rows, channels, channels_per_stream)):
         if n == 0:
             continue
         sym = backend.decode_cdf(expanded.rows(n, c0, c1), bytes(streams[i]))

@@ -17,11 +17,13 @@ from kvcast.codec.errors import CodecError
 from kvcast.codec.ops import handle
 from kvcast.codec.protocol import read_message, write_message
 from kvcast.codec.rangecoder import torchac_backend
+from kvcast.codec.rans import cpu_backend
 
 
 def main() -> None:
     """Serve requests until stdin closes."""
     torch.set_num_threads(1)
+    cpu_backend()
     torchac_backend()
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     while True:

@@ -115,7 +115,7 @@ def test_forged_headers_raise_with_a_reason(objects, edit, message):
 
 def test_version_and_magic_are_checked(objects):
     data = bytearray(objects["raw"])
-    struct.pack_into("<H", data, 8, 2)
+    struct.pack_into("<H", data, 8, 3)
     with pytest.raises(codec.CodecError, match="version"):
         codec.decode(refresh_crc(data))
     with pytest.raises(codec.CodecError, match="magic"):
