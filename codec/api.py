@@ -27,7 +27,12 @@ import torch
 from kvcast.codec.container import Section, Unpacked, pack, unpack
 from kvcast.codec.errors import CodecError
 from kvcast.codec.fingerprint import ModelFingerprint
-from kvcast.codec.grid import cdf_length, channel_steps, token_multipliers
+from kvcast.codec.gpu import decode_batch
+from kvcast.codec.grid import channel_steps, token_multipliers
+from kvcast.codec.header import header_basics as _header_basics
+from kvcast.codec.header import header_bins as _header_bins
+from kvcast.codec.header import parse_coded, parse_grid
+from kvcast.codec.header import section as _section
 from kvcast.codec.levels import LevelRegistry, LevelSpec
 from kvcast.codec.packing import FP16_MAX as _FP16_MAX
 from kvcast.codec.packing import pack_parts, split_payload, unpack_parts
@@ -237,64 +242,30 @@ class Codec:
     def _decode_grid(self, h: dict[str, Any], sec, spec: LevelSpec, model: ModelFingerprint, tokens: int,
                      out_dtype: torch.dtype, device) -> KV:
         layers, heads, dim = model.layers, model.kv_heads, model.head_dim
-        channels = heads * dim
-        groups = 2 * layers
-        g = h.get("grid")
-        try:
-            sink_rows = int(g["sink_rows"])
-            tops = [[int(t) for t in group] for group in g["tops"]]
-            raw_bits = [[int(b) for b in group] for group in g["raw_bits"]]
-            outliers = [int(n) for n in g["outliers"]] if spec.coder == "torchac" else [0] * groups
-        except (KeyError, TypeError, ValueError):
-            raise CodecError("header lacks a valid 'grid' table") from None
-        if not (0 <= sink_rows <= tokens) or not (len(tops) == len(outliers) == groups):
-            raise CodecError("header's 'grid' table does not fit the object's geometry")
-        if any(not (1 <= len(t) <= min(channels, 256)) for t in tops) or any(
-                not (0 <= x <= 127) for t in tops for x in t) or any(n < 0 for n in outliers) or [
-                len(t) for t in tops] != [len(b) for b in raw_bits] or any(not (0 <= x <= 7) for b in raw_bits
-                                                                       for x in b):
-            raise CodecError("header's 'grid' table holds impossible values")
-        blocks = -(-tokens // spec.tokens_per_stream)
-        per_group = [blocks * len(t) for t in tops]
-        st = h.get("streams")
-        if not isinstance(st, dict) or st.get("count") != sum(per_group) or st.get(
-                "tokens_per_stream") != spec.tokens_per_stream:
-            raise CodecError(f"header's stream table disagrees with the geometry ({sum(per_group)} streams)")
-        steps = torch.from_numpy(_section(sec, "steps", "float16", (2, layers, channels)).copy())
-        mult = torch.from_numpy(_section(sec, "multipliers", "float16", (tokens,)).copy())
-        means = torch.from_numpy(_section(sec, "means", "float16", (2, layers, channels)).copy())
-        cls = _section(sec, "classes", "uint8", (2, layers, channels))
-        cdf_sizes = [sum(cdf_length(x, b) for x, b in zip(t, r)) for t, r in zip(tops, raw_bits)]
-        cdfs = _section(sec, "cdfs", "int16", (sum(cdf_sizes),))
-        sink = torch.from_numpy(_section(sec, "sink", "float16", (2, layers, sink_rows, channels)).copy())
-        outl = (torch.from_numpy(_section(sec, "outliers", "float16", (sum(outliers),)).copy())
-                if spec.coder == "torchac" else torch.zeros(0, dtype=torch.float16))
-        lengths = _section(sec, "stream_lengths", "uint32", (sum(per_group),)).astype(np.int64)
-        payload = sec.get("streams")
-        if not isinstance(payload, memoryview) or int(lengths.sum()) != len(payload):
-            raise CodecError("stream lengths do not match the 'streams' payload")
-        if not (torch.isfinite(steps).all() and torch.isfinite(mult).all() and torch.isfinite(means).all()):
-            raise CodecError("grid side information holds non-finite steps, multipliers or means")
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        first_stream = np.concatenate([[0], np.cumsum(per_group)])
-        cdf_pos = np.concatenate([[0], np.cumsum(cdf_sizes)])
-        out_pos = np.concatenate([[0], np.cumsum(outliers)])
+        p = parse_grid(h, sec, spec, model, tokens)
+        offsets = np.concatenate([[0], np.cumsum(p.lengths)])
+        first_stream = np.concatenate([[0], np.cumsum(p.per_group)])
+        cdf_pos = np.concatenate([[0], np.cumsum(p.cdf_sizes)])
+        out_pos = np.concatenate([[0], np.cumsum(p.outliers)])
         dtype_name = str(out_dtype).removeprefix("torch.")
         calls = []
-        for gi in range(groups):
+        for gi in range(2 * layers):
             i, layer = divmod(gi, layers)
             s0, s1 = first_stream[gi], first_stream[gi + 1]
-            parts = {"steps": steps[i, layer], "multipliers": mult, "mean": means[i, layer], "classes": cls[i, layer],
-                     "cdf": cdfs[cdf_pos[gi]:cdf_pos[gi + 1]], "sink": sink[i, layer],
-                     "outliers": outl[out_pos[gi]:out_pos[gi + 1]], "streams": payload[offsets[s0]:offsets[s1]]}
+            parts = {"steps": torch.from_numpy(p.steps[i, layer].copy()),
+                     "multipliers": torch.from_numpy(p.multipliers.copy()),
+                     "mean": torch.from_numpy(p.means[i, layer].copy()), "classes": p.classes[i, layer],
+                     "cdf": p.cdfs[cdf_pos[gi]:cdf_pos[gi + 1]], "sink": torch.from_numpy(p.sink[i, layer].copy()),
+                     "outliers": torch.from_numpy(p.outlier_values[out_pos[gi]:out_pos[gi + 1]].copy()),
+                     "streams": p.payload[offsets[s0]:offsets[s1]]}
             parts_meta, blob = pack_parts(parts)
-            params = {"tops": tops[gi], "raw_bits": raw_bits[gi], "sink_rows": sink_rows, "heads": heads,
+            params = {"tops": p.tops[gi], "raw_bits": p.raw_bits[gi], "sink_rows": p.sink_rows, "heads": heads,
                       "tokens": tokens, "head_dim": dim, "tokens_per_stream": spec.tokens_per_stream,
                       "out_dtype": dtype_name, "coder": spec.coder, "lane_symbols": spec.lane_symbols,
                       "max_lanes": spec.max_lanes}
             calls.append(({"op": "decode_grid", "parts": parts_meta, "params": params,
-                           "lengths": [int(n) for n in lengths[s0:s1]]}, blob))
-        results = self.pool.run(calls, total_symbols=groups * tokens * channels)
+                           "lengths": [int(n) for n in p.lengths[s0:s1]]}, blob))
+        results = self.pool.run(calls, total_symbols=2 * layers * tokens * heads * dim)
         ys = [unpack_parts(reply["parts"], data)["y"] for reply, data in results]
         return [(ys[layer].unsqueeze(0).to(device), ys[layers + layer].unsqueeze(0).to(device))
                 for layer in range(layers)]
@@ -303,7 +274,8 @@ class Codec:
 
     def decode(self, data: bytes | memoryview, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                *, expect_model: ModelFingerprint | None = None) -> KV:
-        """Decode an object to a KV list; `CodecError` for anything corrupt, truncated or mismatched."""
+        """Decode an object to a KV list; `CodecError` for anything corrupt, truncated or mismatched. On a CUDA
+        `device`, format-2 entropy-coded objects decode on the GPU (`kvcast.codec.gpu`, bit-exact with the CPU)."""
         obj = unpack(data)
         h = obj.header
         spec, model, tokens = _header_basics(h)
@@ -319,6 +291,8 @@ class Codec:
         layers, heads, dim = model.layers, model.kv_heads, model.head_dim
         channels = heads * dim
         sec = obj.sections
+        if spec.coder == "rans" and torch.device(device).type == "cuda":
+            return decode_batch([data], device, out_dtype)[0]   # one launch, dequantization fused
         if spec.quantizer == "grid":
             return self._decode_grid(h, sec, spec, model, tokens, out_dtype, device)
         if spec.quantizer == "fp16":
@@ -337,42 +311,22 @@ class Codec:
     def _decode_coded(self, h, sec, spec: LevelSpec, bins, model: ModelFingerprint, tokens: int,
                       scales: torch.Tensor, out_dtype: torch.dtype, device) -> KV:
         layers, heads, dim = model.layers, model.kv_heads, model.head_dim
-        channels = heads * dim
-        st = h.get("streams")
-        if not isinstance(st, dict):
-            raise CodecError("header lacks the 'streams' table of an entropy-coded level")
-        if (st.get("tokens_per_stream"), st.get("channels_per_stream")) != (spec.tokens_per_stream,
-                                                                           spec.channels_per_stream):
-            raise CodecError("stream geometry in header disagrees with the level spec")
-        n_anchor = -(-tokens // spec.delta_group) if spec.delta_group else 0
-        coded_tokens = tokens - n_anchor
-        blocks = -(-tokens // spec.tokens_per_stream)
-        per_group = blocks * -(-channels // spec.channels_per_stream)
-        n_streams = 2 * layers * per_group
-        if st.get("count") != n_streams:
-            raise CodecError(f"header announces {st.get('count')} streams, the geometry needs {n_streams}")
-        lengths = _section(sec, "stream_lengths", "uint32", (n_streams,)).astype(np.int64)
-        payload = sec.get("streams")
-        if not isinstance(payload, memoryview):
-            raise CodecError("missing section 'streams'")
-        if int(lengths.sum()) != len(payload):
-            raise CodecError(f"stream lengths sum to {int(lengths.sum())} bytes, the payload has {len(payload)}")
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        cdfs = [_section(sec, name, "int16", (layers, channels, max(bins[i]) + 1))
-                for i, name in enumerate(("cdf_key", "cdf_value"))]
-        anchors = (_section(sec, "anchors", "int8", (2, layers, n_anchor, channels)) if spec.delta_group else None)
+        p = parse_coded(h, sec, spec, model, tokens)
+        offsets = np.concatenate([[0], np.cumsum(p.lengths)])
+        per_group = p.per_group
+        coded_tokens = tokens - (-(-tokens // spec.delta_group) if spec.delta_group else 0)
         dtype_name = str(out_dtype).removeprefix("torch.")
         calls = []
         for g, (i, layer, params) in enumerate(self._group_params(spec, bins)):
             lo, hi = offsets[g * per_group], offsets[(g + 1) * per_group]
-            parts = {"scales": scales[i, layer], "cdf": cdfs[i][layer], "streams": payload[lo:hi]}
-            if anchors is not None:
-                parts["anchors"] = anchors[i, layer]
+            parts = {"scales": scales[i, layer], "cdf": p.cdfs[i][layer], "streams": p.payload[lo:hi]}
+            if p.anchors is not None:
+                parts["anchors"] = p.anchors[i, layer]
             parts_meta, blob = pack_parts(parts)
             params = dict(params, heads=heads, tokens=tokens, head_dim=dim, out_dtype=dtype_name)
             calls.append(({"op": "decode_layer", "parts": parts_meta, "params": params,
-                           "lengths": [int(n) for n in lengths[g * per_group:(g + 1) * per_group]]}, blob))
-        results = self.pool.run(calls, total_symbols=2 * layers * coded_tokens * channels)
+                           "lengths": [int(n) for n in p.lengths[g * per_group:(g + 1) * per_group]]}, blob))
+        results = self.pool.run(calls, total_symbols=2 * layers * coded_tokens * heads * dim)
         ys = [unpack_parts(reply["parts"], data)["y"] for reply, data in results]
         return [(ys[layer].unsqueeze(0).to(device), ys[layers + layer].unsqueeze(0).to(device))
                 for layer in range(layers)]
@@ -395,46 +349,6 @@ def inspect_unpacked(obj: Unpacked, model: ModelFingerprint, tokens: int) -> dic
     info["bits_per_value"] = 8 * obj.total_bytes / values
     info["bits_per_value_payload"] = 8 * obj.payload_bytes / values
     return info
-
-
-def _header_basics(h: dict[str, Any]) -> tuple[LevelSpec, ModelFingerprint, int]:
-    if h.get("codec") != "kvcast":
-        raise CodecError(f"header codec is {h.get('codec')!r}, not 'kvcast'")
-    if not isinstance(h.get("level"), dict):
-        raise CodecError("header lacks the level spec")
-    spec = LevelSpec.from_dict(h["level"])
-    if not isinstance(h.get("model"), dict):
-        raise CodecError("header lacks the model fingerprint")
-    model = ModelFingerprint.from_dict(h["model"])
-    try:
-        tokens = int(h["tokens"]["count"])
-        start = int(h["tokens"]["start"])
-    except (KeyError, TypeError, ValueError):
-        raise CodecError("header lacks a valid token range") from None
-    if min(model.layers, model.kv_heads, model.head_dim, tokens) < 1 or start < 0:
-        raise CodecError(f"header has impossible sizes: {model}, tokens={tokens}, start={start}")
-    return spec, model, tokens
-
-
-def _header_bins(h: dict[str, Any], spec: LevelSpec, layers: int) -> tuple[list[int], list[int]]:
-    bins = h.get("bins")
-    try:
-        kb, vb = [int(b) for b in bins["key"]], [int(b) for b in bins["value"]]
-    except (KeyError, TypeError, ValueError):
-        raise CodecError("header lacks valid per-layer bins") from None
-    if len(kb) != layers or len(vb) != layers or any(not (4 <= b <= 256) or b % 2 for b in kb + vb):
-        raise CodecError(f"per-layer bins in header are invalid for {layers} layers")
-    if (tuple(kb), tuple(vb)) != spec.bins_per_layer(layers):
-        raise CodecError("per-layer bins in header disagree with the level spec")
-    return kb, vb
-
-
-def _section(sec: dict[str, Any], name: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    arr = sec.get(name)
-    if not isinstance(arr, np.ndarray) or arr.dtype.name != dtype or tuple(arr.shape) != tuple(shape):
-        got = "missing" if arr is None else f"{getattr(arr, 'dtype', 'bytes')} {getattr(arr, 'shape', '')}"
-        raise CodecError(f"section {name!r}: expected {dtype} {list(shape)}, found {got}")
-    return arr
 
 
 @functools.cache

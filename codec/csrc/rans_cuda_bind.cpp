@@ -1,0 +1,118 @@
+// Python binding of kvcast's CUDA coder (rans_cuda.cu): torch tensors in, kernel launches on the current stream.
+// Copyright (C) 2026 the kvcast authors. GPL-3.0-or-later.
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <cuda_fp16.h>
+
+#include <vector>
+
+namespace {
+struct Streams {
+  const int64_t *rans_begin, *rans_end;
+  const int32_t *count, *lanes, *row0, *period, *group, *row_base, *width, *col_off;
+  const int64_t *raw_begin, *outl_begin;
+  const int32_t *n_esc, *top, *bits;
+};
+struct Tables { const int32_t* cum; int32_t width; const uint8_t* lut; const int32_t* nsym; };
+struct Output {
+  void* out;
+  int32_t heads, tokens, head_dim, groups_per_object;
+  const int32_t* row_token;
+  const int16_t* members;
+  const __half *mean, *step, *mult, *scale;
+  const float* half_levels;
+  const float* anchor_x;
+  int32_t delta_group, anchors;
+};
+struct KvcDecodeArgs {
+  const uint8_t* payload;
+  Streams st;
+  Tables tb;
+  Output o;
+  const int32_t* stream_of;
+  const int8_t* lane_of;
+  int32_t threads;
+  int32_t* error;
+  int32_t* error_stream;
+  int32_t grid, delta, out_dtype;
+};
+}  // namespace
+
+extern "C" int kvc_build_lut(const int32_t*, int32_t, const int32_t*, int32_t, uint8_t*, cudaStream_t);
+extern "C" int kvc_decode(const KvcDecodeArgs*, cudaStream_t);
+extern "C" int kvc_baseline(const uint8_t*, const int64_t*, const int32_t*, int32_t, const int32_t*, const int32_t*,
+                            int32_t, int32_t, uint8_t*, cudaStream_t);
+extern "C" size_t kvc_decode_args_size();
+
+template <typename T> static const T* ptr(const torch::Tensor& t) { return t.numel() ? t.data_ptr<T>() : nullptr; }
+static const __half* hptr(const torch::Tensor& t) {
+  return t.numel() ? reinterpret_cast<const __half*>(t.data_ptr<at::Half>()) : nullptr;
+}
+
+static void check(int code, const char* what) {
+  TORCH_CHECK(code == 0, what, ": CUDA error ", code, " (", cudaGetErrorString(static_cast<cudaError_t>(code)), ")");
+}
+
+torch::Tensor build_lut(torch::Tensor cum, torch::Tensor nsym) {
+  auto lut = torch::empty({cum.size(0), 257}, cum.options().dtype(torch::kUInt8));
+  check(kvc_build_lut(ptr<int32_t>(cum), static_cast<int32_t>(cum.size(1)), ptr<int32_t>(nsym),
+                      static_cast<int32_t>(cum.size(0)), lut.data_ptr<uint8_t>(), at::cuda::getCurrentCUDAStream()),
+        "build_lut");
+  return lut;
+}
+
+// streams: dict of int tensors (see rans_cuda.cu's Streams); out: [groups, heads, tokens, head_dim].
+void decode(torch::Tensor payload, std::vector<torch::Tensor> s, torch::Tensor cum, torch::Tensor lut,
+            torch::Tensor nsym, torch::Tensor out, int64_t groups_per_object, torch::Tensor row_token,
+            torch::Tensor members, torch::Tensor mean, torch::Tensor step, torch::Tensor mult, torch::Tensor scale,
+            torch::Tensor half_levels, torch::Tensor anchor_x, int64_t delta_group, torch::Tensor stream_of,
+            torch::Tensor lane_of, torch::Tensor error, int64_t grid) {
+  TORCH_CHECK(s.size() == 15, "15 stream tensors expected");
+  TORCH_CHECK(kvc_decode_args_size() == sizeof(KvcDecodeArgs), "kvcast CUDA ABI mismatch");
+  KvcDecodeArgs a{};
+  a.payload = ptr<uint8_t>(payload);
+  a.st = {ptr<int64_t>(s[0]), ptr<int64_t>(s[1]), ptr<int32_t>(s[2]), ptr<int32_t>(s[3]), ptr<int32_t>(s[4]),
+          ptr<int32_t>(s[5]), ptr<int32_t>(s[6]), ptr<int32_t>(s[7]), ptr<int32_t>(s[8]), ptr<int32_t>(s[9]),
+          ptr<int64_t>(s[10]), ptr<int64_t>(s[11]), ptr<int32_t>(s[12]), ptr<int32_t>(s[13]), ptr<int32_t>(s[14])};
+  a.tb = {ptr<int32_t>(cum), static_cast<int32_t>(cum.size(1)), ptr<uint8_t>(lut), ptr<int32_t>(nsym)};
+  a.o.out = out.data_ptr();
+  a.o.heads = static_cast<int32_t>(out.size(1));
+  a.o.tokens = static_cast<int32_t>(out.size(2));
+  a.o.head_dim = static_cast<int32_t>(out.size(3));
+  a.o.groups_per_object = static_cast<int32_t>(groups_per_object);
+  a.o.row_token = ptr<int32_t>(row_token);
+  a.o.members = members.numel() ? members.data_ptr<int16_t>() : nullptr;
+  a.o.mean = hptr(mean);
+  a.o.step = hptr(step);
+  a.o.mult = hptr(mult);
+  a.o.scale = hptr(scale);
+  a.o.half_levels = ptr<float>(half_levels);
+  a.o.anchor_x = ptr<float>(anchor_x);
+  a.o.delta_group = static_cast<int32_t>(delta_group);
+  a.o.anchors = anchor_x.dim() == 3 ? static_cast<int32_t>(anchor_x.size(1)) : 0;
+  a.stream_of = ptr<int32_t>(stream_of);
+  a.lane_of = lane_of.numel() ? lane_of.data_ptr<int8_t>() : nullptr;
+  a.threads = static_cast<int32_t>(stream_of.numel());
+  a.error = error.data_ptr<int32_t>();
+  a.error_stream = error.data_ptr<int32_t>() + 1;
+  a.grid = static_cast<int32_t>(grid);
+  a.delta = anchor_x.numel() > 0;
+  a.out_dtype = out.scalar_type() == torch::kHalf ? 0 : out.scalar_type() == torch::kBFloat16 ? 1 : 2;
+  check(kvc_decode(&a, at::cuda::getCurrentCUDAStream()), "decode");
+}
+
+torch::Tensor baseline(torch::Tensor payload, torch::Tensor begin, torch::Tensor cum, torch::Tensor nsym,
+                       torch::Tensor row, int64_t symbols_per_stream) {
+  auto out = torch::empty({begin.size(0), symbols_per_stream}, payload.options());
+  check(kvc_baseline(ptr<uint8_t>(payload), ptr<int64_t>(begin), ptr<int32_t>(cum), static_cast<int32_t>(cum.size(1)),
+                     ptr<int32_t>(nsym), ptr<int32_t>(row), static_cast<int32_t>(symbols_per_stream),
+                     static_cast<int32_t>(begin.size(0)), out.data_ptr<uint8_t>(), at::cuda::getCurrentCUDAStream()),
+        "baseline");
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("build_lut", &build_lut);
+  m.def("decode", &decode);
+  m.def("baseline", &baseline);
+}

@@ -1,0 +1,468 @@
+"""Decoding format-2 objects on a CUDA GPU: one kernel launch per batch of objects, dequantization fused.
+
+`plan_batch` reads a batch of objects (same level, model shape and token count: a context's chunks) on the
+host into flat arrays: every stream's byte range, lanes, CDF rows and output position, the CDF tables, the
+per-channel and per-token dequantization parameters, and the launch geometry (every warp holds whole
+streams; thread ``t`` decodes lane ``lane_of[t]`` of stream ``stream_of[t]``). `decode_plan_cuda` runs it:
+the kernels (``csrc/rans_cuda.cu``, the arithmetic of ``csrc/rans_core.h`` that the CPU coder also uses) are
+built at first use with torch's extension builder and cached; the result is bit-exact with the CPU decoder.
+`emulate_plan` runs the same plan with NumPy, lane by lane and step by step as the kernel does, so the
+planning and the kernel's logic are tested on machines without a GPU.
+
+Every read of the kernel is checked against its stream's bytes; a corrupt stream sets an error flag and the
+call raises `CodecError`, never reads or writes out of bounds (sizes and positions come from the checked
+header, never from the stream's bytes).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvcast.codec.container import unpack
+from kvcast.codec.errors import CodecError
+from kvcast.codec.extensions import CSRC, build_extension
+from kvcast.codec.grid import cdf_length, grid_geometry, parse_grid_streams
+from kvcast.codec.header import CodedParts, GridParts, header_basics, parse_coded, parse_grid
+from kvcast.codec.packing import block_rows
+from kvcast.codec.pipeline import rans_geometry
+from kvcast.codec.rangecoder import check_cdf, iter_streams
+from kvcast.codec.rans import STATUS_MESSAGES, cum_tables
+
+STATE_LOW = 1 << 16
+STREAM_FIELDS = ("rans_begin", "rans_end", "count", "lanes", "row0", "period", "group", "row_base", "width",
+                 "col_off", "raw_begin", "outl_begin", "n_esc", "top", "bits")
+INT64_FIELDS = ("rans_begin", "rans_end", "raw_begin", "outl_begin")
+
+
+@functools.cache
+def cuda_backend():
+    """The CUDA kernels, built once (cached by `kvcast.codec.extensions`); `CodecError` without CUDA."""
+    if not torch.cuda.is_available():
+        raise CodecError("GPU decoding needs a CUDA device and torch built with CUDA; decode on the CPU instead")
+    return build_extension("kvcast_rans_cuda", [CSRC / "rans_cuda.cu", CSRC / "rans_cuda_bind.cpp"],
+                           cuda_cflags=("-O3", "-lineinfo"), what="CUDA")
+
+
+@dataclass
+class Plan:
+    """A batch of objects laid out for one launch (host arrays; see the module docstring)."""
+
+    grid: bool
+    delta_group: int
+    objects: int
+    layers: int
+    heads: int
+    tokens: int
+    head_dim: int
+    out_dtype: torch.dtype
+    payload: np.ndarray                        # uint8, every object's streams back to back
+    streams: dict[str, np.ndarray]             # STREAM_FIELDS, one entry per stream
+    cum: np.ndarray                            # int32 [R, W]
+    nsym: np.ndarray                           # int32 [R]
+    row_token: np.ndarray                      # int32 [coded rows]: coded row -> token
+    stream_of: np.ndarray                      # int32 [threads]
+    lane_of: np.ndarray                        # int8 [threads]
+    members: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))   # grid: class channels
+    mean: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float16))    # grid [G, C]
+    step: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float16))    # grid [G, C]
+    mult: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float16))    # grid [objects, T]
+    sink: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float16))    # grid [G, sink_rows, C]
+    scale: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float16))   # absmax [G, T]
+    half_levels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # absmax [G]
+    anchors: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))    # delta [G, n_anchor, C]
+    anchor_scale: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float16))  # delta [G, n_anchor]
+
+    @property
+    def groups(self) -> int:
+        return self.objects * 2 * self.layers
+
+    @property
+    def channels(self) -> int:
+        return self.heads * self.head_dim
+
+    def symbols(self) -> int:
+        return int(self.streams["count"].sum())
+
+
+def _empty_streams(n: int) -> dict[str, np.ndarray]:
+    return {f: np.zeros(n, dtype=np.int64 if f in INT64_FIELDS else np.int32) for f in STREAM_FIELDS}
+
+
+def plan_batch(objects: list[bytes | memoryview], dtype: torch.dtype | None = None) -> Plan:
+    """Lay out a batch of format-2 objects of one level, model shape and token count for one launch."""
+    if not objects:
+        raise CodecError("nothing to decode: an empty batch")
+    unpacked = [unpack(data) for data in objects]
+    first = unpacked[0].header
+    spec, model, tokens = header_basics(first)
+    for obj in unpacked:
+        s2, m2, t2 = header_basics(obj.header)
+        if obj.version < 2 and s2.coder == "torchac":
+            raise CodecError(f"GPU decoding reads format-2 objects; level {s2.name!r} of format 1 (torchac) "
+                             "decodes on the CPU (or re-encode the context with this kvcast)")
+        if s2.coder != "rans":
+            raise CodecError(f"level {s2.name!r} is not entropy-coded with rANS; decode it on the CPU and move it")
+        if (s2, m2.layers, m2.kv_heads, m2.head_dim, t2) != (spec, model.layers, model.kv_heads, model.head_dim,
+                                                              tokens):
+            raise CodecError("a GPU batch needs objects of one level, model shape and token count")
+    out_dtype = dtype or {"float16": torch.float16, "bfloat16": torch.bfloat16,
+                          "float32": torch.float32}.get(first.get("dtype"))
+    if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise CodecError(f"unsupported output dtype {out_dtype}")
+    if spec.quantizer == "grid":
+        parts = [parse_grid(o.header, o.sections, spec, model, tokens) for o in unpacked]
+        return _plan_grid(parts, spec, model, tokens, out_dtype)
+    if spec.quantizer == "absmax_token":
+        parts = [parse_coded(o.header, o.sections, spec, model, tokens) for o in unpacked]
+        return _plan_absmax(parts, spec, model, tokens, out_dtype)
+    raise CodecError(f"level {spec.name!r} has no GPU decoder; decode it on the CPU and move it")
+
+
+def _concat_streams(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {f: np.concatenate([p[f] for p in pieces]) for f in STREAM_FIELDS}
+
+
+def _launch_geometry(lanes: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Threads for every non-empty stream, whole streams per warp: streams sorted by lanes (powers of two,
+    largest first), so a stream's lanes never cross a 32-thread boundary."""
+    live = np.flatnonzero(counts > 0)
+    order = live[np.argsort(-lanes[live], kind="stable")]
+    per = lanes[order].astype(np.int64)
+    total = int(per.sum())
+    starts = np.zeros(len(order), dtype=np.int64)
+    np.cumsum(per[:-1], out=starts[1:])
+    stream_of = np.repeat(order, per).astype(np.int32)
+    lane_of = (np.arange(total) - np.repeat(starts, per)).astype(np.int8)
+    pad = (-total) % 32
+    return (np.concatenate([stream_of, np.full(pad, -1, np.int32)]),
+            np.concatenate([lane_of, np.zeros(pad, np.int8)]))
+
+
+def _plan_grid(parts: list[GridParts], spec, model, tokens: int, out_dtype) -> Plan:
+    layers, channels = model.layers, model.kv_heads * model.head_dim
+    sink_rows = parts[0].sink_rows
+    if any(p.sink_rows != sink_rows for p in parts):
+        raise CodecError("a GPU batch needs objects with the same sink rows")
+    rows = block_rows(torch.arange(tokens) >= sink_rows, spec.tokens_per_stream)
+    row_start = np.concatenate([[0], np.cumsum(rows)])[:-1]
+    pieces, cum_rows, members_all, payloads = [], [], [], []
+    cum_row0 = members0 = byte0 = 0
+    for b, p in enumerate(parts):
+        cdf_pos = np.concatenate([[0], np.cumsum(p.cdf_sizes)])
+        stream_pos = np.concatenate([[0], np.cumsum(p.per_group)])
+        for gi in range(2 * layers):
+            i, layer = divmod(gi, layers)
+            tops, bits = p.tops[gi], p.raw_bits[gi]
+            sizes = [cdf_length(t, r) for t, r in zip(tops, bits)]
+            bounds = np.concatenate([[0], np.cumsum(sizes)]) + cdf_pos[gi]
+            cdfs = [p.cdfs[bounds[k]:bounds[k + 1]] for k in range(len(tops))]
+            for table in cdfs:
+                check_cdf(table.reshape(1, -1))
+            cls = p.classes[i, layer].astype(np.int64)
+            if cls.size and int(cls.max()) >= len(tops):
+                raise CodecError("grid group: a channel names a CDF class that does not exist")
+            members = [np.flatnonzero(cls == k) for k in range(len(tops))]
+            geometry = grid_geometry(rows, members, lane_symbols=spec.lane_symbols, max_lanes=spec.max_lanes)
+            lengths = p.lengths[stream_pos[gi]:stream_pos[gi + 1]]
+            counts = geometry.counts
+            nclass = len(tops)
+            sbits = np.array([bits[k % nclass] for k in range(len(counts))], dtype=np.int64)
+            group_start = int(p.lengths[:stream_pos[gi]].sum())
+            group_bytes = p.payload[group_start:group_start + int(lengths.sum())]
+            begin, raw_at, out_at, escapes = parse_grid_streams(group_bytes, lengths, counts, sbits)
+            base = byte0 + group_start
+            member_off = members0 + np.concatenate([[0], np.cumsum([len(m) for m in members])])[:-1]
+            n = len(counts)
+            st = _empty_streams(n)
+            st["rans_begin"], st["rans_end"] = begin + base, raw_at + base
+            st["raw_begin"], st["outl_begin"] = raw_at + base, out_at + base
+            st["count"], st["lanes"] = counts, geometry.lanes
+            st["row0"] = cum_row0 + geometry.row0
+            st["period"] = geometry.period
+            st["group"][:] = b * 2 * layers + gi
+            st["row_base"] = np.repeat(row_start, nclass)
+            st["width"] = np.tile([len(m) for m in members], len(rows))
+            st["col_off"] = np.tile(member_off, len(rows))
+            st["n_esc"], st["bits"] = escapes, sbits
+            st["top"] = np.tile(tops, len(rows))
+            if np.any((counts > 0) & (begin + 4 * geometry.lanes > raw_at)):
+                raise CodecError("grid group: a stream is shorter than its lanes' states")
+            pieces.append(st)
+            cum_rows.extend(cdfs)
+            cum_row0 += len(cdfs)
+            members_all.extend(members)
+            members0 += channels
+        payloads.append(np.frombuffer(p.payload, dtype=np.uint8))
+        byte0 += len(p.payload)
+    streams = _concat_streams(pieces)
+    cum, nsym = cum_tables(cum_rows)
+    stream_of, lane_of = _launch_geometry(streams["lanes"], streams["count"])
+    groups = len(parts) * 2 * layers
+    return Plan(grid=True, delta_group=0, objects=len(parts), layers=layers, heads=model.kv_heads, tokens=tokens,
+                head_dim=model.head_dim, out_dtype=out_dtype, payload=np.concatenate(payloads), streams=streams,
+                cum=cum, nsym=nsym, row_token=(sink_rows + np.arange(tokens - sink_rows)).astype(np.int32),
+                stream_of=stream_of, lane_of=lane_of,
+                members=np.concatenate(members_all).astype(np.int16),
+                mean=np.stack([p.means for p in parts]).reshape(groups, channels),
+                step=np.stack([p.steps for p in parts]).reshape(groups, channels),
+                mult=np.stack([p.multipliers for p in parts]),
+                sink=np.stack([p.sink for p in parts]).reshape(groups, sink_rows, channels))
+
+
+def _plan_absmax(parts: list[CodedParts], spec, model, tokens: int, out_dtype) -> Plan:
+    layers, channels = model.layers, model.kv_heads * model.head_dim
+    delta = spec.delta_group
+    is_anchor = np.zeros(tokens, dtype=bool)
+    if delta:
+        is_anchor[::delta] = True
+    rows = block_rows(torch.from_numpy(~is_anchor), spec.tokens_per_stream)
+    geometry = rans_geometry(rows, channels, spec.channels_per_stream, lane_symbols=spec.lane_symbols,
+                             max_lanes=spec.max_lanes)
+    spans = list(iter_streams(rows, channels, spec.channels_per_stream))
+    per_group = len(spans)
+    pieces, cum_rows, payloads, halves = [], [], [], []
+    byte0 = 0
+    for b, p in enumerate(parts):
+        for c in p.cdfs:
+            check_cdf(c.reshape(-1, c.shape[-1]))
+        kb, vb = p.bins
+        end = np.cumsum(p.lengths)
+        begin = end - p.lengths
+        for gi in range(2 * layers):
+            i, layer = divmod(gi, layers)
+            g = b * 2 * layers + gi
+            st = _empty_streams(per_group)
+            sl = slice(gi * per_group, (gi + 1) * per_group)
+            st["rans_begin"], st["rans_end"] = begin[sl] + byte0, end[sl] + byte0
+            st["count"], st["lanes"], st["period"] = geometry.counts, geometry.lanes, geometry.period
+            st["row0"] = g * channels + geometry.row0
+            st["group"][:] = g
+            st["row_base"] = [r0 for r0, _, _, _ in spans]
+            st["width"] = [c1 - c0 for _, _, c0, c1 in spans]
+            st["col_off"] = [c0 for _, _, c0, _ in spans]
+            if np.any((geometry.counts == 0) & (p.lengths[sl] != 0)):
+                raise CodecError("an empty stream holds data")
+            pieces.append(st)
+            cum_rows.append(p.cdfs[i][layer])
+            halves.append((kb if i == 0 else vb)[layer] / 2 - 1)
+        payloads.append(np.frombuffer(p.payload, dtype=np.uint8))
+        byte0 += len(p.payload)
+    streams = _concat_streams(pieces)
+    cum, nsym = cum_tables(cum_rows)
+    stream_of, lane_of = _launch_geometry(streams["lanes"], streams["count"])
+    groups = len(parts) * 2 * layers
+    plan = Plan(grid=False, delta_group=delta, objects=len(parts), layers=layers, heads=model.kv_heads,
+                tokens=tokens, head_dim=model.head_dim, out_dtype=out_dtype, payload=np.concatenate(payloads),
+                streams=streams, cum=cum, nsym=nsym, row_token=np.flatnonzero(~is_anchor).astype(np.int32),
+                stream_of=stream_of, lane_of=lane_of,
+                scale=np.stack([p.scales for p in parts]).reshape(groups, tokens),
+                half_levels=np.array(halves, dtype=np.float32))
+    if delta:
+        plan.anchors = np.stack([p.anchors for p in parts]).reshape(groups, -1, channels)
+        plan.anchor_scale = plan.scale[:, is_anchor]
+    return plan
+
+
+# ------------------------------------------------------------------------------------ dequantization
+
+
+def anchor_values(plan: Plan, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 ``[G, n_anchor, C]``: the anchors' reconstruction, as the CPU decoder computes it."""
+    anchors = torch.from_numpy(plan.anchors).to(device)
+    scale = torch.from_numpy(plan.anchor_scale).to(device)
+    return (anchors.to(torch.int16) + 127).to(torch.float32).sub(127.0) * (
+        scale.to(torch.float32) / 127.0).unsqueeze(-1)
+
+
+# -------------------------------------------------------------------------------- NumPy emulation
+
+
+def emulate_plan(plan: Plan) -> torch.Tensor:
+    """Run `plan` with NumPy exactly as the kernel does (all threads in lockstep, warp ballots as segment
+    counts); returns ``[groups, heads, tokens, head_dim]`` in the plan's dtype. For tests without a GPU."""
+    st = plan.streams
+    k = plan.stream_of
+    idle = k < 0
+    k = np.where(idle, 0, k)
+    j = plan.lane_of.astype(np.int64)
+    lanes = np.where(idle, 1, st["lanes"][k]).astype(np.int64)
+    count = np.where(idle, 0, st["count"][k]).astype(np.int64)
+    rb, re = st["rans_begin"][k], st["rans_end"][k]
+    if np.any(~idle & (re - rb < 4 * lanes)):
+        raise CodecError(STATUS_MESSAGES[1])
+    data = plan.payload
+    at = rb + 4 * j
+    x = np.where(idle, STATE_LOW, data[np.where(idle, 0, at)].astype(np.uint64)
+                 | data[np.where(idle, 0, at + 1)].astype(np.uint64) << 8
+                 | data[np.where(idle, 0, at + 2)].astype(np.uint64) << 16
+                 | data[np.where(idle, 0, at + 3)].astype(np.uint64) << 24).astype(np.uint64)
+    if np.any(~idle & (x < STATE_LOW)):
+        raise CodecError(STATUS_MESSAGES[4])
+    my_steps = np.where(count > j, (count - j + lanes - 1) // lanes, 0)
+    first = np.arange(len(k)) - j           # thread index of the stream's lane 0
+    wp = rb + 4 * lanes
+    esc_seen = np.zeros(len(k), dtype=np.int64)
+    out = np.zeros((plan.groups, plan.heads, plan.tokens, plan.head_dim), dtype=np.float32)
+    width = np.maximum(st["width"][k], 1).astype(np.int64)
+    group = st["group"][k].astype(np.int64)
+    anchor_x = anchor_values(plan).numpy() if plan.delta_group else None
+
+    def segment_rank(flag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(flags of lower lanes of the same stream, flags of the whole stream) per thread."""
+        c = np.cumsum(flag) - flag
+        rank = c - c[first]
+        total_at = first + lanes - 1
+        total = c[total_at] + flag[total_at] - c[first]
+        return rank, total
+
+    for s in range(int(my_steps.max(initial=0))):
+        i = s * lanes + j
+        active = s < my_steps
+        r = (st["row0"][k] + i % st["period"][k]).astype(np.int64)
+        slot = (x & 0xFFFF).astype(np.int64)
+        cum_r = plan.cum[r]
+        sym = np.clip((cum_r <= slot[:, None]).sum(1) - 1, 0, None)
+        start = cum_r[np.arange(len(r)), sym].astype(np.uint64)
+        freq = cum_r[np.arange(len(r)), sym + 1].astype(np.uint64) - start
+        x = np.where(active, freq * (x >> 16) + (x & 0xFFFF) - start, x)
+        need = (active & (x < STATE_LOW)).astype(np.int64)
+        rank, total = segment_rank(need)
+        pos = wp + 2 * rank
+        if np.any(need.astype(bool) & (pos + 2 > re)):
+            raise CodecError(STATUS_MESSAGES[1])
+        w = data[np.where(need.astype(bool), pos, 0)].astype(np.uint64) | (
+            data[np.where(need.astype(bool), pos + 1, 0)].astype(np.uint64) << 8)
+        x = np.where(need.astype(bool), (x << 16) | w, x)
+        wp = wp + 2 * total
+        row, col = i // width, i % width
+        token = plan.row_token[np.where(active, st["row_base"][k] + row, 0)].astype(np.int64)
+        if plan.grid:
+            channel = plan.members[np.where(active, st["col_off"][k] + col, 0)].astype(np.int64)
+            bits = st["bits"][k]
+            v = sym.astype(np.int64)
+            has = active & (bits > 0)
+            bit = i * bits
+            byte = st["raw_begin"][k] + (bit >> 3)
+            word = (data[np.where(has, byte, 0)].astype(np.int64) << 8) | np.where(
+                has & ((bit & 7) + bits > 8), data[np.where(has, np.minimum(byte + 1, len(data) - 1), 0)], 0)
+            low = (word >> (16 - (bit & 7) - bits)) & ((1 << bits) - 1)
+            v = np.where(has, (v << bits) | low, v)
+            top = st["top"][k]
+            if np.any(active & (v > 2 * top)):
+                raise CodecError("decoded symbol out of range for its class: corrupt stream")
+            esc = active & (top > 0) & ((v == 0) | (v == 2 * top))
+            q = (v - top).astype(np.float32)
+            grid = plan.mult[group // (2 * plan.layers), token].astype(np.float32) * plan.step[
+                group, channel].astype(np.float32)
+            value = plan.mean[group, channel].astype(np.float32) + q * grid
+            erank, etotal = segment_rank(esc.astype(np.int64))
+            erank = erank + esc_seen
+            if np.any(esc & (erank >= st["n_esc"][k])):
+                raise CodecError(STATUS_MESSAGES[5])
+            epos = st["outl_begin"][k] + 2 * erank
+            ebits = data[np.where(esc, epos, 0)].astype(np.uint16) | (
+                data[np.where(esc, epos + 1, 0)].astype(np.uint16) << 8)
+            value = np.where(esc, ebits.view(np.float16).astype(np.float32), value)
+            esc_seen = esc_seen + etotal
+        else:
+            channel = st["col_off"][k] + col
+            h = plan.half_levels[group]
+            sc = plan.scale[group, token].astype(np.float32)
+            value = (sym.astype(np.float32) - h) * (sc / h)
+            if plan.delta_group:
+                value = value + anchor_x[group, token // plan.delta_group, channel]
+        a = np.flatnonzero(active)
+        hh, dd = np.divmod(channel[a], plan.head_dim)
+        out[group[a], hh, token[a], dd] = value[a]
+    live = ~idle & (count > 0)
+    if np.any(live & (x != STATE_LOW)):
+        raise CodecError(STATUS_MESSAGES[2])
+    if np.any(live & (j == 0) & (wp != re)):
+        raise CodecError(STATUS_MESSAGES[3])
+    if plan.grid and np.any(live & (j == 0) & (esc_seen != st["n_esc"][k])):
+        raise CodecError(STATUS_MESSAGES[5])
+    result = torch.from_numpy(out)
+    _fill_fixed_rows(plan, result)
+    return result.to(plan.out_dtype)
+
+
+def _fill_fixed_rows(plan: Plan, out: torch.Tensor) -> None:
+    """Rows the streams do not hold: grid sinks (fp16) and delta anchors, as the CPU decoder writes them."""
+    if plan.grid and plan.sink.shape[1]:
+        sink = torch.from_numpy(plan.sink).to(out.device).to(torch.float32)          # [G, S, C]
+        out[:, :, :plan.sink.shape[1], :] = sink.view(plan.groups, -1, plan.heads, plan.head_dim).permute(
+            0, 2, 1, 3).to(out.dtype)
+    if plan.delta_group:
+        xa = anchor_values(plan, out.device)                                         # [G, A, C]
+        out[:, :, ::plan.delta_group, :] = xa.view(plan.groups, -1, plan.heads, plan.head_dim).permute(
+            0, 2, 1, 3).to(out.dtype)
+
+
+# ------------------------------------------------------------------------------------------- CUDA
+
+
+def decode_plan_cuda(plan: Plan, device: torch.device | str = "cuda", *, check: bool = True,
+                     uploaded: dict[str, Any] | None = None) -> torch.Tensor:
+    """Run `plan` on the GPU: ``[groups, heads, tokens, head_dim]`` in the plan's dtype on `device`.
+    `uploaded` (from `upload_plan`) skips the host-to-device copies (benchmarks time the kernels alone)."""
+    backend = cuda_backend()
+    dev = uploaded or upload_plan(plan, device)
+    out = torch.empty((plan.groups, plan.heads, plan.tokens, plan.head_dim), dtype=plan.out_dtype,
+                      device=dev["payload"].device)
+    error = dev["error"]
+    error[0], error[1] = 0, 2 ** 31 - 1
+    backend.decode(dev["payload"], [dev[f] for f in STREAM_FIELDS], dev["cum"], dev["lut"], dev["nsym"], out,
+                   2 * plan.layers, dev["row_token"], dev["members"], dev["mean"], dev["step"], dev["mult"],
+                   dev["scale"], dev["half_levels"], dev["anchor_x"], plan.delta_group, dev["stream_of"],
+                   dev["lane_of"], error, int(plan.grid))
+    _fill_fixed_rows(plan, out)
+    if check:
+        raise_device_error(error)
+    return out
+
+
+def raise_device_error(error: torch.Tensor) -> None:
+    """`CodecError` if the kernel flagged a corrupt stream (synchronises with the device)."""
+    flags, stream = (int(v) for v in error.cpu())
+    if flags:
+        code = (flags & -flags).bit_length() - 1
+        raise CodecError(f"stream {stream}: {STATUS_MESSAGES.get(code, f'decoding status {code}')}")
+
+
+def upload_plan(plan: Plan, device: torch.device | str = "cuda") -> dict[str, Any]:
+    """The plan's arrays on the device (pinned host copies, asynchronous), the LUTs built there."""
+    def put(a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        return t.pin_memory().to(device, non_blocking=True) if t.numel() else t.to(device)
+
+    dev = {f: put(plan.streams[f]) for f in STREAM_FIELDS}
+    for name in ("payload", "cum", "nsym", "row_token", "members", "mean", "step", "mult", "scale", "half_levels",
+                 "stream_of", "lane_of"):
+        dev[name] = put(getattr(plan, name))
+    for name in ("mean", "step", "mult", "scale"):
+        dev[name] = dev[name].view(torch.float16) if dev[name].dtype != torch.float16 else dev[name]
+    dev["anchor_x"] = (anchor_values(plan, device).contiguous() if plan.delta_group
+                       else torch.zeros(0, dtype=torch.float32, device=device))
+    dev["lut"] = cuda_backend().build_lut(dev["cum"], dev["nsym"])
+    dev["error"] = torch.zeros(2, dtype=torch.int32, device=device)
+    return dev
+
+
+def decode_batch(objects: list[bytes | memoryview], device: torch.device | str = "cuda",
+                 dtype: torch.dtype | None = None) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Decode a batch of format-2 objects (one level, model shape and token count) on a CUDA device in one
+    launch; one KV list per object, views of one output tensor."""
+    plan = plan_batch(objects, dtype)
+    out = decode_plan_cuda(plan, device)
+    return split_kv(plan, out)
+
+
+def split_kv(plan: Plan, out: torch.Tensor) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    view = out.view(plan.objects, 2, plan.layers, plan.heads, plan.tokens, plan.head_dim)
+    return [[(view[b, 0, layer].unsqueeze(0), view[b, 1, layer].unsqueeze(0)) for layer in range(plan.layers)]
+            for b in range(plan.objects)]

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Reproduces every GPU figure kvcast reports (docs/codec.md, "GPU decoding"): run on a CUDA host from the
+# repository root, after `python scripts/gpu_carry.py .gpu_carry` was run where the model is. On the device
+# machine of the kvcast workplace: carry .gpu_carry and .whl (the crc32c wheel for its Python).
+#   bash scripts/gpu_bench.sh [extra args of python -m kvcast.codec.gpubench]
+set -euo pipefail
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export KVCAST_CACHE_DIR=${KVCAST_CACHE_DIR:-/tmp/kvcast-cache}
+export PYTHONUNBUFFERED=1
+nvidia-smi -L || true
+python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
+python3 -m kvcast.codec.gpubench --kv-file .gpu_carry/smollm2_kv_512.safetensors --check-dir .gpu_carry/check \
+  --out "$OUT/gpu_bench.json" "$@" 2>&1 | tee "$OUT/gpu_bench.log"

@@ -1,0 +1,154 @@
+"""The GPU decoder: its plan and kernel logic emulated with NumPy on the CPU (bit-exact with the CPU decoder
+for every format-2 level, output dtype, lane count and batch), its checks on corrupt input, and on a CUDA
+machine the kernels themselves (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import crc32c
+import numpy as np
+import pytest
+import torch
+
+from kvcast import codec
+from kvcast.codec.api import Codec
+from kvcast.codec.gpu import decode_batch, emulate_plan, plan_batch, split_kv
+from kvcast.codec.levels import LevelRegistry
+from tests.codec.test_grid import random_table
+
+RANS = [lv for lv in codec.levels() if codec.describe(lv)["coder"] == "rans"]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def kv_of(layers, heads, tokens, dim, seed, dtype=torch.float16):
+    g = torch.Generator().manual_seed(seed)
+    kv = []
+    for _ in range(layers):
+        pair = [(torch.randn(1, heads, tokens, dim, generator=g)
+                 * (0.05 + 2 * torch.rand(1, heads, 1, dim, generator=g))).to(dtype) for _ in range(2)]
+        kv.append(tuple(pair))
+    kv[-1][0][0, 0, tokens // 2, 1] = 300.0   # an escape
+    return kv
+
+
+def codec_with_lanes(lane_symbols: int) -> Codec:
+    registry = LevelRegistry()
+    for name in LevelRegistry.default().names():
+        registry.add(dataclasses.replace(LevelRegistry.default().get(name), lane_symbols=lane_symbols))
+    return Codec(registry)
+
+
+def encode_pair(c: Codec, level: str, shape=(2, 3, 600, 16), token_start=2):
+    layers, heads, tokens, dim = shape
+    kw = {"sensitivity": random_table(layers, heads, dim)} if level.startswith("kvcast") else {}
+    return [c.encode(kv_of(*shape, seed), level, token_start=token_start, **kw) for seed in (5, 6)]
+
+
+def assert_same(objects, kvs, c: Codec, dtype):
+    for data, kv in zip(objects, kvs):
+        for pair, ref in zip(kv, c.decode(data, dtype=dtype)):
+            assert all(torch.equal(a.cpu(), b) for a, b in zip(pair, ref))
+
+
+@pytest.mark.parametrize("level", RANS)
+@pytest.mark.parametrize("lane_symbols", [4096, 48])
+def test_emulated_kernel_is_bit_exact_with_the_cpu_decoder(level, lane_symbols):
+    c = codec_with_lanes(lane_symbols)
+    objects = encode_pair(c, level)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        plan = plan_batch(objects, dtype)
+        if lane_symbols == 48:
+            assert plan.streams["lanes"].max() >= 8   # many lanes per stream, several streams per warp
+        assert len(plan.stream_of) % 32 == 0
+        assert_same(objects, split_kv(plan, emulate_plan(plan)), c, dtype)
+
+
+def test_warps_hold_whole_streams():
+    plan = plan_batch(encode_pair(codec_with_lanes(40), "kvcast-2"))
+    live = plan.stream_of >= 0
+    for t in np.flatnonzero(live & (plan.lane_of == 0)):
+        lanes = plan.streams["lanes"][plan.stream_of[t]]
+        assert t // 32 == (t + lanes - 1) // 32
+        assert (plan.stream_of[t:t + lanes] == plan.stream_of[t]).all()
+        assert plan.lane_of[t:t + lanes].tolist() == list(range(lanes))
+
+
+def corrupt_payload(data: bytes, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = bytearray(data)
+    for _ in range(3):
+        buf[int(rng.integers(len(buf) * 2 // 3, len(buf) - 4))] ^= int(rng.integers(1, 256))
+    buf[-4:] = crc32c.crc32c(bytes(buf[:-4])).to_bytes(4, "little")
+    return bytes(buf)
+
+
+@pytest.mark.parametrize("level", ["kvcast-2", "cachegen-2", "cachegen-delta-1"])
+def test_emulated_kernel_refuses_corrupt_streams_as_the_cpu_decoder_does(level):
+    c = codec_with_lanes(64)
+    data = encode_pair(c, level)[0]
+    refused = 0
+    for seed in range(12):
+        bad = corrupt_payload(data, seed)
+        try:
+            c.decode(bad)
+            cpu_ok = True
+        except codec.CodecError:
+            cpu_ok = False
+        try:
+            out = split_kv(plan := plan_batch([bad]), emulate_plan(plan))
+        except codec.CodecError:
+            assert not cpu_ok  # the GPU refuses only what the CPU refuses
+            refused += 1
+        else:
+            assert cpu_ok
+            assert_same([bad], out, c, torch.float16)
+    assert refused >= 6
+
+
+def test_batches_need_one_level_and_shape_and_format_2():
+    c = Codec()
+    a = encode_pair(c, "cachegen-2")[0]
+    b = c.encode(kv_of(2, 3, 300, 16, 1), "cachegen-2")
+    with pytest.raises(codec.CodecError, match="one level, model shape and token count"):
+        plan_batch([a, b])
+    with pytest.raises(codec.CodecError, match="not entropy-coded with rANS"):
+        plan_batch([c.encode(kv_of(2, 3, 30, 16, 1), "int8")])
+    with pytest.raises(codec.CodecError, match="empty batch"):
+        plan_batch([])
+
+
+def test_format_1_objects_are_sent_to_the_cpu():
+    from pathlib import Path
+
+    data = (Path(__file__).parent / "golden" / "v1" / "cachegen-2.kvc").read_bytes()
+    with pytest.raises(codec.CodecError, match="decodes on the CPU"):
+        plan_batch([data])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_decoding_on_a_gpu_without_cuda_is_a_clear_error():
+    with pytest.raises(codec.CodecError, match="CUDA"):
+        decode_batch(encode_pair(Codec(), "cachegen-2")[:1])
+
+
+@CUDA
+@pytest.mark.parametrize("level", RANS)
+def test_cuda_kernel_is_bit_exact_with_the_cpu_decoder(level):
+    c = codec_with_lanes(48)
+    objects = encode_pair(c, level)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert_same(objects, decode_batch(objects, "cuda", dtype), c, dtype)
+
+
+@CUDA
+def test_cuda_kernel_refuses_corrupt_streams():
+    c = Codec()
+    data = encode_pair(c, "kvcast-2")[0]
+    for seed in range(20):
+        bad = corrupt_payload(data, seed)
+        try:
+            c.decode(bad)
+        except codec.CodecError:
+            with pytest.raises(codec.CodecError):
+                decode_batch([bad], "cuda")
