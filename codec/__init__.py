@@ -16,7 +16,7 @@ Public API (stable):
 >>> codec.levels()[:3]
 ['raw', 'int8', 'kvcast-4']
 >>> codec.describe("cachegen-3")["coder"]
-'torchac'
+'rans'
 >>> g = torch.Generator().manual_seed(0)
 >>> kv = [(torch.randn(1, 2, 16, 8, generator=g).half(), torch.randn(1, 2, 16, 8, generator=g).half())
 ...       for _ in range(3)]

@@ -14,6 +14,7 @@ import typer
 
 from kvcast.clitools import BAD_INPUT, FAILED, comma_list, emit_benchmark, fail
 from kvcast.codec.bench import CodecBenchSettings
+from kvcast.codec.gpubench import GpuBenchSettings
 from kvcast.codec.settings import DEFAULT_THREADS, CalibrateSettings, DemoSettings, EvalSettings
 
 _THREADS_HELP = "torch threads (0: torch's default)."
@@ -78,6 +79,37 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> dic
         except ValueError as exc:  # unknown level, missing datasets (EvalError)
             fail(str(exc))
         emit_benchmark(result, _codec_table(result), out)
+
+    _gpu = GpuBenchSettings
+
+    @bench.command("gpu")
+    def bench_gpu(
+        contexts: Annotated[str, typer.Option(help="Comma-separated context lengths (tokens), Mistral-7B-shaped.")]
+        = ",".join(map(str, _gpu.contexts)),
+        levels: Annotated[str, typer.Option(help="Comma-separated levels (default: every format-2 level).")] = "",
+        repeats: Annotated[int, typer.Option(help="Timed repetitions (the median is reported).")] = _gpu.repeats,
+        kv_file: Annotated[Path | None, typer.Option(help="SmolLM2 KV to tile (scripts/gpu_carry.py).")] = None,
+        check_dir: Annotated[Path | None, typer.Option(help="CPU-made objects and digests to check.")] = None,
+        fuzz: Annotated[int, typer.Option(help="Corrupted objects decoded on the GPU.")] = _gpu.fuzz,
+        out: Annotated[Path | None, typer.Option(help="Also write the JSON to this file.")] = None,
+    ) -> None:
+        """The CUDA decoder: bit-exactness with the CPU, decode GB/s vs the copy floor and a baseline kernel of
+        CacheGen's structure, fuzzing. Needs a CUDA device (scripts/gpu_bench.sh reproduces the reported run)."""
+        from kvcast.codec.errors import CodecError
+        from kvcast.codec.gpubench import run_gpu_bench, table
+
+        try:
+            settings = GpuBenchSettings(contexts=tuple(int(c) for c in comma_list(contexts)),
+                                        levels=tuple(comma_list(levels)) or None, repeats=repeats,
+                                        kv_file=str(kv_file) if kv_file else None,
+                                        check_dir=str(check_dir) if check_dir else None, fuzz=fuzz)
+        except ValueError as exc:
+            fail(str(exc))
+        try:
+            result = run_gpu_bench(settings, log=lambda m: typer.echo(m, err=True))
+        except CodecError as exc:  # no CUDA device or toolchain, or a check failed
+            fail(str(exc), FAILED)
+        emit_benchmark(result, table(result), out)
 
     _eval = EvalSettings
 

@@ -124,7 +124,8 @@ def plan_batch(objects: list[bytes | memoryview], dtype: torch.dtype | None = No
 
 
 def _concat_streams(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {f: np.concatenate([p[f] for p in pieces]) for f in STREAM_FIELDS}
+    return {f: np.concatenate([np.asarray(p[f]) for p in pieces]).astype(
+        np.int64 if f in INT64_FIELDS else np.int32) for f in STREAM_FIELDS}
 
 
 def _launch_geometry(lanes: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -275,8 +276,11 @@ def anchor_values(plan: Plan, device: torch.device | str = "cpu") -> torch.Tenso
     """float32 ``[G, n_anchor, C]``: the anchors' reconstruction, as the CPU decoder computes it."""
     anchors = torch.from_numpy(plan.anchors).to(device)
     scale = torch.from_numpy(plan.anchor_scale).to(device)
+    # a tensor divisor: torch divides by a scalar on CUDA as a multiplication by its reciprocal, which is not
+    # the CPU decoder's correctly rounded division
+    divisor = torch.full_like(scale, 127.0, dtype=torch.float32)
     return (anchors.to(torch.int16) + 127).to(torch.float32).sub(127.0) * (
-        scale.to(torch.float32) / 127.0).unsqueeze(-1)
+        scale.to(torch.float32) / divisor).unsqueeze(-1)
 
 
 # -------------------------------------------------------------------------------- NumPy emulation

@@ -198,6 +198,8 @@ def check_rows(check_dir: str | None, levels: list[str], log) -> list[dict[str, 
                     rows.append({"check": f"random {label}", "object": f"{name} {layers}x{heads}x{tokens}x{dim}",
                                  "dtype": str(dtype).removeprefix("torch."), "equal": equal})
     log(f"all checks: {sum(r['equal'] for r in rows)}/{len(rows)} equal")
+    for r in [r for r in rows if not r["equal"]][:12]:
+        log(f"  NOT EQUAL: {r}")
     return rows
 
 
@@ -236,12 +238,15 @@ def fuzz_rows(objects: list[bytes], n: int, seed: int, log) -> dict[str, Any]:
     import random
 
     import crc32c
+    import torch
 
+    from kvcast import codec
     from kvcast.codec.errors import CodecError
     from kvcast.codec.gpu import decode_batch
 
     rng = random.Random(seed)
-    counts = {"codec_error": 0, "decoded": 0, "other_error": 0}
+    counts = {"codec_error": 0, "decoded": 0, "other_error": 0, "decoded_equal_to_cpu": 0, "decoded_unlike_cpu": 0,
+              "refused_but_cpu_decodes": 0}
     kinds = {"flip_payload": 0, "flip_body": 0, "truncate": 0}
     others = []
     for i in range(n):
@@ -258,10 +263,18 @@ def fuzz_rows(objects: list[bytes], n: int, seed: int, log) -> dict[str, Any]:
                 data[rng.randrange(lo, len(data) - 4)] ^= rng.randrange(1, 256)
             data[-4:] = crc32c.crc32c(bytes(data[:-4])).to_bytes(4, "little")
         try:
-            decode_batch([bytes(data)], "cuda")
+            cpu = codec.decode(bytes(data))
+        except CodecError:
+            cpu = None
+        try:
+            gpu = decode_batch([bytes(data)], "cuda")[0]
             counts["decoded"] += 1
+            same = cpu is not None and all(torch.equal(a.cpu(), b) for p, q in zip(gpu, cpu) for a, b in zip(p, q))
+            counts["decoded_equal_to_cpu" if same else "decoded_unlike_cpu"] += 1
         except CodecError:
             counts["codec_error"] += 1
+            if cpu is not None:
+                counts["refused_but_cpu_decodes"] += 1
         except Exception as exc:  # anything else is a bug: counted and shown
             counts["other_error"] += 1
             others.append(f"{type(exc).__name__}: {exc}"[:200])

@@ -18,3 +18,10 @@ nvidia-smi -L || true
 python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
 python3 -m kvcast.codec.gpubench --kv-file .gpu_carry/smollm2_kv_512.safetensors --check-dir .gpu_carry/check \
   --out "$OUT/gpu_bench.json" "$@" 2>&1 | tee "$OUT/gpu_bench.log"
+# the fuzz once under compute-sanitizer (memcheck): no out-of-bounds access on corrupt input
+if [ "${KVCAST_SANITIZE:-0}" = 1 ] && command -v compute-sanitizer >/dev/null; then
+  compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m kvcast.codec.gpubench --fuzz-only --fuzz 150 \
+    --levels kvcast-2,cachegen-2,cachegen-delta-1 --out "$OUT/sanitizer.json" > "$OUT/sanitizer.log" 2>&1 \
+    && echo "compute-sanitizer memcheck: clean" || echo "compute-sanitizer memcheck: rc=$?"
+  grep -E "ERROR SUMMARY|fuzz:" "$OUT/sanitizer.log" | tail -3
+fi

@@ -103,14 +103,18 @@ def _call_back(loop: asyncio.AbstractEventLoop, on_done: Done, work: Callable[[]
 
 
 class CodecDecoder(Decoder):
-    """Decodes each loaded object with the codec in a worker thread (the codec's coder processes do the
-    entropy decoding) into `assembly`, cast to `dtype`."""
+    """Decodes each loaded object with the codec in a worker thread into `assembly`, cast to `dtype`, on
+    `device`: on the CPU the codec's coder processes do the entropy decoding; on a CUDA device the GPU decoder
+    does (`kvcast.codec.gpu`: pinned host buffers, its own CUDA stream), so chunk i decodes while chunk i+1
+    arrives."""
 
     def __init__(self, assembly: ContextAssembly, *, dtype: torch.dtype = torch.float32,
-                 expect_model: Any = None) -> None:
+                 expect_model: Any = None, device: str | torch.device = "cpu") -> None:
         self.assembly = assembly
         self.dtype = dtype
         self.expect_model = expect_model
+        self.device = torch.device(device)
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvcast-decode")
 
     def start(self, chunk: int, level: str, payload: bytes | None, on_done: Done) -> None:
@@ -119,7 +123,13 @@ class CodecDecoder(Decoder):
         loop = asyncio.get_running_loop()
 
         def work() -> None:
-            kv = codec.decode(payload, dtype=self.dtype, expect_model=self.expect_model)
+            if self._stream is None:
+                kv = codec.decode(payload, dtype=self.dtype, expect_model=self.expect_model)
+            else:
+                with torch.cuda.stream(self._stream):
+                    kv = codec.decode(payload, device=self.device, dtype=self.dtype,
+                                      expect_model=self.expect_model)
+                self._stream.synchronize()
             self.assembly.put(chunk, kv)
 
         self._pool.submit(_call_back, loop, on_done, work)
@@ -242,7 +252,8 @@ async def load_context(manifest: Manifest, link: Link, model: Any, token_ids: Se
         raise LiveError(f"{len(token_ids)} token ids given, the context has {manifest.tokens}")
     codec.default_codec().pool.warm_up()  # a serving host keeps its coder processes running: not timed
     assembly = ContextAssembly([c.tokens for c in manifest.chunks])
-    decoder = CodecDecoder(assembly, dtype=kv_dtype)
+    device = next(model.parameters()).device if hasattr(model, "parameters") else torch.device("cpu")
+    decoder = CodecDecoder(assembly, dtype=kv_dtype, device=device)
     compute = ModelCompute(assembly, model, token_ids, [c.start_token for c in manifest.chunks])
     try:
         engine = StreamingEngine(policy, live_menus(manifest, host, levels=levels), link, slo_s=slo_s,

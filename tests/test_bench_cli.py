@@ -185,3 +185,9 @@ def test_streamer_cli_and_settings_import_nothing_heavy():
             "print(heavy); sys.exit(bool(heavy))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message without CUDA")
+def test_bench_gpu_without_cuda_is_a_clear_failure():
+    res = bench("gpu", "--fuzz", "1")
+    assert res.exit_code == 1 and "needs a CUDA device" in res.stderr
