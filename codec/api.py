@@ -29,10 +29,7 @@ from kvcast.codec.errors import CodecError
 from kvcast.codec.fingerprint import ModelFingerprint
 from kvcast.codec.gpu import decode_batch
 from kvcast.codec.grid import channel_steps, token_multipliers
-from kvcast.codec.header import header_basics as _header_basics
-from kvcast.codec.header import header_bins as _header_bins
-from kvcast.codec.header import parse_coded, parse_grid
-from kvcast.codec.header import section as _section
+from kvcast.codec.header import header_basics, header_bins, parse_coded, parse_grid, section
 from kvcast.codec.levels import LevelRegistry, LevelSpec
 from kvcast.codec.packing import FP16_MAX as _FP16_MAX
 from kvcast.codec.packing import pack_parts, split_payload, unpack_parts
@@ -248,15 +245,15 @@ class Codec:
         cdf_pos = np.concatenate([[0], np.cumsum(p.cdf_sizes)])
         out_pos = np.concatenate([[0], np.cumsum(p.outliers)])
         dtype_name = str(out_dtype).removeprefix("torch.")
+        steps, mult, means, sink, outliers = (torch.from_numpy(a.copy()) for a in (
+            p.steps, p.multipliers, p.means, p.sink, p.outlier_values))
         calls = []
         for gi in range(2 * layers):
             i, layer = divmod(gi, layers)
             s0, s1 = first_stream[gi], first_stream[gi + 1]
-            parts = {"steps": torch.from_numpy(p.steps[i, layer].copy()),
-                     "multipliers": torch.from_numpy(p.multipliers.copy()),
-                     "mean": torch.from_numpy(p.means[i, layer].copy()), "classes": p.classes[i, layer],
-                     "cdf": p.cdfs[cdf_pos[gi]:cdf_pos[gi + 1]], "sink": torch.from_numpy(p.sink[i, layer].copy()),
-                     "outliers": torch.from_numpy(p.outlier_values[out_pos[gi]:out_pos[gi + 1]].copy()),
+            parts = {"steps": steps[i, layer], "multipliers": mult, "mean": means[i, layer],
+                     "classes": p.classes[i, layer], "cdf": p.cdfs[cdf_pos[gi]:cdf_pos[gi + 1]],
+                     "sink": sink[i, layer], "outliers": outliers[out_pos[gi]:out_pos[gi + 1]],
                      "streams": p.payload[offsets[s0]:offsets[s1]]}
             parts_meta, blob = pack_parts(parts)
             params = {"tops": p.tops[gi], "raw_bits": p.raw_bits[gi], "sink_rows": p.sink_rows, "heads": heads,
@@ -278,7 +275,7 @@ class Codec:
         `device`, format-2 entropy-coded objects decode on the GPU (`kvcast.codec.gpu`, bit-exact with the CPU)."""
         obj = unpack(data)
         h = obj.header
-        spec, model, tokens = _header_basics(h)
+        spec, model, tokens = header_basics(h)
         if spec.coder == "rans" and obj.version < 2:
             raise CodecError("a format-1 object names the rANS coder, which format 1 does not have: corrupt object")
         if expect_model is not None and not expect_model.same_shape(model):
@@ -292,18 +289,18 @@ class Codec:
         channels = heads * dim
         sec = obj.sections
         if spec.coder == "rans" and torch.device(device).type == "cuda":
-            return decode_batch([data], device, out_dtype)[0]   # one launch, dequantization fused
+            return decode_batch([obj], device, out_dtype)[0]   # one launch, dequantization fused
         if spec.quantizer == "grid":
             return self._decode_grid(h, sec, spec, model, tokens, out_dtype, device)
         if spec.quantizer == "fp16":
-            values = _section(sec, "values", "float16", (2, layers, heads, tokens, dim))
+            values = section(sec, "values", "float16", (2, layers, heads, tokens, dim))
             x = torch.from_numpy(values.copy()).permute(0, 1, 3, 2, 4).reshape(2, layers, tokens, channels)
             return unstack_kv(x.to(torch.float32), heads, out_dtype, device)
-        kbins, vbins = _header_bins(h, spec, layers)
+        kbins, vbins = header_bins(h, spec, layers)
         half = torch.tensor([kbins, vbins], dtype=torch.float32).div(2).sub(1).view(2, layers, 1, 1)
-        scales = torch.from_numpy(_section(sec, "scales", "float16", (2, layers, tokens)).copy())
+        scales = torch.from_numpy(section(sec, "scales", "float16", (2, layers, tokens)).copy())
         if spec.coder == "none":
-            vals = torch.from_numpy(_section(sec, "values", "int8", (2, layers, tokens, channels)).copy())
+            vals = torch.from_numpy(section(sec, "values", "int8", (2, layers, tokens, channels)).copy())
             x = dequantize_absmax(vals.to(torch.int16) + half.to(torch.int16), scales, half)
             return unstack_kv(x, heads, out_dtype, device)
         return self._decode_coded(h, sec, spec, (kbins, vbins), model, tokens, scales, out_dtype, device)
@@ -336,7 +333,7 @@ class Codec:
     def inspect(self, data: bytes | memoryview) -> dict[str, Any]:
         """The object's header (checked), plus sizes by role, value count and bits per value."""
         obj = unpack(data)
-        spec, model, tokens = _header_basics(obj.header)
+        spec, model, tokens = header_basics(obj.header)
         return inspect_unpacked(obj, model, tokens)
 
 

@@ -17,13 +17,14 @@ header, never from the stream's bytes).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from kvcast.codec.container import unpack
+from kvcast.codec.container import Unpacked, unpack
 from kvcast.codec.errors import CodecError
 from kvcast.codec.extensions import CSRC, build_extension
 from kvcast.codec.grid import cdf_length, grid_geometry, parse_grid_streams
@@ -31,7 +32,7 @@ from kvcast.codec.header import CodedParts, GridParts, header_basics, parse_code
 from kvcast.codec.packing import block_rows
 from kvcast.codec.pipeline import rans_geometry
 from kvcast.codec.rangecoder import check_cdf, iter_streams
-from kvcast.codec.rans import STATUS_MESSAGES, cum_tables
+from kvcast.codec.rans import STATUS_MESSAGES, back_to_back, cum_tables, status_error
 
 STATE_LOW = 1 << 16
 STREAM_FIELDS = ("rans_begin", "rans_end", "count", "lanes", "row0", "period", "group", "row_base", "width",
@@ -93,11 +94,12 @@ def _empty_streams(n: int) -> dict[str, np.ndarray]:
     return {f: np.zeros(n, dtype=np.int64 if f in INT64_FIELDS else np.int32) for f in STREAM_FIELDS}
 
 
-def plan_batch(objects: list[bytes | memoryview], dtype: torch.dtype | None = None) -> Plan:
-    """Lay out a batch of format-2 objects of one level, model shape and token count for one launch."""
+def plan_batch(objects: Sequence[bytes | memoryview | Unpacked], dtype: torch.dtype | None = None) -> Plan:
+    """Lay out a batch of format-2 objects (bytes, or already unpacked and checked) of one level, model shape
+    and token count for one launch."""
     if not objects:
         raise CodecError("nothing to decode: an empty batch")
-    unpacked = [unpack(data) for data in objects]
+    unpacked = [data if isinstance(data, Unpacked) else unpack(data) for data in objects]
     first = unpacked[0].header
     spec, model, tokens = header_basics(first)
     for obj in unpacked:
@@ -123,9 +125,16 @@ def plan_batch(objects: list[bytes | memoryview], dtype: torch.dtype | None = No
     raise CodecError(f"level {spec.name!r} has no GPU decoder; decode it on the CPU and move it")
 
 
-def _concat_streams(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {f: np.concatenate([np.asarray(p[f]) for p in pieces]).astype(
+def _batch_arrays(pieces: list[dict[str, np.ndarray]], cdf_rows: list[np.ndarray],
+                  payloads: list[memoryview]) -> dict[str, Any]:
+    """The parts of a `Plan` every level kind shares: the streams of all groups, their CDF tables, the launch
+    geometry and the payload, from per-group stream tables, CDF rows and per-object payloads."""
+    streams = {f: np.concatenate([np.asarray(p[f]) for p in pieces]).astype(
         np.int64 if f in INT64_FIELDS else np.int32) for f in STREAM_FIELDS}
+    cum, nsym = cum_tables(cdf_rows)
+    stream_of, lane_of = _launch_geometry(streams["lanes"], streams["count"])
+    return {"streams": streams, "cum": cum, "nsym": nsym, "stream_of": stream_of, "lane_of": lane_of,
+            "payload": np.concatenate([np.frombuffer(p, dtype=np.uint8) for p in payloads])}
 
 
 def _launch_geometry(lanes: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -151,11 +160,12 @@ def _plan_grid(parts: list[GridParts], spec, model, tokens: int, out_dtype) -> P
         raise CodecError("a GPU batch needs objects with the same sink rows")
     rows = block_rows(torch.arange(tokens) >= sink_rows, spec.tokens_per_stream)
     row_start = np.concatenate([[0], np.cumsum(rows)])[:-1]
-    pieces, cum_rows, members_all, payloads = [], [], [], []
+    pieces, cum_rows, members_all = [], [], []
     cum_row0 = members0 = byte0 = 0
     for b, p in enumerate(parts):
         cdf_pos = np.concatenate([[0], np.cumsum(p.cdf_sizes)])
         stream_pos = np.concatenate([[0], np.cumsum(p.per_group)])
+        byte_pos = np.concatenate([[0], np.cumsum(p.lengths)])
         for gi in range(2 * layers):
             i, layer = divmod(gi, layers)
             tops, bits = p.tops[gi], p.raw_bits[gi]
@@ -173,8 +183,8 @@ def _plan_grid(parts: list[GridParts], spec, model, tokens: int, out_dtype) -> P
             counts = geometry.counts
             nclass = len(tops)
             sbits = np.array([bits[k % nclass] for k in range(len(counts))], dtype=np.int64)
-            group_start = int(p.lengths[:stream_pos[gi]].sum())
-            group_bytes = p.payload[group_start:group_start + int(lengths.sum())]
+            group_start = int(byte_pos[stream_pos[gi]])
+            group_bytes = p.payload[group_start:int(byte_pos[stream_pos[gi + 1]])]
             begin, raw_at, out_at, escapes = parse_grid_streams(group_bytes, lengths, counts, sbits)
             base = byte0 + group_start
             member_off = members0 + np.concatenate([[0], np.cumsum([len(m) for m in members])])[:-1]
@@ -198,16 +208,12 @@ def _plan_grid(parts: list[GridParts], spec, model, tokens: int, out_dtype) -> P
             cum_row0 += len(cdfs)
             members_all.extend(members)
             members0 += channels
-        payloads.append(np.frombuffer(p.payload, dtype=np.uint8))
         byte0 += len(p.payload)
-    streams = _concat_streams(pieces)
-    cum, nsym = cum_tables(cum_rows)
-    stream_of, lane_of = _launch_geometry(streams["lanes"], streams["count"])
     groups = len(parts) * 2 * layers
     return Plan(grid=True, delta_group=0, objects=len(parts), layers=layers, heads=model.kv_heads, tokens=tokens,
-                head_dim=model.head_dim, out_dtype=out_dtype, payload=np.concatenate(payloads), streams=streams,
-                cum=cum, nsym=nsym, row_token=(sink_rows + np.arange(tokens - sink_rows)).astype(np.int32),
-                stream_of=stream_of, lane_of=lane_of,
+                head_dim=model.head_dim, out_dtype=out_dtype,
+                row_token=(sink_rows + np.arange(tokens - sink_rows)).astype(np.int32),
+                **_batch_arrays(pieces, cum_rows, [p.payload for p in parts]),
                 members=np.concatenate(members_all).astype(np.int16),
                 mean=np.stack([p.means for p in parts]).reshape(groups, channels),
                 step=np.stack([p.steps for p in parts]).reshape(groups, channels),
@@ -226,14 +232,13 @@ def _plan_absmax(parts: list[CodedParts], spec, model, tokens: int, out_dtype) -
                              max_lanes=spec.max_lanes)
     spans = list(iter_streams(rows, channels, spec.channels_per_stream))
     per_group = len(spans)
-    pieces, cum_rows, payloads, halves = [], [], [], []
+    pieces, cum_rows, halves = [], [], []
     byte0 = 0
     for b, p in enumerate(parts):
         for c in p.cdfs:
             check_cdf(c.reshape(-1, c.shape[-1]))
         kb, vb = p.bins
-        end = np.cumsum(p.lengths)
-        begin = end - p.lengths
+        begin, end = back_to_back(p.lengths)
         for gi in range(2 * layers):
             i, layer = divmod(gi, layers)
             g = b * 2 * layers + gi
@@ -251,16 +256,12 @@ def _plan_absmax(parts: list[CodedParts], spec, model, tokens: int, out_dtype) -
             pieces.append(st)
             cum_rows.append(p.cdfs[i][layer])
             halves.append((kb if i == 0 else vb)[layer] / 2 - 1)
-        payloads.append(np.frombuffer(p.payload, dtype=np.uint8))
         byte0 += len(p.payload)
-    streams = _concat_streams(pieces)
-    cum, nsym = cum_tables(cum_rows)
-    stream_of, lane_of = _launch_geometry(streams["lanes"], streams["count"])
     groups = len(parts) * 2 * layers
     plan = Plan(grid=False, delta_group=delta, objects=len(parts), layers=layers, heads=model.kv_heads,
-                tokens=tokens, head_dim=model.head_dim, out_dtype=out_dtype, payload=np.concatenate(payloads),
-                streams=streams, cum=cum, nsym=nsym, row_token=np.flatnonzero(~is_anchor).astype(np.int32),
-                stream_of=stream_of, lane_of=lane_of,
+                tokens=tokens, head_dim=model.head_dim, out_dtype=out_dtype,
+                row_token=np.flatnonzero(~is_anchor).astype(np.int32),
+                **_batch_arrays(pieces, cum_rows, [p.payload for p in parts]),
                 scale=np.stack([p.scales for p in parts]).reshape(groups, tokens),
                 half_levels=np.array(halves, dtype=np.float32))
     if delta:
@@ -314,7 +315,8 @@ def emulate_plan(plan: Plan) -> torch.Tensor:
     out = np.zeros((plan.groups, plan.heads, plan.tokens, plan.head_dim), dtype=np.float32)
     width = np.maximum(st["width"][k], 1).astype(np.int64)
     group = st["group"][k].astype(np.int64)
-    anchor_x = anchor_values(plan).numpy() if plan.delta_group else None
+    anchors = anchor_values(plan) if plan.delta_group else torch.zeros(0)
+    anchor_x = anchors.numpy()
 
     def segment_rank(flag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(flags of lower lanes of the same stream, flags of the whole stream) per thread."""
@@ -391,19 +393,18 @@ def emulate_plan(plan: Plan) -> torch.Tensor:
     if plan.grid and np.any(live & (j == 0) & (esc_seen != st["n_esc"][k])):
         raise CodecError(STATUS_MESSAGES[5])
     result = torch.from_numpy(out)
-    _fill_fixed_rows(plan, result)
+    _fill_fixed_rows(plan, result, torch.from_numpy(plan.sink), anchors)
     return result.to(plan.out_dtype)
 
 
-def _fill_fixed_rows(plan: Plan, out: torch.Tensor) -> None:
-    """Rows the streams do not hold: grid sinks (fp16) and delta anchors, as the CPU decoder writes them."""
+def _fill_fixed_rows(plan: Plan, out: torch.Tensor, sink: torch.Tensor, anchor_x: torch.Tensor) -> None:
+    """Rows the streams do not hold, as the CPU decoder writes them: grid sinks (`sink`, fp16 ``[G, S, C]``)
+    and delta anchors (`anchor_x`, `anchor_values` on `out`'s device)."""
     if plan.grid and plan.sink.shape[1]:
-        sink = torch.from_numpy(plan.sink).to(out.device).to(torch.float32)          # [G, S, C]
         out[:, :, :plan.sink.shape[1], :] = sink.view(plan.groups, -1, plan.heads, plan.head_dim).permute(
             0, 2, 1, 3).to(out.dtype)
     if plan.delta_group:
-        xa = anchor_values(plan, out.device)                                         # [G, A, C]
-        out[:, :, ::plan.delta_group, :] = xa.view(plan.groups, -1, plan.heads, plan.head_dim).permute(
+        out[:, :, ::plan.delta_group, :] = anchor_x.view(plan.groups, -1, plan.heads, plan.head_dim).permute(
             0, 2, 1, 3).to(out.dtype)
 
 
@@ -424,7 +425,7 @@ def decode_plan_cuda(plan: Plan, device: torch.device | str = "cuda", *, check: 
                    2 * plan.layers, dev["row_token"], dev["members"], dev["mean"], dev["step"], dev["mult"],
                    dev["scale"], dev["half_levels"], dev["anchor_x"], plan.delta_group, dev["stream_of"],
                    dev["lane_of"], error, int(plan.grid))
-    _fill_fixed_rows(plan, out)
+    _fill_fixed_rows(plan, out, dev["sink"], dev["anchor_x"])
     if check:
         raise_device_error(error)
     return out
@@ -434,8 +435,7 @@ def raise_device_error(error: torch.Tensor) -> None:
     """`CodecError` if the kernel flagged a corrupt stream (synchronises with the device)."""
     flags, stream = (int(v) for v in error.cpu())
     if flags:
-        code = (flags & -flags).bit_length() - 1
-        raise CodecError(f"stream {stream}: {STATUS_MESSAGES.get(code, f'decoding status {code}')}")
+        raise status_error(stream, (flags & -flags).bit_length() - 1)
 
 
 def upload_plan(plan: Plan, device: torch.device | str = "cuda") -> dict[str, Any]:
@@ -446,10 +446,8 @@ def upload_plan(plan: Plan, device: torch.device | str = "cuda") -> dict[str, An
 
     dev = {f: put(plan.streams[f]) for f in STREAM_FIELDS}
     for name in ("payload", "cum", "nsym", "row_token", "members", "mean", "step", "mult", "scale", "half_levels",
-                 "stream_of", "lane_of"):
+                 "stream_of", "lane_of", "sink"):
         dev[name] = put(getattr(plan, name))
-    for name in ("mean", "step", "mult", "scale"):
-        dev[name] = dev[name].view(torch.float16) if dev[name].dtype != torch.float16 else dev[name]
     dev["anchor_x"] = (anchor_values(plan, device).contiguous() if plan.delta_group
                        else torch.zeros(0, dtype=torch.float32, device=device))
     dev["lut"] = cuda_backend().build_lut(dev["cum"], dev["nsym"])
@@ -457,7 +455,7 @@ def upload_plan(plan: Plan, device: torch.device | str = "cuda") -> dict[str, An
     return dev
 
 
-def decode_batch(objects: list[bytes | memoryview], device: torch.device | str = "cuda",
+def decode_batch(objects: Sequence[bytes | memoryview | Unpacked], device: torch.device | str = "cuda",
                  dtype: torch.dtype | None = None) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     """Decode a batch of format-2 objects (one level, model shape and token count) on a CUDA device in one
     launch; one KV list per object, views of one output tensor."""

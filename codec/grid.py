@@ -120,7 +120,8 @@ def encode_grid_layer(x: torch.Tensor, steps: torch.Tensor, multipliers: torch.T
             max_lanes=max_lanes)
     else:
         out["outliers"] = body[escaped].to(torch.float16)
-        out["streams"] = encode_class_streams(sym, members, cdfs, raw_bits, rows)
+        streams = encode_class_streams(sym, members, cdfs, raw_bits, rows)
+        out["streams"], out["lengths"] = b"".join(streams), [len(b) for b in streams]
     return out
 
 
@@ -394,9 +395,10 @@ def decode_grid_layer(parts: dict[str, Any], *, tops: list[int], raw_bits: list[
             channels, members, cdfs, raw_bits, rows, parts["streams"], parts["lengths"], tops,
             lane_symbols=lane_symbols, max_lanes=max_lanes)
     else:
-        if len(parts["streams"]) != len(rows) * len(tops):
+        if len(parts["lengths"]) != len(rows) * len(tops):
             raise CodecError("grid group: wrong number of streams")
-        sym = decode_class_streams(channels, members, cdfs, raw_bits, rows, parts["streams"])
+        streams = split_payload(parts["streams"], parts["lengths"])
+        sym = decode_class_streams(channels, members, cdfs, raw_bits, rows, streams)
     top_c = torch.tensor(tops, dtype=torch.int32)[torch.from_numpy(cls)]
     q = torch.from_numpy(sym.astype(np.int32)) - top_c
     if q.numel() and bool(((q > top_c) | (q < -top_c)).any()):
@@ -442,20 +444,14 @@ def channel_steps(fisher: np.ndarray, step: float) -> torch.Tensor:
 def handle_encode_grid(meta: dict, blob: bytes) -> tuple[dict, bytes]:
     parts = unpack_parts(meta["parts"], blob)
     res = encode_grid_layer(parts["x"], parts["steps"], parts["multipliers"], **meta["params"])
-    streams = res.pop("streams")
-    tops, raw_bits = res.pop("tops"), res.pop("raw_bits")
-    lengths = res.pop("lengths") if "lengths" in res else [len(s) for s in streams]
-    res["streams"] = streams if isinstance(streams, bytes) else b"".join(streams)
+    tops, raw_bits, lengths = res.pop("tops"), res.pop("raw_bits"), res.pop("lengths")
     parts_meta, out = pack_parts(res)
     return {"parts": parts_meta, "lengths": lengths, "tops": tops, "raw_bits": raw_bits}, out
 
 
 def handle_decode_grid(meta: dict, blob: bytes) -> tuple[dict, bytes]:
     parts = unpack_parts(meta["parts"], blob)
-    if meta["params"].get("coder") == "rans":
-        parts["lengths"] = meta["lengths"]
-    else:
-        parts["streams"] = split_payload(parts["streams"], meta["lengths"])
+    parts["lengths"] = meta["lengths"]
     for name in ("classes", "cdf"):
         parts[name] = np.asarray(parts[name])
     params = dict(meta["params"])

@@ -115,6 +115,7 @@ def parse_grid(h: dict[str, Any], sec: dict[str, Any], spec: LevelSpec, model: M
             "tokens_per_stream") != spec.tokens_per_stream:
         raise CodecError(f"header's stream table disagrees with the geometry ({sum(per_group)} streams)")
     cdf_sizes = [sum(cdf_length(x, b) for x, b in zip(t, r)) for t, r in zip(tops, raw_bits)]
+    lengths = section(sec, "stream_lengths", "uint32", (sum(per_group),)).astype(np.int64)
     parts = GridParts(
         sink_rows=sink_rows, tops=tops, raw_bits=raw_bits, outliers=outliers,
         steps=section(sec, "steps", "float16", (2, layers, channels)),
@@ -125,13 +126,10 @@ def parse_grid(h: dict[str, Any], sec: dict[str, Any], spec: LevelSpec, model: M
         sink=section(sec, "sink", "float16", (2, layers, sink_rows, channels)),
         outlier_values=(section(sec, "outliers", "float16", (sum(outliers),)) if spec.coder == "torchac"
                         else np.zeros(0, dtype=np.float16)),
-        per_group=per_group,
-        lengths=section(sec, "stream_lengths", "uint32", (sum(per_group),)).astype(np.int64),
-        payload=memoryview(b""))
-    payload = stream_payload(sec, parts.lengths)
+        per_group=per_group, lengths=lengths, payload=stream_payload(sec, lengths))
     if not all(np.isfinite(a.astype(np.float32)).all() for a in (parts.steps, parts.multipliers, parts.means)):
         raise CodecError("grid side information holds non-finite steps, multipliers or means")
-    return GridParts(**{**parts.__dict__, "payload": payload})
+    return parts
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 from kvcast.codec.errors import CodecError
 from kvcast.codec.packing import FP16_MAX, TORCH_DTYPES, block_rows, pack_parts, split_payload, unpack_parts
 from kvcast.codec.rangecoder import StreamGroup, cachegen_cdf, check_cdf, decode_group, encode_group, iter_streams
-from kvcast.codec.rans import StreamGeometry, cum_tables, decode_streams, encode_streams
+from kvcast.codec.rans import StreamGeometry, back_to_back, cum_tables, decode_streams, encode_streams
 
 # ------------------------------------------------------------------------------------------ quantizer
 
@@ -105,11 +105,11 @@ def decode_group_rans(cdf: np.ndarray, block_rows: tuple[int, ...], channels_per
                              max_lanes=max_lanes)
     if len(lengths) != len(geometry.lanes):
         raise CodecError("group has the wrong number of streams")
-    end = np.cumsum(np.asarray(lengths, dtype=np.int64))
+    begin, end = back_to_back(np.asarray(lengths, dtype=np.int64))
     if end.size and int(end[-1]) != len(payload):
         raise CodecError("group's stream lengths do not cover its payload")
     cum, nsym = cum_tables([cdf])
-    flat = decode_streams(payload, geometry, cum, nsym, end - np.asarray(lengths, dtype=np.int64), end)
+    flat = decode_streams(payload, geometry, cum, nsym, begin, end)
     out = np.empty((int(sum(block_rows)), channels), dtype=np.int16)
     for (r0, n, c0, c1), a, b in zip(iter_streams(block_rows, channels, channels_per_stream), geometry.sym_start,
                                      geometry.sym_start[1:]):
@@ -155,7 +155,8 @@ def encode_layer(x: torch.Tensor, *, bins: int, slots: int, delta_group: int, an
         out["streams"], out["lengths"] = encode_group_rans(q.numpy(), cdf, rows, channels_per_stream,
                                                            lane_symbols=lane_symbols, max_lanes=max_lanes)
     else:
-        out["streams"] = encode_group(StreamGroup(q.numpy(), cdf, rows, channels_per_stream))
+        streams = encode_group(StreamGroup(q.numpy(), cdf, rows, channels_per_stream))
+        out["streams"], out["lengths"] = b"".join(streams), [len(b) for b in streams]
     return out
 
 
@@ -175,7 +176,7 @@ def decode_layer(parts: dict[str, Any], *, bins: int, slots: int, heads: int, to
         q = decode_group_rans(cdf, rows, channels_per_stream, streams, parts["lengths"], lane_symbols=lane_symbols,
                               max_lanes=max_lanes)
     else:
-        q = decode_group(cdf, rows, channels_per_stream, streams)
+        q = decode_group(cdf, rows, channels_per_stream, split_payload(streams, parts["lengths"]))
     half = bins / 2 - 1
     if q.size and (int(q.max()) > 2 * half or int(q.min()) < 0):
         raise CodecError("decoded symbol out of range for its layer: corrupt stream")
@@ -200,19 +201,14 @@ def handle_encode_layer(meta: dict, blob: bytes) -> tuple[dict, bytes]:
     parts = unpack_parts(meta["parts"], blob)
     x = parts["x"]
     res = encode_layer(x, **meta["params"])
-    streams = res.pop("streams")
-    lengths = res.pop("lengths") if "lengths" in res else [len(s) for s in streams]
-    res["streams"] = streams if isinstance(streams, bytes) else b"".join(streams)
+    lengths = res.pop("lengths")
     parts_meta, out = pack_parts(res)
     return {"parts": parts_meta, "lengths": lengths}, out
 
 
 def handle_decode_layer(meta: dict, blob: bytes) -> tuple[dict, bytes]:
     parts = unpack_parts(meta["parts"], blob)
-    if meta["params"].get("coder") == "rans":
-        parts["lengths"] = meta["lengths"]
-    else:
-        parts["streams"] = split_payload(parts["streams"], meta["lengths"])
+    parts["lengths"] = meta["lengths"]
     y = decode_layer(parts, **meta["params"])
     parts_meta, out = pack_parts({"y": y})
     return {"parts": parts_meta}, out

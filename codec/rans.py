@@ -151,15 +151,20 @@ def decode_streams(payload: bytes | memoryview | np.ndarray, geometry: StreamGeo
     return symbols.numpy()
 
 
+def status_error(stream: int, code: int) -> CodecError:
+    """The error of stream `stream`'s decoding status `code` (the CPU coder's and the GPU kernel's)."""
+    return CodecError(f"stream {stream}: {STATUS_MESSAGES.get(code, f'decoding status {code}')}")
+
+
 def raise_status(status: np.ndarray) -> None:
     """`CodecError` for the first stream whose decoding status is not 0."""
     bad = np.flatnonzero(status)
     if bad.size:
-        code = int(status[bad[0]])
-        raise CodecError(f"stream {int(bad[0])}: {STATUS_MESSAGES.get(code, f'decoding status {code}')}")
+        raise status_error(int(bad[0]), int(status[bad[0]]))
 
 
-def back_to_back(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def back_to_back(lengths: np.ndarray | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Byte ranges ``(begin, end)`` of streams of `lengths` stored back to back."""
-    end = np.cumsum(np.asarray(lengths, dtype=np.int64))
+    lengths = np.asarray(lengths, dtype=np.int64)
+    end = np.cumsum(lengths)
     return end - lengths, end

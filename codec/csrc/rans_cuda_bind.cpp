@@ -4,45 +4,16 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <cuda_fp16.h>
 
+#include "rans_cuda_args.h"
+
 #include <vector>
 
-namespace {
-struct Streams {
-  const int64_t *rans_begin, *rans_end;
-  const int32_t *count, *lanes, *row0, *period, *group, *row_base, *width, *col_off;
-  const int64_t *raw_begin, *outl_begin;
-  const int32_t *n_esc, *top, *bits;
-};
-struct Tables { const int32_t* cum; int32_t width; const uint8_t* lut; const int32_t* nsym; };
-struct Output {
-  void* out;
-  int32_t heads, tokens, head_dim, groups_per_object;
-  const int32_t* row_token;
-  const int16_t* members;
-  const __half *mean, *step, *mult, *scale;
-  const float* half_levels;
-  const float* anchor_x;
-  int32_t delta_group, anchors;
-};
-struct KvcDecodeArgs {
-  const uint8_t* payload;
-  Streams st;
-  Tables tb;
-  Output o;
-  const int32_t* stream_of;
-  const int8_t* lane_of;
-  int32_t threads;
-  int32_t* error;
-  int32_t* error_stream;
-  int32_t grid, delta, out_dtype;
-};
-}  // namespace
+using kvrans::KvcDecodeArgs;
 
 extern "C" int kvc_build_lut(const int32_t*, int32_t, const int32_t*, int32_t, uint8_t*, cudaStream_t);
 extern "C" int kvc_decode(const KvcDecodeArgs*, cudaStream_t);
 extern "C" int kvc_baseline(const uint8_t*, const int64_t*, const int32_t*, int32_t, const int32_t*, const int32_t*,
                             int32_t, int32_t, uint8_t*, cudaStream_t);
-extern "C" size_t kvc_decode_args_size();
 
 template <typename T> static const T* ptr(const torch::Tensor& t) { return t.numel() ? t.data_ptr<T>() : nullptr; }
 static const __half* hptr(const torch::Tensor& t) {
@@ -68,7 +39,6 @@ void decode(torch::Tensor payload, std::vector<torch::Tensor> s, torch::Tensor c
             torch::Tensor half_levels, torch::Tensor anchor_x, int64_t delta_group, torch::Tensor stream_of,
             torch::Tensor lane_of, torch::Tensor error, int64_t grid) {
   TORCH_CHECK(s.size() == 15, "15 stream tensors expected");
-  TORCH_CHECK(kvc_decode_args_size() == sizeof(KvcDecodeArgs), "kvcast CUDA ABI mismatch");
   KvcDecodeArgs a{};
   a.payload = ptr<uint8_t>(payload);
   a.st = {ptr<int64_t>(s[0]), ptr<int64_t>(s[1]), ptr<int32_t>(s[2]), ptr<int32_t>(s[3]), ptr<int32_t>(s[4]),

@@ -14,22 +14,12 @@ import torch
 from kvcast import codec
 from kvcast.codec.api import Codec
 from kvcast.codec.gpu import decode_batch, emulate_plan, plan_batch, split_kv
+from kvcast.codec.gpubench import small_kv
 from kvcast.codec.levels import LevelRegistry
 from tests.codec.test_grid import random_table
 
 RANS = [lv for lv in codec.levels() if codec.describe(lv)["coder"] == "rans"]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def kv_of(layers, heads, tokens, dim, seed, dtype=torch.float16):
-    g = torch.Generator().manual_seed(seed)
-    kv = []
-    for _ in range(layers):
-        pair = [(torch.randn(1, heads, tokens, dim, generator=g)
-                 * (0.05 + 2 * torch.rand(1, heads, 1, dim, generator=g))).to(dtype) for _ in range(2)]
-        kv.append(tuple(pair))
-    kv[-1][0][0, 0, tokens // 2, 1] = 300.0   # an escape
-    return kv
 
 
 def codec_with_lanes(lane_symbols: int) -> Codec:
@@ -42,7 +32,7 @@ def codec_with_lanes(lane_symbols: int) -> Codec:
 def encode_pair(c: Codec, level: str, shape=(2, 3, 600, 16), token_start=2):
     layers, heads, tokens, dim = shape
     kw = {"sensitivity": random_table(layers, heads, dim)} if level.startswith("kvcast") else {}
-    return [c.encode(kv_of(*shape, seed), level, token_start=token_start, **kw) for seed in (5, 6)]
+    return [c.encode(small_kv(*shape, torch.float16, seed), level, token_start=token_start, **kw) for seed in (5, 6)]
 
 
 def assert_same(objects, kvs, c: Codec, dtype):
@@ -109,11 +99,11 @@ def test_emulated_kernel_refuses_corrupt_streams_as_the_cpu_decoder_does(level):
 def test_batches_need_one_level_and_shape_and_format_2():
     c = Codec()
     a = encode_pair(c, "cachegen-2")[0]
-    b = c.encode(kv_of(2, 3, 300, 16, 1), "cachegen-2")
+    b = c.encode(small_kv(2, 3, 300, 16, torch.float16, 1), "cachegen-2")
     with pytest.raises(codec.CodecError, match="one level, model shape and token count"):
         plan_batch([a, b])
     with pytest.raises(codec.CodecError, match="not entropy-coded with rANS"):
-        plan_batch([c.encode(kv_of(2, 3, 30, 16, 1), "int8")])
+        plan_batch([c.encode(small_kv(2, 3, 30, 16, torch.float16, 1), "int8")])
     with pytest.raises(codec.CodecError, match="empty batch"):
         plan_batch([])
 
