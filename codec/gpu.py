@@ -32,9 +32,12 @@ from kvcast.codec.header import CodedParts, GridParts, header_basics, parse_code
 from kvcast.codec.packing import block_rows
 from kvcast.codec.pipeline import rans_geometry
 from kvcast.codec.rangecoder import check_cdf, iter_streams
-from kvcast.codec.rans import STATUS_MESSAGES, back_to_back, cum_tables, status_error
+from kvcast.codec.rans import STATUS_MESSAGES, StreamGeometry, back_to_back, cum_tables, status_error
 
 STATE_LOW = 1 << 16
+LUT_BITS = 6
+"""Bits of the GPU's lookup table (``kvrans::kPackedLutBits``)."""
+LUT_SIZE = 1 << LUT_BITS
 STREAM_FIELDS = ("rans_begin", "rans_end", "count", "lanes", "row0", "period", "group", "row_base", "width",
                  "col_off", "raw_begin", "outl_begin", "n_esc", "top", "bits")
 INT64_FIELDS = ("rans_begin", "rans_end", "raw_begin", "outl_begin")
@@ -65,6 +68,8 @@ class Plan:
     streams: dict[str, np.ndarray]             # STREAM_FIELDS, one entry per stream
     cum: np.ndarray                            # int32 [R, W]
     nsym: np.ndarray                           # int32 [R]
+    entry: np.ndarray                          # int32 [R, W - 1]: `packed_tables`
+    lut: np.ndarray                            # uint8 [R, LUT_SIZE]
     row_token: np.ndarray                      # int32 [coded rows]: coded row -> token
     stream_of: np.ndarray                      # int32 [threads]
     lane_of: np.ndarray                        # int8 [threads]
@@ -132,9 +137,42 @@ def _batch_arrays(pieces: list[dict[str, np.ndarray]], cdf_rows: list[np.ndarray
     streams = {f: np.concatenate([np.asarray(p[f]) for p in pieces]).astype(
         np.int64 if f in INT64_FIELDS else np.int32) for f in STREAM_FIELDS}
     cum, nsym = cum_tables(cdf_rows)
+    entry, lut = packed_tables(cum, nsym)
     stream_of, lane_of = _launch_geometry(streams["lanes"], streams["count"])
-    return {"streams": streams, "cum": cum, "nsym": nsym, "stream_of": stream_of, "lane_of": lane_of,
+    return {"streams": streams, "cum": cum, "nsym": nsym, "entry": entry, "lut": lut, "stream_of": stream_of,
+            "lane_of": lane_of,
             "payload": np.concatenate([np.frombuffer(p, dtype=np.uint8) for p in payloads])}
+
+
+def packed_tables(cum: np.ndarray, nsym: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The GPU's tables (``csrc/rans_core.h``) from `cum_tables`' rows: ``entry`` int32 ``[R, W - 1]``, symbol
+    ``s``'s ``start | (freq - 1) << 16`` (0 past the row's symbols), and ``lut`` uint8 ``[R, LUT_SIZE]``, the
+    largest symbol whose start is at most ``b << (16 - LUT_BITS)``."""
+    cum = np.asarray(cum, dtype=np.int64)
+    rows, width = cum.shape
+    start, end = cum[:, :-1], cum[:, 1:]
+    valid = np.arange(width - 1)[None, :] < np.asarray(nsym)[:, None]
+    entry = np.where(valid, start | ((end - start - 1) << 16), 0).astype(np.uint32).view(np.int32)
+    # per row, how many of cum[1:] lie at or below each bucket's first slot: rows made disjoint by an offset
+    offset = np.arange(rows, dtype=np.int64)[:, None] << 17
+    flat = (end + offset).reshape(-1)
+    queries = (np.arange(LUT_SIZE, dtype=np.int64)[None, :] << (16 - LUT_BITS)) + offset
+    lut = np.searchsorted(flat, queries.reshape(-1), side="right").reshape(rows, LUT_SIZE) - (
+        np.arange(rows, dtype=np.int64)[:, None] * (width - 1))
+    return np.ascontiguousarray(entry), lut.astype(np.uint8)
+
+
+def lookup_packed(entry: np.ndarray, lut: np.ndarray, r: np.ndarray, slot: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                                                           np.ndarray]:
+    """``kvrans::dec_lookup_packed`` for arrays of rows and slots: (symbol, start, freq)."""
+    sym = lut[r, slot >> (16 - LUT_BITS)].astype(np.int64)
+    while True:
+        e = entry[r, sym].view(np.uint32).astype(np.int64)
+        start, freq = e & 0xFFFF, (e >> 16) + 1
+        beyond = slot >= start + freq
+        if not beyond.any():
+            return sym, start, freq
+        sym = sym + beyond
 
 
 def _launch_geometry(lanes: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -287,6 +325,16 @@ def anchor_values(plan: Plan, device: torch.device | str = "cpu") -> torch.Tenso
 # -------------------------------------------------------------------------------- NumPy emulation
 
 
+def _segment_rank(flag: np.ndarray, first: np.ndarray, lanes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A warp ballot's population counts, per thread: (flags of lower lanes of the same stream, flags of the
+    whole stream); `first` is the thread index of each thread's lane 0."""
+    c = np.cumsum(flag) - flag
+    rank = c - c[first]
+    total_at = first + lanes - 1
+    total = c[total_at] + flag[total_at] - c[first]
+    return rank, total
+
+
 def emulate_plan(plan: Plan) -> torch.Tensor:
     """Run `plan` with NumPy exactly as the kernel does (all threads in lockstep, warp ballots as segment
     counts); returns ``[groups, heads, tokens, head_dim]`` in the plan's dtype. For tests without a GPU."""
@@ -319,22 +367,14 @@ def emulate_plan(plan: Plan) -> torch.Tensor:
     anchor_x = anchors.numpy()
 
     def segment_rank(flag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(flags of lower lanes of the same stream, flags of the whole stream) per thread."""
-        c = np.cumsum(flag) - flag
-        rank = c - c[first]
-        total_at = first + lanes - 1
-        total = c[total_at] + flag[total_at] - c[first]
-        return rank, total
+        return _segment_rank(flag, first, lanes)
 
     for s in range(int(my_steps.max(initial=0))):
         i = s * lanes + j
         active = s < my_steps
         r = (st["row0"][k] + i % st["period"][k]).astype(np.int64)
-        slot = (x & 0xFFFF).astype(np.int64)
-        cum_r = plan.cum[r]
-        sym = np.clip((cum_r <= slot[:, None]).sum(1) - 1, 0, None)
-        start = cum_r[np.arange(len(r)), sym].astype(np.uint64)
-        freq = cum_r[np.arange(len(r)), sym + 1].astype(np.uint64) - start
+        sym, start, freq = lookup_packed(plan.entry, plan.lut, r, (x & 0xFFFF).astype(np.int64))
+        start, freq = start.astype(np.uint64), freq.astype(np.uint64)
         x = np.where(active, freq * (x >> 16) + (x & 0xFFFF) - start, x)
         need = (active & (x < STATE_LOW)).astype(np.int64)
         rank, total = segment_rank(need)
@@ -421,7 +461,7 @@ def decode_plan_cuda(plan: Plan, device: torch.device | str = "cuda", *, check: 
                       device=dev["payload"].device)
     error = dev["error"]
     error[0], error[1] = 0, 2 ** 31 - 1
-    backend.decode(dev["payload"], [dev[f] for f in STREAM_FIELDS], dev["cum"], dev["lut"], dev["nsym"], out,
+    backend.decode(dev["payload"], [dev[f] for f in STREAM_FIELDS], dev["entry"], dev["lut"], dev["nsym"], out,
                    2 * plan.layers, dev["row_token"], dev["members"], dev["mean"], dev["step"], dev["mult"],
                    dev["scale"], dev["half_levels"], dev["anchor_x"], plan.delta_group, dev["stream_of"],
                    dev["lane_of"], error, int(plan.grid))
@@ -439,18 +479,17 @@ def raise_device_error(error: torch.Tensor) -> None:
 
 
 def upload_plan(plan: Plan, device: torch.device | str = "cuda") -> dict[str, Any]:
-    """The plan's arrays on the device (pinned host copies, asynchronous), the LUTs built there."""
+    """The plan's arrays on the device (pinned host copies, asynchronous)."""
     def put(a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(a))
         return t.pin_memory().to(device, non_blocking=True) if t.numel() else t.to(device)
 
     dev = {f: put(plan.streams[f]) for f in STREAM_FIELDS}
-    for name in ("payload", "cum", "nsym", "row_token", "members", "mean", "step", "mult", "scale", "half_levels",
-                 "stream_of", "lane_of", "sink"):
+    for name in ("payload", "entry", "lut", "nsym", "row_token", "members", "mean", "step", "mult", "scale",
+                 "half_levels", "stream_of", "lane_of", "sink"):
         dev[name] = put(getattr(plan, name))
     dev["anchor_x"] = (anchor_values(plan, device).contiguous() if plan.delta_group
                        else torch.zeros(0, dtype=torch.float32, device=device))
-    dev["lut"] = cuda_backend().build_lut(dev["cum"], dev["nsym"])
     dev["error"] = torch.zeros(2, dtype=torch.int32, device=device)
     return dev
 
@@ -468,3 +507,84 @@ def split_kv(plan: Plan, out: torch.Tensor) -> list[list[tuple[torch.Tensor, tor
     view = out.view(plan.objects, 2, plan.layers, plan.heads, plan.tokens, plan.head_dim)
     return [[(view[b, 0, layer].unsqueeze(0), view[b, 1, layer].unsqueeze(0)) for layer in range(plan.layers)]
             for b in range(plan.objects)]
+
+
+# ------------------------------------------------------------------------------------------- encoding
+
+
+def emulate_encode(symbols: np.ndarray, geometry: StreamGeometry, cum: np.ndarray,
+                   nsym: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """The CUDA encoder's two passes with NumPy, threads in lockstep (for tests without a GPU): the streams'
+    bytes back to back and their lengths, as `kvcast.codec.rans.encode_streams` returns them."""
+    entry, _ = packed_tables(cum, nsym)
+    symbols = np.asarray(symbols, dtype=np.int64)
+    counts = geometry.counts
+    stream_of, lane_of = _launch_geometry(geometry.lanes, counts)
+    idle = stream_of < 0
+    k = np.where(idle, 0, stream_of)
+    j = lane_of.astype(np.int64)
+    lanes = np.where(idle, 1, geometry.lanes[k]).astype(np.int64)
+    begin, end = geometry.sym_start[k], geometry.sym_start[k + 1]
+    count = np.where(idle, 0, end - begin)
+    my_steps = np.where(count > j, (count - j + lanes - 1) // lanes, 0)
+    first = np.arange(len(k)) - j
+    tail = end.copy()
+    x = np.full(len(k), STATE_LOW, dtype=np.int64)
+    words = np.zeros(max(len(symbols), 1), dtype=np.int64)
+    for s in reversed(range(int(my_steps.max(initial=0)))):
+        active = s < my_steps
+        i = s * lanes + j
+        sym = symbols[np.where(active, begin + i, 0)] if len(symbols) else np.zeros(len(k), np.int64)
+        r = (geometry.row0[k] + i % geometry.period[k]).astype(np.int64)
+        if np.any(active & ((sym < 0) | (sym >= nsym[r]))):
+            raise CodecError("rANS encoder: symbol out of its CDF's range")
+        e = entry[r, np.clip(sym, 0, entry.shape[1] - 1)].view(np.uint32).astype(np.int64)
+        start, freq = e & 0xFFFF, (e >> 16) + 1
+        need = active & (x >= freq << 16)
+        rank, total = _segment_rank(need.astype(np.int64), first, lanes)
+        tail = tail - total
+        words[(tail + rank)[need]] = x[need] & 0xFFFF
+        x = np.where(need, x >> 16, x)
+        x = np.where(active, ((x // freq) << 16) + x % freq + start, x)
+    word_count = np.zeros(len(counts), dtype=np.int64)
+    lead = ~idle & (j == 0)
+    word_count[k[lead]] = (end - tail)[lead]
+    lengths = np.where(counts > 0, 4 * geometry.lanes + 2 * word_count, 0).astype(np.int64)
+    offset = np.cumsum(lengths) - lengths
+    out = np.zeros(int(lengths.sum()) // 2, dtype=np.uint16)
+    live = np.flatnonzero(~idle)
+    for t in live:           # pass 2: per thread, as the pack kernel writes
+        kk, jj, lane_count = k[t], j[t], lanes[t]
+        o = offset[kk] // 2
+        out[o + 2 * jj], out[o + 2 * jj + 1] = x[t] & 0xFFFF, x[t] >> 16
+        n = word_count[kk]
+        w0 = geometry.sym_start[kk + 1] - n
+        idx = np.arange(jj, n, lane_count)
+        out[o + 2 * lane_count + idx] = words[w0 + idx]
+    return out.astype("<u2").tobytes(), lengths
+
+
+def encode_tables(geometry: StreamGeometry, cum: np.ndarray, nsym: np.ndarray,
+                  device: torch.device | str = "cuda") -> dict[str, torch.Tensor]:
+    """What the CUDA encoder needs besides the symbols, on `device`: the streams' geometry, the packed tables
+    and the launch geometry (one thread per lane, whole streams per warp, as the decoder's)."""
+    entry, lut = packed_tables(cum, nsym)
+    stream_of, lane_of = _launch_geometry(geometry.lanes, geometry.counts)
+    arrays = {"sym_start": geometry.sym_start, "lanes": geometry.lanes, "row0": geometry.row0,
+              "period": geometry.period, "entry": entry, "lut": lut, "nsym": nsym, "stream_of": stream_of,
+              "lane_of": lane_of}
+    return {name: torch.from_numpy(np.ascontiguousarray(a)).to(device) for name, a in arrays.items()}
+
+
+def encode_streams_cuda(symbols: torch.Tensor, tables: dict[str, torch.Tensor], *,
+                        check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kvcast.codec.rans.encode_streams` on the GPU: `symbols` int16 on the device (flat, stream ``k``'s at
+    ``sym_start[k]:sym_start[k + 1]``), `tables` from `encode_tables`. Returns the streams' bytes back to back
+    (uint8) and their lengths (int64), on the device: the same bytes as the CPU coder. `CodecError` for a
+    symbol outside its CDF (`check=False` leaves the check to the caller: ``result[2]``)."""
+    data, lengths, error = cuda_backend().encode(
+        symbols.to(torch.int16).contiguous(), tables["sym_start"], tables["lanes"], tables["row0"],
+        tables["period"], tables["entry"], tables["lut"], tables["nsym"], tables["stream_of"], tables["lane_of"])
+    if check and int(error[0]):
+        raise CodecError(f"rANS encoder: stream {int(error[1])} holds a symbol outside its CDF's range")
+    return data, lengths

@@ -8,9 +8,16 @@ What one run measures (device-side timings: CUDA events, medians of `repeats` af
 * **decode**: every format-2 level on Mistral-7B-shaped contexts (32 layers x 8 KV heads x 128) of
   `contexts` tokens, as batches of `object_tokens`-token objects (one launch per batch); GB/s of fp16 output
   and the ratio to the copy floor; the time to send the same compressed bytes at 10 Gbps;
+* **encode**: the CUDA rANS encoder (`kvcast.codec.gpu.encode_streams_cuda`) on the same contexts' symbols
+  (quantized on the CPU), bytes compared with the CPU coder's; GB/s of fp16-equivalent input. This is the
+  entropy-coding stage; quantization stays on the CPU;
 * **baseline**: a kernel of the anchor's structure (CacheGen/LMCache's torchac_cuda: one launch per 256-token
   object, one thread per (layer, channel) stream, a binary search of the CDF per symbol, bytes read one at a
   time) on the same contexts' cachegen-3 symbols, written here and timed in the same run;
+* **end to end** (`e2e`: a folder from ``scripts/gpu_e2e_carry.py``): SmolLM2 in fp16 on the GPU continues a
+  1,024-token context from objects made on the CPU and decoded on the GPU, and from the same objects decoded
+  on the CPU: the caches must be equal and the generated tokens the same (agreement with the exact fp16
+  cache is reported too);
 * **fuzz**: `fuzz` corrupted or truncated objects (checksum recomputed, so the decoder's own checks are what
   stands) decoded on the GPU: how many raise `CodecError`, how many decode (corruption that only touches raw
   low bits or escaped values, which no entropy decoder can see: the object's CRC32C catches those).
@@ -47,7 +54,8 @@ class GpuBenchSettings:
     kv_file: str | None = None
     check_dir: str | None = None
     fuzz: int = 10000
-    fuzz_only: bool = False
+    no_timing: bool = False
+    e2e: str | None = None
 
 
 def _events_ms(fn, warmup: int, repeats: int) -> float:
@@ -203,6 +211,88 @@ def check_rows(check_dir: str | None, levels: list[str], log) -> list[dict[str, 
     return rows
 
 
+def plan_geometry(plan):
+    """The coder's `StreamGeometry` of a GPU plan's streams (symbols back to back in stream order)."""
+    import numpy as np
+
+    from kvcast.codec.rans import StreamGeometry
+
+    st = plan.streams
+    start = np.concatenate([[0], np.cumsum(st["count"].astype(np.int64))])
+    return StreamGeometry(start, st["lanes"], st["row0"], st["period"])
+
+
+def plan_symbols(plan):
+    """Every stream's symbols of `plan` (the CPU coder decodes them), their geometry and their expected bytes."""
+    from kvcast.codec.rans import decode_streams
+
+    st = plan.streams
+    geometry = plan_geometry(plan)
+    symbols = decode_streams(plan.payload, geometry, plan.cum, plan.nsym, st["rans_begin"], st["rans_end"])
+    expected = b"".join(plan.payload[b:e].tobytes() for b, e in zip(st["rans_begin"], st["rans_end"]))
+    return symbols, geometry, expected
+
+
+def _greedy(model, cache, suffix, steps: int) -> list[int]:
+    """Greedy continuation: `suffix` (ids, on the model's device) fed over `cache`, then `steps` tokens."""
+    import torch
+
+    tokens: list[int] = []
+    with torch.no_grad():
+        out = model(suffix, past_key_values=cache, use_cache=True)
+        for _ in range(steps):
+            nxt = out.logits[:, -1:].argmax(-1)
+            tokens.append(int(nxt))
+            cache = getattr(out, "cache", None) or out.past_key_values
+            out = model(nxt, past_key_values=cache, use_cache=True)
+    return tokens
+
+
+def e2e_rows(folder: str, log, steps: int = 32) -> list[dict[str, Any]]:
+    """SmolLM2 (fp16, on the GPU) continues the carried context from GPU- and CPU-decoded objects."""
+    import torch
+
+    from kvcast.codec.api import Codec
+    from kvcast.codec.hf import cache_from_kv, kv_from_cache
+    from kvcast.codec.model import load_smollm2
+
+    spec = json.loads((Path(folder) / "ids.json").read_text())
+    lm = load_smollm2(progress=False)
+    model = lm.model.to(device="cuda", dtype=torch.float16).eval()
+    ids = torch.tensor([spec["context"]], device="cuda")
+    suffix = torch.tensor([spec["suffix"]], device="cuda")
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    exact_kv = [(k.clone(), v.clone()) for k, v in kv_from_cache(getattr(out, "cache", None) or out.past_key_values)]
+    exact = _greedy(model, cache_from_kv(exact_kv, model.config), suffix, steps)
+    log(f"e2e: exact fp16 cache continues with {exact[:8]}...")
+    cpu, rows = Codec(), []
+    for level in spec["levels"]:
+        blobs = [(Path(folder) / f"{level}-{part}.kvc").read_bytes() for part in ("a", "b")]
+
+        def joined(parts):
+            return [(torch.cat([p[layer][0] for p in parts], 2), torch.cat([p[layer][1] for p in parts], 2))
+                    for layer in range(len(parts[0]))]
+
+        on_cpu = joined([cpu.decode(b, dtype=torch.float16) for b in blobs])
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        on_gpu = joined([cpu.decode(b, device="cuda", dtype=torch.float16) for b in blobs])
+        torch.cuda.synchronize()
+        gpu_s = time.perf_counter() - t
+        equal = all(torch.equal(a.cuda(), g) and torch.equal(b.cuda(), h) for (a, b), (g, h) in zip(on_cpu, on_gpu))
+        from_gpu = _greedy(model, cache_from_kv(on_gpu, model.config), suffix, steps)
+        from_cpu = _greedy(model, cache_from_kv([(k.cuda(), v.cuda()) for k, v in on_cpu], model.config), suffix,
+                           steps)
+        agree = sum(a == b for a, b in zip(from_gpu, exact)) / steps
+        rows.append({"level": level, "context_tokens": len(spec["context"]), "cache_equal": equal,
+                     "same_tokens_gpu_vs_cpu_decoded": from_gpu == from_cpu, "tokens": steps,
+                     "agreement_with_exact_fp16": agree, "gpu_decode_wall_s": gpu_s})
+        log(f"e2e {level:12s}: GPU cache == CPU cache: {equal}; same {steps} tokens: {from_gpu == from_cpu}; "
+            f"agreement with the exact cache {agree:.0%}")
+    return rows
+
+
 def baseline_data(kv, object_tokens: int):
     """cachegen-3 symbols of `kv` as single-lane streams of 256 symbols, one per (256-token block, K/V,
     layer, channel): the anchor's layout. Returns (payload, begin, cum, nsym, row, symbols, streams per launch)."""
@@ -233,19 +323,34 @@ def baseline_data(kv, object_tokens: int):
     return np.frombuffer(data, np.uint8), begin, cum, nsym, row, sym.astype(np.uint8), 2 * layers * channels
 
 
+def _compare(gpu, cpu) -> str:
+    """How a GPU decoding compares with the CPU's (None: the CPU refused the object): bit for bit, equal but
+    for the bits of NaNs (a NaN escape value or scale), or unlike."""
+    import torch
+
+    if cpu is None:
+        return "decoded_but_cpu_refuses"
+    pairs = [(a.cpu(), b) for p, q in zip(gpu, cpu) for a, b in zip(p, q)]
+    if all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in pairs):
+        return "decoded_equal_to_cpu"
+    if all(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)) for a, b in pairs):
+        return "decoded_equal_but_nan_bits"
+    return "decoded_unlike_cpu"
+
+
 def fuzz_rows(objects: list[bytes], n: int, seed: int, log) -> dict[str, Any]:
     """Corrupt (checksum recomputed) or truncate objects and decode them on the GPU."""
     import random
 
     import crc32c
-    import torch
 
     from kvcast import codec
     from kvcast.codec.errors import CodecError
     from kvcast.codec.gpu import decode_batch
 
     rng = random.Random(seed)
-    counts = {"codec_error": 0, "decoded": 0, "other_error": 0, "decoded_equal_to_cpu": 0, "decoded_unlike_cpu": 0,
+    counts = {"codec_error": 0, "decoded": 0, "other_error": 0, "decoded_equal_to_cpu": 0,
+              "decoded_equal_but_nan_bits": 0, "decoded_unlike_cpu": 0, "decoded_but_cpu_refuses": 0,
               "refused_but_cpu_decodes": 0}
     kinds = {"flip_payload": 0, "flip_body": 0, "truncate": 0}
     others = []
@@ -269,8 +374,7 @@ def fuzz_rows(objects: list[bytes], n: int, seed: int, log) -> dict[str, Any]:
         try:
             gpu = decode_batch([bytes(data)], "cuda")[0]
             counts["decoded"] += 1
-            same = cpu is not None and all(torch.equal(a.cpu(), b) for p, q in zip(gpu, cpu) for a, b in zip(p, q))
-            counts["decoded_equal_to_cpu" if same else "decoded_unlike_cpu"] += 1
+            counts[_compare(gpu, cpu)] += 1
         except CodecError:
             counts["codec_error"] += 1
             if cpu is not None:
@@ -289,7 +393,15 @@ def run_gpu_bench(s: GpuBenchSettings, log=print) -> dict[str, Any]:
 
     from kvcast import codec as kvcodec
     from kvcast.codec.api import Codec
-    from kvcast.codec.gpu import cuda_backend, decode_plan_cuda, plan_batch, raise_device_error, upload_plan
+    from kvcast.codec.gpu import (
+        cuda_backend,
+        decode_plan_cuda,
+        encode_streams_cuda,
+        encode_tables,
+        plan_batch,
+        raise_device_error,
+        upload_plan,
+    )
     from kvcast.codec.sensitivity import SensitivityTable
 
     if not torch.cuda.is_available():
@@ -306,7 +418,7 @@ def run_gpu_bench(s: GpuBenchSettings, log=print) -> dict[str, Any]:
     small_objects = [kvcodec.encode(small_kv(2, 3, 200, 16, torch.float16, i), lv, **(
         {"sensitivity": uniform} if kvcodec.describe(lv)["quantizer"] == "grid" else {}))
         for i, lv in enumerate(levels)]
-    if not s.fuzz_only:
+    if not s.no_timing:
         floor = copy_floor_gbs(s.warmup, s.repeats)
         summary["copy_floor_gbs"] = floor
         log(f"copy floor: {floor:.0f} GB/s")
@@ -330,6 +442,7 @@ def run_gpu_bench(s: GpuBenchSettings, log=print) -> dict[str, Any]:
             equal = all(torch.equal(gpu_kv[(i * plan.layers + layer)].cpu(), ref[layer][i][0])
                         for i in range(2) for layer in range(plan.layers))
             del gpu_kv
+            per_object = [plan_symbols(plan_batch([o], torch.float16)) for o in objs]
             for ctx in s.contexts:
                 n = max(1, ctx // s.object_tokens)
                 batch = [objs[i % len(objs)] for i in range(n)]
@@ -352,7 +465,22 @@ def run_gpu_bench(s: GpuBenchSettings, log=print) -> dict[str, Any]:
                              "cpu_decode_s_per_object": cpu_dec_s})
                 log(f"{level:18s} {n * s.object_tokens:6d} tokens: {ms:8.3f} ms  {gbs:7.1f} GB/s  "
                     f"{ms / transfer_ms:6.2%} of 10 Gbps transfer  exact={equal}")
-                del dev, plan
+                del dev
+                # the encoder on the same symbols (the batch's objects alternate between the two encoded)
+                geometry = plan_geometry(plan)
+                symbols = np.concatenate([per_object[i % len(objs)][0] for i in range(n)])
+                tables = encode_tables(geometry, plan.cum, plan.nsym)
+                d_sym = torch.from_numpy(symbols).cuda()
+                data, _ = encode_streams_cuda(d_sym, tables)
+                expected = b"".join(per_object[i % len(objs)][2] for i in range(n))
+                enc_equal = data.cpu().numpy().tobytes() == expected
+                enc_ms = _events_ms(lambda d_sym=d_sym, tables=tables: encode_streams_cuda(d_sym, tables, check=False),
+                                    s.warmup, s.repeats)
+                rows[-1].update({"encode_ms": enc_ms, "encode_gbs_fp16": 2 * values / enc_ms / 1e6,
+                                 "encode_bytes_equal_cpu": enc_equal})
+                log(f"{'':18s} {'':6s}   encode {enc_ms:8.3f} ms  {2 * values / enc_ms / 1e6:7.1f} GB/s  "
+                    f"bytes equal CPU={enc_equal}")
+                del d_sym, tables, data, plan
                 torch.cuda.empty_cache()
         # the anchor's structure, on the same contexts' cachegen-3 symbols
         payload, begin, cum, nsym, row, sym, per_launch = baseline_data(kvs[0], s.object_tokens)
@@ -384,6 +512,8 @@ def run_gpu_bench(s: GpuBenchSettings, log=print) -> dict[str, Any]:
             b = by.get(("baseline (anchor's structure, cachegen-3 symbols)", r["context_tokens"]))
             if b and not r["level"].startswith("baseline"):
                 r["speedup_over_baseline"] = b["decode_ms"] / r["decode_ms"]
+    if s.e2e:
+        summary["e2e"] = e2e_rows(s.e2e, log)
     if s.fuzz:
         summary["fuzz"] = fuzz_rows(small_objects, s.fuzz, 0, log)
         log(f"fuzz: {summary['fuzz']}")
@@ -393,11 +523,12 @@ def run_gpu_bench(s: GpuBenchSettings, log=print) -> dict[str, Any]:
 def table(res: dict[str, Any]) -> str:
     lines = [f"device: {res['summary'].get('device')}  copy floor: {res['summary'].get('copy_floor_gbs', 0):.0f} GB/s",
              f"{'level':50s} {'tokens':>7s} {'ms':>9s} {'GB/s':>8s} {'x floor':>8s} {'x base':>7s} "
-             f"{'% 10Gbps':>9s} exact"]
+             f"{'% 10Gbps':>9s} exact {'enc GB/s':>9s} enc-exact"]
     for r in res["rows"]:
         lines.append(f"{r['level']:50s} {r['context_tokens']:7d} {r['decode_ms']:9.3f} {r['gbs_fp16']:8.1f} "
                      f"{r['ratio_to_copy_floor']:8.3f} {r.get('speedup_over_baseline') or 0:7.2f} "
-                     f"{100 * (r.get('decode_share_of_transfer') or 0):8.2f}% {r.get('bit_exact_vs_cpu')}")
+                     f"{100 * (r.get('decode_share_of_transfer') or 0):8.2f}% {r.get('bit_exact_vs_cpu')!s:5s} "
+                     f"{r.get('encode_gbs_fp16') or 0:9.1f} {r.get('encode_bytes_equal_cpu')}")
     if "checks" in res["summary"]:
         c = res["summary"]["checks"]
         lines.append(f"bit-exact checks: {c['equal']}/{c['total']}")
@@ -416,12 +547,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-file")
     p.add_argument("--check-dir")
     p.add_argument("--fuzz", type=int, default=10000)
-    p.add_argument("--fuzz-only", action="store_true")
+    p.add_argument("--no-timing", action="store_true", help="skip the copy floor, checks and timings")
+    p.add_argument("--e2e", help="folder from scripts/gpu_e2e_carry.py: SmolLM2 on the GPU end to end")
     p.add_argument("--out", default="gpu_bench.json")
     a = p.parse_args(argv)
     settings = GpuBenchSettings(contexts=tuple(int(c) for c in a.contexts.split(",")), repeats=a.repeats,
                                 levels=tuple(a.levels.split(",")) if a.levels else None, kv_file=a.kv_file,
-                                check_dir=a.check_dir, fuzz=a.fuzz, fuzz_only=a.fuzz_only)
+                                check_dir=a.check_dir, fuzz=a.fuzz, no_timing=a.no_timing, e2e=a.e2e)
     res = run_gpu_bench(settings, log=lambda m: print(m, file=sys.stderr, flush=True))
     Path(a.out).write_text(json.dumps(res, indent=1))
     print(table(res))

@@ -8,6 +8,7 @@ from `RecomputeCost`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -19,8 +20,8 @@ from types import MappingProxyType
 from kvcast.policies.base import ChunkMenu, LevelOption
 from kvcast.streamer.profile import Profile, ProfileError
 
-__all__ = ["DEFAULT_DECODE_VALUES_PER_S", "FALLBACK_DECODE_VALUES_PER_S", "LEVEL_SETS", "MODEL_SHAPES",
-           "ModelShape", "RecomputeCost", "build_menus", "decode_values_per_s", "recompute_cost", "recompute_costs",
+__all__ = ["GPU_BENCH_FILE", "LEVEL_SETS", "MODEL_SHAPES", "ModelShape", "RecomputeCost", "build_menus",
+           "decode_values_per_s", "default_decode_speeds", "gpu_decode_speeds", "recompute_cost", "recompute_costs",
            "resolve_levels"]
 
 
@@ -135,37 +136,43 @@ def recompute_cost(spec: str) -> RecomputeCost:
                          f"(or give a,b,c)") from None
 
 
-DEFAULT_DECODE_VALUES_PER_S: Mapping[str, float | None] = MappingProxyType({
-    "raw": None,               # no decoding: the bytes are the KV
-    "int8": 2.0e11,            # one multiply per value, memory bound
-    "cachegen-delta-3": 1.5e10,
-    "cachegen-3": 2.0e10,
-    "cachegen-delta-2": 1.5e10,
-    "cachegen-2": 2.0e10,
-    "cachegen-delta-1": 1.5e10,
-    "cachegen-1": 2.0e10,
-    "kvcast-4": 1.0e10,
-    "kvcast-3": 2.0e10,
-    "kvcast-2": 2.0e10,
-    "kvcast-1": 2.0e10,
-})
-"""PROVISIONAL GPU decode speeds (KV values per second) used when a profile has no GPU numbers: CacheGen's
-GPU range decoder is reported to keep up with multi-Gbps links; 2e10 values/s decodes a 1,536-token
-Mistral-7B chunk (1.0e8 values) in 5 ms. kvcast's grid levels are range-coded the same way; on the CPU
-(`kvcast bench codec --source smollm2`, 2026-11-29) kvcast-3, -2, -1 decode at 0.8-1.3x the speed of
-cachegen-2 and kvcast-4, the widest alphabet, at about 0.6x, so they get CacheGen's figure and kvcast-4
-(conservatively) half of it. Replace with GPU measurements."""
+GPU_BENCH_FILE = "gpu_bench_h100.json"
+"""`kvcast bench gpu` on an H100, shipped in `kvcast.streamer` (``scripts/gpu_bench.sh`` reproduces it): the
+default GPU decode speeds."""
 
-FALLBACK_DECODE_VALUES_PER_S = 1.0e10
-"""Decode speed of levels that are in neither the profile's GPU numbers nor the default table."""
+
+def gpu_decode_speeds(bench: Mapping) -> dict[str, float | None]:
+    """GPU decode speeds (KV values per second) from a `kvcast bench gpu` result: each rANS level's decoding of
+    one object (the run's ``object_tokens``, about a chunk) of a Mistral-7B-shaped context, dequantization
+    included; ``int8`` at a third of the measured copy floor (one byte read and two written per value: memory
+    bound); ``raw`` needs no decoding (None)."""
+    tokens = bench["settings"]["object_tokens"]
+    speeds: dict[str, float | None] = {"raw": None, "int8": bench["summary"]["copy_floor_gbs"] * 1e9 / 3}
+    for row in bench["rows"]:
+        if row["context_tokens"] == tokens and not row["level"].startswith("baseline"):
+            speeds[row["level"]] = row["gbs_fp16"] * 1e9 / 2
+    return speeds
+
+
+@functools.cache
+def default_decode_speeds() -> Mapping[str, float | None]:
+    """The default profile's GPU decode speeds: `gpu_decode_speeds` of `GPU_BENCH_FILE`."""
+    text = resources.files("kvcast.streamer").joinpath(GPU_BENCH_FILE).read_text(encoding="utf-8")
+    return MappingProxyType(gpu_decode_speeds(json.loads(text)))
+
+
+def fallback_decode_values_per_s() -> float:
+    """Decode speed of a level neither the profile nor the benchmark knows: the slowest measured level's."""
+    return min(v for v in default_decode_speeds().values() if v is not None)
 
 
 def decode_values_per_s(profile: Profile, level: str) -> float | None:
-    """GPU decode speed of `level`: the profile's measurement, else the default table (None: no decoding)."""
+    """GPU decode speed of `level`: the profile's measurement, else the benchmark's (None: no decoding)."""
     measured = profile.level(level).gpu_decode_values_per_s
     if measured is not None:
         return measured
-    return DEFAULT_DECODE_VALUES_PER_S.get(level, FALLBACK_DECODE_VALUES_PER_S)
+    speeds = default_decode_speeds()
+    return speeds[level] if level in speeds else fallback_decode_values_per_s()
 
 
 LEVEL_SETS: Mapping[str, str] = MappingProxyType({

@@ -72,6 +72,25 @@ KVC_HD void build_lut(const int32_t* cum, int nsym, uint8_t* lut) {
   lut[kLutSize - 1] = static_cast<uint8_t>(nsym - 1);
 }
 
+// The GPU's tables (smaller than cum + an 8-bit LUT, so a context's per-channel tables stay in cache): one
+// packed entry per symbol, start | (freq - 1) << 16, and a 64-bucket LUT, lut[b] = the largest symbol s with
+// start(s) <= b << (16 - kPackedLutBits); the decoder scans forward from it (few steps, all in one row).
+constexpr int kPackedLutBits = 6;
+constexpr int kPackedLutSize = 1 << kPackedLutBits;
+
+KVC_HD uint32_t packed_start(uint32_t e) { return e & 0xFFFFu; }
+KVC_HD uint32_t packed_freq(uint32_t e) { return (e >> 16) + 1u; }
+
+// Decoder: the symbol whose interval holds `slot` and its packed entry (entry: a row of a valid table).
+KVC_HD int dec_lookup_packed(const uint32_t* __restrict__ entry, const uint8_t* __restrict__ lut, uint32_t slot,
+                             uint32_t* e_out) {
+  int s = lut[slot >> (16 - kPackedLutBits)];
+  uint32_t e = entry[s];
+  while (slot >= packed_start(e) + packed_freq(e)) e = entry[++s];
+  *e_out = e;
+  return s;
+}
+
 // Per-stream decoding status.
 enum Status : int32_t {
   kOk = 0,

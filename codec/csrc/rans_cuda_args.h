@@ -27,9 +27,9 @@ struct Streams {
 };
 
 struct Tables {
-  const int32_t* cum;          // [R, W]
+  const uint32_t* entry;       // [R, W]: start | (freq - 1) << 16 per symbol (rans_core.h)
   int32_t width;
-  const uint8_t* lut;          // [R, kLutSize]
+  const uint8_t* lut;          // [R, kPackedLutSize]
   const int32_t* nsym;         // [R]
 };
 
@@ -47,6 +47,22 @@ struct Output {
   const float* half_levels;    // [groups]
   const float* anchor_x;       // [groups, anchors, C] (delta levels) or null
   int32_t delta_group, anchors;
+};
+
+struct KvcEncodeArgs {
+  const int16_t* symbols;      // flat, stream k's at sym_start[k]..sym_start[k + 1]
+  const int64_t* sym_start;    // [S + 1]
+  const int32_t* lanes;        // [S]
+  const int32_t* row0;
+  const int32_t* period;
+  Tables tb;
+  const int32_t* stream_of;
+  const int8_t* lane_of;
+  int32_t threads;
+  uint16_t* words;             // scratch [N]: stream k's words end at sym_start[k + 1]
+  int32_t* word_count;         // [S], zeroed
+  uint32_t* state;             // [threads]: each lane's final encoder state
+  int32_t* error;              // [2]: flags, first stream
 };
 
 struct KvcDecodeArgs {

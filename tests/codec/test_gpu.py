@@ -10,13 +10,27 @@ import crc32c
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kvcast import codec
 from kvcast.codec.api import Codec
-from kvcast.codec.gpu import decode_batch, emulate_plan, plan_batch, split_kv
+from kvcast.codec.gpu import (
+    decode_batch,
+    emulate_encode,
+    emulate_plan,
+    encode_streams_cuda,
+    encode_tables,
+    lookup_packed,
+    packed_tables,
+    plan_batch,
+    split_kv,
+)
 from kvcast.codec.gpubench import small_kv
 from kvcast.codec.levels import LevelRegistry
+from kvcast.codec.rans import encode_streams
 from tests.codec.test_grid import random_table
+from tests.codec.test_rans import random_streams
 
 RANS = [lv for lv in codec.levels() if codec.describe(lv)["coder"] == "rans"]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -52,6 +66,39 @@ def test_emulated_kernel_is_bit_exact_with_the_cpu_decoder(level, lane_symbols):
             assert plan.streams["lanes"].max() >= 8   # many lanes per stream, several streams per warp
         assert len(plan.stream_of) % 32 == 0
         assert_same(objects, split_kv(plan, emulate_plan(plan)), c, dtype)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2 ** 32 - 1))
+def test_packed_tables_find_every_slot_s_symbol(seed):
+    _, _, cum, nsym = random_streams(seed)
+    entry, lut = packed_tables(cum, nsym)
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, len(nsym), 4000)
+    slots = np.concatenate([rng.integers(0, 65536, 4000 - 2), [0, 65535]])
+    sym, start, freq = lookup_packed(entry, lut, rows, slots)
+    assert np.all(sym < nsym[rows])
+    assert np.array_equal(start, cum[rows, sym]) and np.array_equal(freq, cum[rows, sym + 1] - cum[rows, sym])
+    assert np.all((start <= slots) & (slots < start + freq))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2 ** 32 - 1))
+def test_emulated_gpu_encoder_writes_the_cpu_encoder_s_bytes(seed):
+    symbols, geometry, cum, nsym = random_streams(seed, max_symbols=1500)
+    data, lengths = encode_streams(symbols, geometry, cum, nsym)
+    gpu_data, gpu_lengths = emulate_encode(symbols, geometry, cum, nsym)
+    assert gpu_data == data
+    assert np.array_equal(gpu_lengths, lengths)
+
+
+def test_emulated_gpu_encoder_refuses_symbols_outside_their_cdf():
+    symbols, geometry, cum, nsym = random_streams(3)
+    assert symbols.size
+    symbols = symbols.copy()
+    symbols[len(symbols) // 2] = 300
+    with pytest.raises(codec.CodecError, match="outside|out of"):
+        emulate_encode(symbols, geometry, cum, nsym)
 
 
 def test_warps_hold_whole_streams():
@@ -142,3 +189,13 @@ def test_cuda_kernel_refuses_corrupt_streams():
         except codec.CodecError:
             with pytest.raises(codec.CodecError):
                 decode_batch([bad], "cuda")
+
+
+@CUDA
+@pytest.mark.parametrize("seed", range(20))
+def test_cuda_encoder_writes_the_cpu_encoder_s_bytes(seed):
+    symbols, geometry, cum, nsym = random_streams(seed)
+    data, lengths = encode_streams(symbols, geometry, cum, nsym)
+    gpu_data, gpu_lengths = encode_streams_cuda(torch.from_numpy(symbols).cuda(), encode_tables(geometry, cum, nsym))
+    assert gpu_data.cpu().numpy().tobytes() == data
+    assert np.array_equal(gpu_lengths.cpu().numpy(), lengths)

@@ -524,14 +524,20 @@ def test_cachegen_controllers_use_cachegens_levels_by_default():
 
 
 def test_planning_controllers_on_the_measured_menu_avoid_dominated_levels():
-    """Every level of the measured profile on the menu (CacheGen levels dominated by kvcast ones, menu order
-    monotone in nothing): mpc, hybrid and oracle never load a dominated level, and the oracle is never worse
-    on overrun."""
+    """Every level of the measured profile on the menu (with the H100-measured GPU decode speeds, CacheGen's
+    levels decode 2.6-4x faster per value than kvcast's, so only a level beaten on size, loss and decode time
+    at once is dominated; menu order monotone in nothing): mpc, hybrid and oracle never load a dominated level,
+    and the oracle is never worse on overrun."""
     from kvcast.policies.base import undominated_levels
 
     menus = real_menus()
     keep = set(undominated_levels(menus))
-    assert {"cachegen-3", "cachegen-2", "cachegen-1"}.isdisjoint(keep) and "kvcast-3" in keep
+    levels = {o.level for o in menus[0].levels}
+    assert "kvcast-3" in keep and keep < levels
+    for dropped in levels - keep:   # each dropped level really is beaten on every count by one that stays
+        mine = [m.option(dropped) for m in menus]
+        assert any(all(m.option(k).nbytes <= o.nbytes and m.option(k).quality_loss <= o.quality_loss and
+                       m.option(k).decode_s <= o.decode_s for m, o in zip(menus, mine)) for k in keep), dropped
     rng = random.Random(11)
     for _ in range(3):
         times = [0.0] + sorted(rng.uniform(0, 3) for _ in range(30)) + [3.5]

@@ -1,7 +1,8 @@
 """Golden end to end: a `kvcast simulate` sweep of every built-in policy reproduces the recorded sessions and summary.
 
-Recorded at commit 5b7c536 (before the namespace and module refactoring) with
-``kvcast simulate --contexts 2 --policies <POLICIES> --no-chunk-log`` on the shipped synthetic traces: 7 traces x
+Recorded at the commit that took the default GPU decode speeds from `kvcast bench gpu` on an H100
+(``streamer/gpu_bench_h100.json``)
+with ``kvcast simulate --contexts 2 --policies <POLICIES> --no-chunk-log`` on the shipped synthetic traces: 7 traces x
 2 contexts x 8 policies = 112 sessions. Floats are compared to 1e-12 relative (libm may differ in the last ulp);
 everything else exactly. A deliberate change of the engine, a policy or the defaults re-records both files by
 running that command and copying ``summary.json`` and ``sessions.jsonl`` into ``golden/``.

@@ -8,12 +8,12 @@ import math
 import pytest
 
 from kvcast.streamer.menus import (
-    DEFAULT_DECODE_VALUES_PER_S,
     LEVEL_SETS,
     MODEL_SHAPES,
     ModelShape,
     RecomputeCost,
     build_menus,
+    default_decode_speeds,
     recompute_cost,
     recompute_costs,
     resolve_levels,
@@ -119,7 +119,7 @@ def test_menus_scale_the_profile_to_the_target_model():
     values = 1536 * shape.values_per_token
     row = menus[0].option("cachegen-2")
     assert row.nbytes == math.ceil(values * p.level("cachegen-2").bits_per_value / 8)
-    assert row.decode_s == pytest.approx(values / DEFAULT_DECODE_VALUES_PER_S["cachegen-2"])
+    assert row.decode_s == pytest.approx(values / default_decode_speeds()["cachegen-2"])
     assert row.quality_loss == p.level("cachegen-2").quality_loss
     assert menus[0].option("raw").nbytes == 1536 * shape.raw_bytes_per_token
     assert menus[0].option("raw").decode_s == 0.0
@@ -159,3 +159,21 @@ def test_level_sets_pick_menus_in_the_profile_order():
     only_cachegen = p.restricted(["raw", "cachegen-2"])
     with pytest.raises(ProfileError, match="no level of the set 'kvcast'"):
         resolve_levels(only_cachegen, "kvcast")
+
+
+def test_default_gpu_decode_speeds_come_from_the_shipped_h100_benchmark():
+    from importlib import resources
+
+    from kvcast.streamer.menus import GPU_BENCH_FILE, gpu_decode_speeds
+
+    bench = json.loads(resources.files("kvcast.streamer").joinpath(GPU_BENCH_FILE).read_text())
+    assert "H100" in bench["summary"]["device"]
+    speeds = default_decode_speeds()
+    assert speeds == gpu_decode_speeds(bench)
+    assert speeds["raw"] is None
+    assert speeds["int8"] == pytest.approx(bench["summary"]["copy_floor_gbs"] * 1e9 / 3)
+    tokens = bench["settings"]["object_tokens"]
+    row = next(r for r in bench["rows"] if r["level"] == "kvcast-2" and r["context_tokens"] == tokens)
+    assert speeds["kvcast-2"] == pytest.approx(row["gbs_fp16"] * 1e9 / 2)
+    # every level of the default profile has a measured speed (no provisional figure)
+    assert set(default_profile().level_names) <= set(speeds)
