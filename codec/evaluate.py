@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import statistics
 import time
@@ -39,6 +40,7 @@ import torch
 
 from kvcast import codec
 from kvcast.benchmark import finite
+from kvcast.codec.corpus import encyclopedia_text
 from kvcast.codec.hf import (
     KV,
     cache_from_kv,
@@ -48,7 +50,7 @@ from kvcast.codec.hf import (
     kv_values,
     slice_kv,
 )
-from kvcast.codec.model import load_model
+from kvcast.codec.model import kvcast_cache_dir, load_model
 from kvcast.codec.sensitivity import TABLES_DIR, SensitivityTable, TableRegistry
 from kvcast.codec.settings import (  # light; re-exported
     DEFAULT_BASELINES,
@@ -82,6 +84,18 @@ def find_datasets_dir(explicit: Path | None = None) -> Path:
     raise EvalError(f"datasets folder not found (looked in {looked}); pass --datasets DIR or --text-file FILE")
 
 
+def synthetic_corpus_file(split: str) -> Path:
+    """kvcast's generated corpus of `split` (`kvcast.codec.corpus.encyclopedia_text`) as a file in the cache
+    folder (written atomically on first use)."""
+    path = kvcast_cache_dir() / "corpus" / f"kvcast-synthetic-{split}.txt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(encyclopedia_text(split), encoding="utf-8")
+        os.replace(tmp, path)
+    return path
+
+
 def read_text(path: Path) -> str:
     """A UTF-8 text file with CRLF line ends turned into LF (WikiText raw uses CRLF)."""
     try:
@@ -95,10 +109,18 @@ def read_text(path: Path) -> str:
 
 
 def corpus_path(settings: EvalSettings) -> Path:
-    """The text file `settings` evaluates on."""
+    """The text file `settings` evaluates on: `settings.text_file`, else the split of WikiText-2 in the datasets
+    folder (`find_datasets_dir`), else, when no datasets folder was given or found, kvcast's own generated
+    corpus (`kvcast.codec.corpus`, written once to the cache folder as ``kvcast-synthetic-<split>.txt``)."""
     if settings.text_file is not None:
         return settings.text_file
-    path = find_datasets_dir(settings.datasets) / SPLITS[settings.split]
+    try:
+        folder = find_datasets_dir(settings.datasets)
+    except EvalError:
+        if settings.datasets is not None:
+            raise
+        return synthetic_corpus_file(settings.split)
+    path = folder / SPLITS[settings.split]
     if not path.is_file():
         raise EvalError(f"{path} is missing from the datasets folder (see its README.md)")
     return path
