@@ -1,6 +1,7 @@
 """`kvcast demo`: one real passage through every codec level on SmolLM2-135M, in about a minute on 2 cores.
 
-Loads SmolLM2 (converting its GGUF once), prefills a ~1.5K-token WikiText passage, encodes its KV at every
+Loads SmolLM2 (converting its GGUF once), prefills a ~1.5K-token passage (WikiText-2 from the datasets folder, or
+kvcast's generated corpus where there is none: `kvcast.codec.evaluate.corpus_path`), encodes its KV at every
 level, decodes it, continues the next tokens on the decoded cache, and prints a table of size, speed and
 agreement with the exact cache; writes ``demo.json`` (and, on request, the bitstreams) to the output folder.
 
@@ -20,11 +21,11 @@ import torch
 
 from kvcast import codec
 from kvcast.codec.evaluate import (
-    SPLITS,
     EvalError,
+    EvalSettings,
     QualitySums,
     continuation_logits,
-    find_datasets_dir,
+    corpus_path,
     passages_from_text,
     plan_levels,
     read_text,
@@ -50,7 +51,7 @@ def run_demo(*, out: Path = _DEMO.out, context_tokens: int = _DEMO.context_token
 
     console = console or Console()
     started = time.perf_counter()
-    source = text_file if text_file is not None else find_datasets_dir(datasets) / SPLITS["test"]
+    source = corpus_path(EvalSettings(split="test", datasets=datasets, text_file=text_file))
     text = read_text(source)
     levels = list(levels) if levels else codec.levels()
     unknown = [lv for lv in levels if lv not in codec.levels()]
