@@ -29,8 +29,10 @@ with the same weights (`kvcast.policies.learned`) therefore works on menus of an
 >>> session = Session(menus, slo_s=0.5, rtt_s=0.01, prior_throughput_bps=1e9)
 >>> obs = Observation(0.0, session, (0, 1, 2), (None,) * 3, (False,) * 3, True, True, 0.0, 0.0, 0.0)
 >>> space = ActionSpace(("a", "b"))
->>> space.mask(obs).tolist(), space.decision(obs, 0), space.decision(obs, space.text)
-([True, True, True, False], Decision(chunk=2, action='a', predicted_bps=None), Decision(chunk=0, action='text', predicted_bps=None))
+>>> space.mask(obs).tolist()
+[True, True, True, False]
+>>> space.decision(obs, 0), space.decision(obs, space.text)
+(Decision(chunk=2, action='a', predicted_bps=None), Decision(chunk=0, action='text', predicted_bps=None))
 >>> encoder = FeatureEncoder(space)
 >>> encoder.encode(obs).shape == (4, len(FEATURES))
 True
@@ -264,47 +266,11 @@ class FeatureEncoder:
         text[g + 7] = out[0, 8]  # all_text_slack, clipped
         valid_levels = mask[:k]
         if est and est > 0.0:
-            scale = 1.0 / (est * slo)  # seconds per bit, in SLOs
-            decode_last = self._decode_slo[:, hi]
-            if contiguous:
-                # loaded part: chunks lo+j..hi for j text chunks at the front (j = 0..n_pending)
-                prefix = self._bits_prefix
-                bits_tail = prefix[:, hi + 1:hi + 2] - prefix[:, lo:hi + 2]
-                compute_end = rec_prefix[lo:hi + 2] - (rec_prefix[lo] - compute_base)
+            if self._missing:
+                with np.errstate(invalid="ignore"):  # inf - inf where a level is absent: nan, cleared below
+                    self._levels(out, obs, mask, est, r, compute_base, link_base)
             else:
-                chunks = np.array(pending)
-                bits_each = self._bits[:, chunks]
-                bits_tail = np.concatenate([np.cumsum(bits_each[:, ::-1], axis=1)[:, ::-1],
-                                            np.zeros((k, 1))], axis=1)
-                rec_each = np.array([self._recompute[c] for c in pending])
-                compute_end = compute_base + np.concatenate([[0.0], np.cumsum(rec_each)])
-            loads = self._loads.get(n_pending)
-            if loads is None:  # loaded chunks for j = 0..n_pending text chunks at the front
-                loads = self._loads[n_pending] = np.arange(n_pending, -1, -1, dtype=np.float64)
-            # finish times in SLOs: the link's (RTTs, bits, the last chunk's decode) and the compute unit's
-            link_end = bits_tail * scale
-            link_end += loads * (rtt / slo) + (link_base / slo)
-            link_end += decode_last[:, None]
-            link_end[:, -1] = 0.0
-            finish = np.maximum(link_end, compute_end * (1.0 / slo), out=link_end)
-            best_j = finish.argmin(axis=1)
-            level = np.empty((6, k))
-            level[0] = self._loss[:, hi]
-            level[1] = self._bits[:, hi] * scale
-            level[1] += rtt / slo
-            level[2] = decode_last
-            level[3] = finish[:, 0]
-            level[4] = finish[self._rows, best_j]
-            np.subtract(r, level[3:5], out=level[3:5])
-            level[5] = best_j * (1.0 / n_pending)
-            np.minimum(level, CLIP, out=level)
-            np.maximum(level, -CLIP, out=level)
-            level *= valid_levels
-            out[:k, g + 4:] = level.T
-            if valid_levels.any():
-                b = int(np.where(valid_levels, level[4], -np.inf).argmax())
-                text[g + 8] = level[4, b]
-                text[g + 9] = level[5, b]
+                self._levels(out, obs, mask, est, r, compute_base, link_base)
         else:
             out[:k, g + 4] = self._loss[:, hi] * valid_levels
             text[g + 8] = text[g + 7]
@@ -312,3 +278,62 @@ class FeatureEncoder:
         if self._missing:
             np.nan_to_num(out, copy=False, nan=-CLIP, posinf=CLIP, neginf=-CLIP)
         return out
+
+    def _levels(self, out: np.ndarray, obs: Observation, mask: np.ndarray, est: float, r: float,
+                compute_base: float, link_base: float) -> None:
+        """The level rows' time features and the text row's split features (a throughput estimate exists)."""
+        space = self.space
+        k = space.text
+        g = len(GLOBAL_FEATURES)
+        slo = obs.session.slo_s
+        rtt = obs.session.rtt_s
+        pending = obs.pending
+        n_pending = len(pending)
+        lo, hi = pending[0], pending[-1]
+        contiguous = hi - lo + 1 == n_pending
+        rec_prefix = self._recompute_prefix
+        text = out[k]
+        valid_levels = mask[:k]
+        scale = 1.0 / (est * slo)  # seconds per bit, in SLOs
+        decode_last = self._decode_slo[:, hi]
+        if contiguous:
+            # loaded part: chunks lo+j..hi for j text chunks at the front (j = 0..n_pending)
+            prefix = self._bits_prefix
+            bits_tail = prefix[:, hi + 1:hi + 2] - prefix[:, lo:hi + 2]
+            compute_end = rec_prefix[lo:hi + 2] - (rec_prefix[lo] - compute_base)
+        else:
+            chunks = np.array(pending)
+            bits_each = self._bits[:, chunks]
+            bits_tail = np.concatenate([np.cumsum(bits_each[:, ::-1], axis=1)[:, ::-1],
+                                        np.zeros((k, 1))], axis=1)
+            rec_each = np.array([self._recompute[c] for c in pending])
+            compute_end = compute_base + np.concatenate([[0.0], np.cumsum(rec_each)])
+        loads = self._loads.get(n_pending)
+        if loads is None:  # loaded chunks for j = 0..n_pending text chunks at the front
+            loads = self._loads[n_pending] = np.arange(n_pending, -1, -1, dtype=np.float64)
+        # finish times in SLOs: the link's (RTTs, bits, the last chunk's decode) and the compute unit's
+        link_end = bits_tail * scale
+        link_end += loads * (rtt / slo) + (link_base / slo)
+        link_end += decode_last[:, None]
+        link_end[:, -1] = 0.0
+        finish = np.maximum(link_end, compute_end * (1.0 / slo), out=link_end)
+        best_j = finish.argmin(axis=1)
+        level = np.empty((6, k))
+        level[0] = self._loss[:, hi]
+        level[1] = self._bits[:, hi] * scale
+        level[1] += rtt / slo
+        level[2] = decode_last
+        level[3] = finish[:, 0]
+        level[4] = finish[self._rows, best_j]
+        np.subtract(r, level[3:5], out=level[3:5])
+        level[5] = best_j * (1.0 / n_pending)
+        if self._missing:
+            np.nan_to_num(level, copy=False, nan=-CLIP, posinf=CLIP, neginf=-CLIP)
+        np.minimum(level, CLIP, out=level)
+        np.maximum(level, -CLIP, out=level)
+        level *= valid_levels
+        out[:k, g + 4:] = level.T
+        if valid_levels.any():
+            b = int(np.where(valid_levels, level[4], -np.inf).argmax())
+            text[g + 8] = level[4, b]
+            text[g + 9] = level[5, b]
