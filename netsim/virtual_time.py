@@ -19,6 +19,10 @@ An hour passes instantly:
 >>> loop.close()
 
 There is no I/O: sockets, subprocesses and executors are not supported (they need real time).
+
+``loop.stop()`` takes effect as soon as the callback that called it returns (asyncio's loops finish the batch
+of ready callbacks first); the others stay ready for the next ``run_forever``. A driver that steps a
+simulation from outside (`kvcast.streamer.gym`) stops time exactly where it asked.
 """
 
 from __future__ import annotations
@@ -102,6 +106,8 @@ class VirtualTimeLoop(asyncio.base_events.BaseEventLoop):
             handle = ready.popleft()
             if not handle._cancelled:
                 handle._run()
+                if self._stopping:  # stop() takes effect after the current callback, not the batch
+                    return
 
 
 def run_virtual(main: Awaitable[T] | Callable[[], Awaitable[T]], env: simpy.Environment | None = None) -> T:

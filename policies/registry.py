@@ -42,6 +42,7 @@ BUILTIN_POLICIES: Mapping[str, str] = {
     "mpc": "kvcast.policies.mpc:MpcPolicy",
     "hybrid": "kvcast.policies.hybrid:HybridPolicy",
     "oracle": "kvcast.policies.oracle:OraclePolicy",
+    "learned": "kvcast.policies.learned:LearnedPolicy",
 }
 """kvcast's own policies: spec name -> ``"module:attribute"`` of the factory (a Policy subclass), imported by
 `PolicyRegistry.create` on first use. Adding a built-in policy is one module and one line here."""

@@ -1,4 +1,5 @@
-"""`kvcast bench sim` and `kvcast bench mpc`: measurements that return a `kvcast.benchmark.result` dict.
+"""`kvcast bench sim`, `kvcast bench mpc` and `kvcast bench gym`: measurements that return a
+`kvcast.benchmark.result` dict.
 
 * `bench_sim`: simulation speed, simulated chunks per second on one core (engine + SimPy link + policy) over
   kvcast's default traces, and optionally a whole `simulate` sweep (process pool, chunk log) extrapolated to
@@ -11,6 +12,8 @@
   `kvcast.policies.mpc.enumerate_plan`) and the branch-and-bound (`kvcast.policies.mpc.search_plan`) solve
   the *same* problems and their plans are compared. Whole `decide` calls (state estimate, problem set-up,
   search) are also timed in the sessions themselves, per wall-clock second and per CPU second.
+* `bench_gym`: steps per second of the Gymnasium environment (`kvcast.streamer.gym`), one environment and a
+  `SyncVectorEnv`, with an agent that takes random valid actions.
 
 Rates are medians over `repeats`. The module imports nothing heavy at import time: its settings dataclasses
 give the CLI its defaults. Printing is the CLI's job (`kvcast.streamer.cli`).
@@ -28,7 +31,8 @@ from typing import Any
 from kvcast.benchmark import result
 from kvcast.streamer.config import SimulationConfig
 
-__all__ = ["MpcBenchSettings", "SimBenchSettings", "bench_mpc", "bench_sim", "recorded_problems"]
+__all__ = ["GymBenchSettings", "MpcBenchSettings", "SimBenchSettings", "bench_gym", "bench_mpc", "bench_sim",
+           "recorded_problems"]
 
 SWEEP_TARGET = (350, 20, 6)
 """The sweep `bench_sim` extrapolates to: traces x contexts x policies."""
@@ -323,3 +327,102 @@ def bench_mpc(settings: MpcBenchSettings = MpcBenchSettings()) -> dict[str, Any]
         "search_decisions_per_s_all_problems": search_rate,
     }
     return result("mpc", {**asdict(s), "simulation": _simulation_settings(SimulationConfig())}, rows, summary)
+
+
+# ------------------------------------------------------------------------------------------------- gym
+
+
+@dataclass(frozen=True)
+class GymBenchSettings:
+    """Inputs of `bench_gym`; the environment uses `SimulationConfig`'s defaults over kvcast's default traces."""
+
+    steps: int = 20000
+    """Environment steps per timed repeat."""
+    repeats: int = 5
+    """Timed repeats; the median is reported."""
+    warmup: int = 5000
+    """Untimed steps first (the environment caches the menus of the context lengths it meets)."""
+    vector_envs: int = 4
+    """Also time a `gymnasium.vector.SyncVectorEnv` of this many environments (0: skip)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.repeats < 1 or self.warmup < 0 or self.vector_envs < 0:
+            raise ValueError("steps and repeats must be >= 1, warmup and vector_envs >= 0")
+
+
+def bench_gym(settings: GymBenchSettings = GymBenchSettings()) -> dict[str, Any]:
+    """Steps per second of `kvcast.streamer.gym.KvcastEnv` on one core, with an agent that takes a uniformly
+    random valid action (``info["action_mask"]``): the environment's cost, engine and feature encoding
+    included, the agent's next to nothing. Wall-clock and CPU-time rates (the CPU rate is the per-core
+    figure on a shared machine)."""
+    import numpy as np
+
+    from kvcast.streamer.gym import KvcastEnv
+
+    env = KvcastEnv()
+    rng = np.random.default_rng(settings.seed)
+    state = {"info": env.reset(seed=settings.seed)[1], "episodes": 0}
+
+    def run(steps: int) -> None:
+        info = state["info"]
+        draws = rng.random(steps).tolist()
+        for u in draws:
+            valid = np.flatnonzero(info["action_mask"])
+            _, _, terminated, _, info = env.step(int(valid[int(u * len(valid))]))
+            if terminated:
+                state["episodes"] += 1
+                info = env.reset()[1]
+        state["info"] = info
+
+    run(settings.warmup)
+    rows: list[dict[str, Any]] = []
+    for repeat in range(settings.repeats):
+        episodes = state["episodes"]
+        t0, c0 = time.perf_counter(), time.process_time()
+        run(settings.steps)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        rows.append({"run": "env", "repeat": repeat, "envs": 1, "steps": settings.steps,
+                     "episodes": state["episodes"] - episodes, "wall_s": wall, "cpu_s": cpu,
+                     "steps_per_s": settings.steps / wall, "steps_per_cpu_s": settings.steps / cpu})
+    env.close()
+    if settings.vector_envs:
+        rows.extend(_bench_vector(settings))
+    single = [r for r in rows if r["run"] == "env"]
+    vector = [r for r in rows if r["run"] == "sync-vector"]
+    summary: dict[str, Any] = {
+        "steps_per_s": statistics.median(r["steps_per_s"] for r in single),
+        "steps_per_cpu_s": statistics.median(r["steps_per_cpu_s"] for r in single),
+        "steps_per_episode": sum(r["steps"] for r in single) / max(sum(r["episodes"] for r in single), 1),
+        "target_steps_per_s": 10000,
+        "vector_steps_per_s": statistics.median(r["steps_per_s"] for r in vector) if vector else None}
+    return result("gym", {**asdict(settings), "simulation": _simulation_settings(SimulationConfig())}, rows,
+                  summary)
+
+
+def _bench_vector(settings: GymBenchSettings) -> list[dict[str, Any]]:
+    """The same agent on a `SyncVectorEnv` (steps counted per environment)."""
+    import gymnasium
+    import numpy as np
+
+    from kvcast.streamer.gym import KvcastEnv
+
+    n = settings.vector_envs
+    envs = gymnasium.vector.SyncVectorEnv([KvcastEnv for _ in range(n)])
+    rng = np.random.default_rng(settings.seed + 1)
+    _, infos = envs.reset(seed=settings.seed)
+    rows = []
+    calls = max(settings.steps // n, 1)
+    for repeat in range(settings.repeats + 1):
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(calls):
+            masks = infos["action_mask"]
+            actions = [int(rng.choice(np.flatnonzero(m))) if m.any() else 0 for m in masks]
+            _, _, _, _, infos = envs.step(np.array(actions))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        if repeat:  # the first is the warm-up
+            rows.append({"run": "sync-vector", "repeat": repeat - 1, "envs": n, "steps": calls * n,
+                         "episodes": None, "wall_s": wall, "cpu_s": cpu, "steps_per_s": calls * n / wall,
+                         "steps_per_cpu_s": calls * n / cpu})
+    envs.close()
+    return rows

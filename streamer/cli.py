@@ -1,4 +1,5 @@
-"""`kvcast simulate`, `kvcast bench sim` and `kvcast bench mpc`; `kvcast.cli` calls `register`.
+"""`kvcast simulate`, `kvcast train-policy`, `kvcast bench sim`, `kvcast bench mpc` and `kvcast bench gym`;
+`kvcast.cli` calls `register`.
 
 Every default comes from `kvcast.streamer.config.SimulationConfig` or the benchmark settings of
 `kvcast.streamer.bench` (light modules); conventions: `kvcast.clitools`.
@@ -16,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from kvcast.clitools import FAILED, comma_list, emit_benchmark, fail
-from kvcast.streamer.bench import MpcBenchSettings, SimBenchSettings
+from kvcast.streamer.bench import GymBenchSettings, MpcBenchSettings, SimBenchSettings
 from kvcast.streamer.config import SimulationConfig
 
 _SIM = SimulationConfig
@@ -239,6 +240,89 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         emit_benchmark(result, _mpc_table(result), out, notes=[_mpc_note(result)])
 
 
+    _gym = GymBenchSettings
+
+    @bench.command("gym")
+    def bench_gym(
+        steps: Annotated[int, typer.Option(help="Environment steps per timed repeat.")] = _gym.steps,
+        repeats: Annotated[int, typer.Option(help="Timed repeats (the median is reported).")] = _gym.repeats,
+        warmup: Annotated[int, typer.Option(help="Untimed steps first.")] = _gym.warmup,
+        vector_envs: Annotated[int, typer.Option(help="Also time a SyncVectorEnv of this many envs (0: skip).")]
+        = _gym.vector_envs,
+        seed: Annotated[int, typer.Option(help="Seed of the sessions and actions.")] = _gym.seed,
+        out: Annotated[Path | None, typer.Option(help="Also write the JSON to this file.")] = None,
+    ) -> None:
+        """Gymnasium environment speed: steps per second on one core (needs kvcast[gym])."""
+        try:
+            settings = GymBenchSettings(steps=steps, repeats=repeats, warmup=warmup, vector_envs=vector_envs,
+                                        seed=seed)
+        except ValueError as exc:
+            fail(str(exc))
+        try:
+            from kvcast.streamer.bench import bench_gym as run
+            result = run(settings)
+        except ImportError as exc:
+            fail(str(exc))
+        emit_benchmark(result, _gym_table(result), out)
+
+    @app.command("train-policy")
+    def train_policy(
+        out: Annotated[Path, typer.Option(help="Weights file to write (safetensors).")]
+        = Path("results/learned.safetensors"),
+        traces: Annotated[list[Path] | None, typer.Option(
+            "--traces", help="Training trace file or folder (repeatable). Default: kvcast's synthetic set.")]
+        = None,
+        seed: Annotated[int, typer.Option(help="Seed of sessions, samples and initial weights.")] = 0,
+        teacher: Annotated[str, typer.Option(help="Policy imitated first ('' for none).")] = "hybrid",
+        demo_episodes: Annotated[int, typer.Option(help="Sessions the teacher plays.")] = 6000,
+        bc_epochs: Annotated[int, typer.Option(help="Imitation epochs.")] = 30,
+        updates: Annotated[int, typer.Option(help="REINFORCE updates after imitation.")] = 600,
+        batch: Annotated[int, typer.Option(help="Sessions per update.")] = 16,
+        minutes: Annotated[float, typer.Option(
+            help="Wall-clock cap of fine-tuning (0: none; a capped run depends on the machine's speed).")] = 0.0,
+        slo: Annotated[float, typer.Option(help="TTFT target (s) of the training sessions.")] = _SIM.slo_s,
+        levels: Annotated[str | None, typer.Option(help="Menu levels (default: all).")] = None,
+        reward: Annotated[str, typer.Option(
+            help="Reward weight overrides, e.g. miss=1,overrun=0.5,quality=2 (kvcast.streamer.gym.RewardWeights).")]
+        = "",
+        report: Annotated[Path | None, typer.Option(help="Also write the training report (JSON) here.")] = None,
+    ) -> None:
+        """Train the `learned` policy in the Gymnasium environment (imitation, then REINFORCE); needs kvcast[gym].
+
+        Use the result with ``kvcast simulate --policies learned:OUT``.
+        """
+        from rich.console import Console
+
+        from kvcast.streamer.learn import TrainSettings
+        from kvcast.streamer.learn import train_policy as run
+
+        console = Console(stderr=True)
+        try:
+            weights = {}
+            for part in comma_list(reward):
+                key, _, value = part.partition("=")
+                weights[key.strip()] = float(value)
+            settings = TrainSettings(seed=seed, teacher=teacher, demo_episodes=demo_episodes, bc_epochs=bc_epochs,
+                                     updates=updates, batch=batch, minutes=minutes, slo_s=slo,
+                                     levels=None if not levels else tuple(x.strip() for x in levels.split(",")),
+                                     reward=weights)
+        except ValueError as exc:
+            fail(f"bad setting: {exc}")
+        trace_list, _ = _load(traces, "skip", console)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            result = run(trace_list, settings, out, log=lambda line: console.print(line, highlight=False))
+        except (ImportError, TypeError, ValueError, KeyError) as exc:
+            fail(str(exc))
+        if report is not None:
+            report.parent.mkdir(parents=True, exist_ok=True)
+            report.write_text(json.dumps(result, indent=2) + "\n")
+        best = result["best_validation"]
+        console.print(f"wrote {out} ({result['bytes']} bytes) in {result['wall_s']:.0f} s; validation: "
+                      f"violations {best['violations']:.3f}, quality loss {best['quality_loss']:.4f}",
+                      highlight=False)
+
+
 def _check_config(config: Any) -> None:
     """Fail early, before any worker starts, on a bad policy, profile, shape or cost: every policy runs one
     short session on a constant trace (ValueError with the policy's name otherwise)."""
@@ -337,6 +421,22 @@ def _sim_table(result: dict[str, Any]) -> Any:
                           f"{row['wall_s']:.1f}")
             table.add_row(f"extrapolated {to['traces']}x{to['contexts']}x{to['policies']} (s)",
                           f"{s['sweep_extrapolated_s']:.0f}")
+    return table
+
+
+def _gym_table(result: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    s = result["summary"]
+    table = Table(title="kvcast bench gym")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("steps/s (median, one env, wall clock)", f"{s['steps_per_s']:,.0f}")
+    table.add_row("steps per CPU second (median, one env)", f"{s['steps_per_cpu_s']:,.0f}")
+    table.add_row("steps per episode", f"{s['steps_per_episode']:.1f}")
+    if s["vector_steps_per_s"] is not None:
+        table.add_row("steps/s (median, SyncVectorEnv, wall clock)", f"{s['vector_steps_per_s']:,.0f}")
+    table.add_row("target", f"{s['target_steps_per_s']:,} steps/s per core")
     return table
 
 

@@ -47,8 +47,25 @@ from kvcast.policies.base import (
 )
 from kvcast.streamer.resources import Compute, Decoder, SimulatedCompute, SimulatedDecoder
 
-__all__ = ["ChunkRecord", "PolicyError", "SessionResult", "StreamingEngine", "stream_context"]
+__all__ = ["PAUSE", "ChunkRecord", "PolicyError", "SessionResult", "StreamingEngine", "stream_context"]
 # PolicyError is kvcast.policies.base's, re-exported: the dry run raises the same class for the same bugs.
+
+
+class _Pause:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "PAUSE"
+
+
+PAUSE = _Pause()
+"""For a driver that steps a session from outside, one decision at a time (`kvcast.streamer.gym`): a policy
+whose ``decide`` returns `PAUSE` holds the engine at that decision point. The engine asks nothing more and
+returns to the event loop, which the driver stops at once (``loop.stop()`` in ``decide``: a
+`kvcast.netsim.VirtualTimeLoop` stops after the current callback); the driver later calls
+`StreamingEngine.resume` with the answer, which the engine takes as if ``decide`` had returned it then, and
+runs the loop on. A session driven so makes exactly the decisions, at exactly the times, of a policy that
+answers the same thing directly."""
 
 
 @dataclass(slots=True)
@@ -196,6 +213,7 @@ class StreamingEngine:
         self._ready_flags = [False] * n
         self._ready_t = tuple(self._ready_flags)
         self._upcoming: list[tuple[float, int]] = []  # (ready time, chunk) not yet flagged ready
+        self._paused: tuple[Observation, float] | None = None  # the decision point a PAUSE holds
 
     # ------------------------------------------------------------------ public
     async def run(self) -> SessionResult:
@@ -221,6 +239,27 @@ class StreamingEngine:
         self._done: asyncio.Future[SessionResult] = loop.create_future()
         self._guard(self._step)
         return await self._done
+
+    @property
+    def paused(self) -> Observation | None:
+        """The observation of the decision point that the policy's `PAUSE` holds (None when not paused)."""
+        return None if self._paused is None else self._paused[0]
+
+    def resume(self, decision: Decision | None) -> None:
+        """Answer the decision point that the policy's `PAUSE` holds, as ``decide`` would have (see `PAUSE`);
+        the engine goes on at the same session time. Call it while the event loop is stopped."""
+        if self._paused is None:
+            raise RuntimeError("resume() without a paused decision point (the policy did not return PAUSE)")
+        obs, now = self._paused
+        self._paused = None
+        self._guard(self._answer, decision, obs, now)
+
+    def _answer(self, decision: Decision | None, obs: Observation, now: float) -> None:
+        if decision is None:
+            self._settle(now, True)
+            return
+        self._apply(decision, obs, now)
+        self._ask(now)
 
     # ------------------------------------------------------------------ event handlers
     def _guard(self, fn: Callable[..., None], *args: Any) -> None:
@@ -375,15 +414,26 @@ class StreamingEngine:
         now = self._now()
         self._start_compute(now)
         self._start_transfer(now)
-        waiting = False
+        self._ask(now)
+
+    def _ask(self, now: float) -> None:
+        """Ask the policy while some chunk is undecided and the link or the compute unit is idle."""
         while self._pending and (self._link_idle() or self._compute_idle()):
             obs = self._observe(now)
             self._decisions += 1
             decision = self.policy.decide(obs)
             if decision is None:
-                waiting = True
-                break
+                self._settle(now, True)
+                return
+            if decision is PAUSE:
+                self._paused = (obs, now)
+                return
             self._apply(decision, obs, now)
+        self._settle(now, False)
+
+    def _settle(self, now: float, waiting: bool) -> None:
+        """After the policy's answers: end the session when all is decided and known, or make sure that a
+        policy that waits (`waiting`) is asked again."""
         if not self._pending and self._resolved == len(self.menus):
             if not self._finish_scheduled:
                 self._finish_scheduled = True

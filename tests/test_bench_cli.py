@@ -29,6 +29,7 @@ BENCHMARKS = [
     ("codec", ["--tokens", "64", "--levels", "raw,int8", "--repeats", "1", "--workers", "1"], "codec speed"),
     ("sim", ["--sessions", "5", "--repeats", "1"], "kvcast bench sim"),
     ("mpc", ["--sessions", "1", "--enumerate", "1", "--repeats", "1"], "kvcast bench mpc"),
+    ("gym", ["--steps", "50", "--repeats", "1", "--warmup", "10", "--vector-envs", "0"], "kvcast bench gym"),
     ("traces", ["--sizes", "10", "--calls", "50", "--repeats", "1"], "Trace integration cost"),
 ]
 
@@ -106,6 +107,7 @@ def test_bench_traces_rows_per_size_and_wrap():
 
 @pytest.mark.parametrize("args", [
     ["mpc", "--sessions", "0"],
+    ["gym", "--steps", "0"],
     ["sim", "--policy", "nosuch", "--sessions", "1", "--repeats", "1"],
     ["traces", "--sizes", "x"],
     ["traces", "--calls", "0"],
