@@ -233,6 +233,9 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         levels: Annotated[str, typer.Option(
             help="Menu levels: a set (all, cachegen, kvcast) or level names, comma-separated.")]
         = _mpc.levels,
+        options: Annotated[str, typer.Option(
+            help="mpc's spec argument, e.g. objective=ttft+quality_budget=0.01 (default: none).")]
+        = _mpc.options,
         out: Annotated[Path | None, typer.Option(help="Also write the JSON to this file.")] = None,
     ) -> None:
         """mpc speed: whole decide() calls/s; its exact search vs full enumeration on the same problems."""
@@ -240,7 +243,7 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
 
         try:
             settings = MpcBenchSettings(sessions=sessions, enumerate_count=enumerate_count, repeats=repeats,
-                                        seed=seed, levels=levels)
+                                        seed=seed, levels=levels, options=options)
         except ValueError as exc:
             fail(str(exc))
         try:

@@ -135,8 +135,8 @@ class SessionTables:
         """Tables of `session`'s menus; `prune` drops dominated levels (`undominated_levels`: same best
         cost). ``q_span`` is the largest loss of *every* level on the menu either way, so pruning leaves
         the objective unchanged. A level that `objective`'s level floor forbids on a chunk is left out of
-        that chunk's row like a level the chunk lacks (its transfer never ends); a forbidden level is never
-        a dominating one (it loses more than the level it would dominate), so pruning stays exact."""
+        that chunk's row like a level the chunk lacks (its transfer never ends); wherever a dominated level
+        is allowed, so is the level that dominates it (it loses no more), so pruning stays exact."""
         menus = session.menus
         q_span = 0.0
         for menu in menus:

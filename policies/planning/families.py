@@ -1,7 +1,9 @@
 """Exact searches over two families of plans, on the planning model (`kvcast.policies.planning.model`).
 
 Objective, lexicographic (smaller is better; `FamilyPlan.key`): **SLO overrun** ``max(0, TTFT - SLO)``
-first, then the session's **quality loss** (token-weighted mean; text is lossless), then TTFT. The link is
+first, then the session's **quality loss** (token-weighted mean; text is lossless), then TTFT; or, with
+``objective=ttft`` (`kvcast.policies.planning.objective.Objective`), the excess over the quality budget, then
+TTFT, then quality loss, with the levels below a level floor left out. The link is
 any `kvcast.policies.planning.model.TransferModel`: the exact future for ``oracle``
 (`kvcast.policies.planning.model.KnownFuture`), a predicted throughput for ``hybrid``
 (`kvcast.policies.planning.model.ConstantThroughput`).
@@ -16,8 +18,10 @@ Plan families. Each search is **exact** (every plan of the family is considered,
 
 Both are label-setting dynamic programs over chunks whose labels are the *exact* model state (link free,
 decoder free, prefix ready, quality), not time buckets: a label is dropped only when another label of the
-same step is at least as good in every component (every step of the model is monotone in each component, so
-nothing it could lead to is better), or when even its optimistic completion cannot beat the incumbent.
+same step is at least as good in every component (every step of the model is monotone in each component, and
+both objectives' keys are monotone in the final state, so nothing it could lead to is better), or when even
+its optimistic completion (TTFT at least the label's ready time, loss at least its loss) cannot beat the
+incumbent.
 Levels that another level beats on size, decode time and quality at once are left out of both searches
 (`kvcast.policies.base.undominated_levels`: they can only tie); nothing assumes the menu's order is monotone
 in size or quality. Not covered: orders other than these two (for example loads in an arbitrary order, or
