@@ -19,21 +19,33 @@ controller keeps that shape and adds what Cake lacks:
 * **One resource when the other does not pay.** The plan may load everything (slow GPU) or recompute
   everything (slow link): Cake's reported losses come from always using both.
 
+Objective (`kvcast.policies.planning.objective`). By default (``objective=slo``) the plan is the one of least
+predicted SLO overrun, then least loss, then earliest TTFT, as above. With
+``hybrid:objective=ttft+quality_budget=B`` (and/or ``level_floor=X``) it is the plan of least predicted TTFT
+whose session mean loss is at most ``B`` (no level worse than ``X``), ties broken by loss, else the plan of
+least loss. `plan_cake` is exact over the Cake family *for the predicted throughput*; the session as executed
+differs when the prediction is wrong, but every action it takes belongs to a plan within the budget (text is
+lossless), so the realised mean loss stays within ``B`` whenever a plan within it exists at the start (the
+committed loss plus the all-text rest always is one).
+
 Before any measurement or prior the link probes with the smallest level of the last chunk while the front is
-recomputed.
+recomputed (under ``objective=ttft`` the smallest level the budget and floor allow; none: no probe).
 """
 
 from __future__ import annotations
 
-from kvcast.policies.base import TEXT, Decision, Observation, Policy, Session, smallest
+from typing import ClassVar
+
+from kvcast.policies.base import TEXT, Decision, Observation, Policy, Session
 from kvcast.policies.estimate import DEFAULT_PRIOR_ERROR, RobustThroughputEstimator
 from kvcast.policies.planning import (
     DEFAULT_SLO_MARGIN,
     ConstantThroughput,
     FamilyPlan,
     PlanState,
-    parse_options,
+    parse_planner_options,
     plan_cake,
+    probe_level,
 )
 
 __all__ = ["HybridPolicy"]
@@ -43,15 +55,18 @@ class HybridPolicy(Policy):
     """Cake's compute-from-the-front / load-from-the-back with planned levels; see the module docstring.
 
     Spec ``hybrid`` or ``hybrid:key=value+...`` with keys ``margin`` (plan for ``(1 - margin) * SLO``,
-    default 0.05), ``window`` (5) and ``prior_error`` (0.5); a bare number sets the margin.
+    default 0.05), ``window`` (5), ``prior_error`` (0.5), and ``objective``, ``quality_budget`` and
+    ``level_floor`` (`kvcast.policies.planning.objective`); a bare number sets the margin.
     """
 
     name = "hybrid"
+    supports_objective: ClassVar[bool] = True
+    """Takes ``objective=...`` spec arguments (``kvcast simulate --objective`` adds them)."""
 
     def __init__(self, options: str | None = None, *, slo_margin: float = DEFAULT_SLO_MARGIN, window: int = 5,
                  prior_error: float = DEFAULT_PRIOR_ERROR) -> None:
-        opts = parse_options(options, {"margin": slo_margin, "window": window, "prior_error": prior_error},
-                             "hybrid")
+        self.objective, opts = parse_planner_options(
+            options, {"margin": slo_margin, "window": window, "prior_error": prior_error}, "hybrid")
         self.slo_margin = opts["margin"]
         self.window = int(opts["window"])
         self.prior_error = opts["prior_error"]
@@ -64,6 +79,7 @@ class HybridPolicy(Policy):
 
     def reset(self, session: Session) -> None:
         super().reset(session)
+        self.objective.check_menus(session.menus, "hybrid")
         self._estimator = RobustThroughputEstimator(self.window, session.rtt_s, session.prior_throughput_bps,
                                                     self.prior_error)
         self._slo = session.slo_s * (1.0 - self.slo_margin)
@@ -83,11 +99,13 @@ class HybridPolicy(Policy):
             if obs.compute_idle:
                 return Decision(front, TEXT)
             if obs.link_idle and len(pending) > 1:  # the smallest level: menus are not ordered by size
-                return self._load(obs, pending[-1], smallest(obs.menus, pending[-1]), None)
+                level = probe_level(obs, pending[-1], self.objective)
+                if level is not None:
+                    return self._load(obs, pending[-1], level, None)
             return None
         throughput = ConstantThroughput(bps, self.session.rtt_s)
         state = PlanState.from_observation(obs, throughput, self._link_order, self._decided_at).resolved()
-        plan = plan_cake(state, throughput, self._slo)
+        plan = plan_cake(state, throughput, self._slo, objective=self.objective)
         self.last_plan = plan
         actions = dict(plan.actions)
         if obs.compute_idle and actions[front] == TEXT:

@@ -84,6 +84,8 @@ class MpcBenchSettings:
     """Seed of the sessions and of the enumerated subset."""
     levels: str = "kvcast"
     """Menu levels: a set (all, cachegen, kvcast) or level names, comma-separated."""
+    options: str = ""
+    """`mpc`'s spec argument, e.g. ``objective=ttft+quality_budget=0.01`` (empty: the defaults)."""
 
     def __post_init__(self) -> None:
         if self.sessions < 1 or self.repeats < 1 or self.enumerate_count < 0:
@@ -214,13 +216,14 @@ def _run_session(policy: Any, menus: Any, trace: Any, offset: float, prior: floa
 
 
 def recorded_problems(sessions: int = MpcBenchSettings.sessions, seed: int = MpcBenchSettings.seed,
-                      levels: str = MpcBenchSettings.levels) -> list[tuple[Any, tuple]]:
-    """Run `sessions` mpc sessions on the engine and return every decision's (problem, hints)."""
+                      levels: str = MpcBenchSettings.levels, options: str = "") -> list[tuple[Any, tuple]]:
+    """Run `sessions` mpc sessions (spec argument `options`) on the engine and return every decision's
+    (problem, hints)."""
     from kvcast.policies.mpc import MpcPolicy
 
     out: list[tuple[Any, tuple]] = []
     for menus, trace, offset, prior in _sessions(sessions, seed, levels):
-        policy = MpcPolicy()
+        policy = MpcPolicy(options or None)
         policy.record = out
         _run_session(policy, menus, trace, offset, prior)
     return out
@@ -242,8 +245,8 @@ def _timed_mpc_class() -> type:
     from kvcast.policies.mpc import MpcPolicy
 
     class TimedMpc(MpcPolicy):
-        def __init__(self) -> None:
-            super().__init__()
+        def __init__(self, options: str | None = None) -> None:
+            super().__init__(options or None)
             self.wall_s = 0.0
             self.cpu_s = 0.0
             self.calls = 0
@@ -259,7 +262,7 @@ def _timed_mpc_class() -> type:
     return TimedMpc
 
 
-def _decide_rates(sessions: int, seed: int, repeats: int, levels: str
+def _decide_rates(sessions: int, seed: int, repeats: int, levels: str, options: str = ""
                   ) -> tuple[int, list[float], list[float]]:
     """Whole ``decide`` calls in `sessions` engine sessions: the number of calls, and per repeat the calls per
     wall-clock second and per second of CPU time (the latter does not drop when other jobs share the CPUs)."""
@@ -268,7 +271,7 @@ def _decide_rates(sessions: int, seed: int, repeats: int, levels: str
     for _ in range(repeats):
         wall = cpu = calls = 0
         for menus, trace, offset, prior in _sessions(sessions, seed, levels):
-            policy = timed()
+            policy = timed(options)
             _run_session(policy, menus, trace, offset, prior)
             wall += policy.wall_s
             cpu += policy.cpu_s
@@ -284,7 +287,7 @@ def bench_mpc(settings: MpcBenchSettings = MpcBenchSettings()) -> dict[str, Any]
     from kvcast.policies.mpc import enumerate_plan, search_plan
 
     s = settings
-    problems = recorded_problems(s.sessions, s.seed, s.levels)
+    problems = recorded_problems(s.sessions, s.seed, s.levels, s.options)
     full = [(p, h) for p, h in problems if p.horizon == 5]
     subset = random.Random(s.seed).sample(full, min(s.enumerate_count, len(full)))
     search_rate, search_runs = _rate(lambda p, h: search_plan(p, h), problems, s.repeats)
@@ -292,7 +295,7 @@ def bench_mpc(settings: MpcBenchSettings = MpcBenchSettings()) -> dict[str, Any]
     cold_rate, cold_runs = _rate(lambda p, h: search_plan(p), subset, s.repeats)
     enum_rate, enum_runs = _rate(lambda p, h: enumerate_plan(p), subset, max(1, min(s.repeats, 2)))
     agree = sum(search_plan(p, h) == enumerate_plan(p) for p, h in subset)
-    calls, decide_runs, decide_cpu_runs = _decide_rates(s.sessions, s.seed, s.repeats, s.levels)
+    calls, decide_runs, decide_cpu_runs = _decide_rates(s.sessions, s.seed, s.repeats, s.levels, s.options)
 
     def row(measure: str, count: int, rate: float | None, runs: list[float], what: str) -> dict[str, Any]:
         return {"measure": measure, "problems": count, "decisions_per_s": rate,

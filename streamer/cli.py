@@ -131,12 +131,22 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
                                                        "and skip it.")] = "error",
         chunk_log: Annotated[bool, typer.Option(help="Write per-chunk records to OUT/chunks.jsonl.")] = True,
         max_traces: Annotated[int, typer.Option(help="Use only the first N traces (0: all).")] = 0,
+        objective: Annotated[str, typer.Option(
+            help="The planners' objective (mpc, hybrid, oracle; a spec's own objective= wins): slo (meet the "
+                 "SLO, then the least quality loss) or ttft (the least TTFT within --quality-budget and "
+                 "--level-floor).")] = "slo",
+        quality_budget: Annotated[float | None, typer.Option(
+            help="--objective ttft: the session's largest mean quality loss per token.")] = None,
+        level_floor: Annotated[str | None, typer.Option(
+            help="--objective ttft: no chunk loaded at a level worse than this one.")] = None,
     ) -> None:
         """Trace-driven simulation of policies x traces x contexts; writes summary.json, tables and plots.
 
         Outputs in OUT: summary.json (one object per policy: sessions, slo_violation_rate, ttft_mean_s,
-        ttft_p95_s, quality_loss_mean, bytes_mean, each with a 95% bootstrap CI), summary.md, sessions.jsonl,
-        chunks.jsonl, ttft_cdf.png, pareto.png, run.json (configuration, skipped traces, timing).
+        ttft_p50_s, ttft_p95_s, quality_loss_mean, bytes_mean, each with a 95% bootstrap CI), summary.md,
+        sessions.jsonl, chunks.jsonl, ttft_cdf.png, pareto.png, run.json (configuration, skipped traces,
+        timing). --objective ttft rewrites the planners' specs (mpc becomes
+        mpc:objective=ttft+quality_budget=B), so the summary names each row's objective.
         """
         from rich.console import Console
 
@@ -144,8 +154,9 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         if on_bad_trace not in ("error", "skip"):
             raise typer.BadParameter("--on-bad-trace must be 'error' or 'skip'")
         try:
+            specs = with_objective(comma_list(policies), objective, quality_budget, level_floor)
             config = SimulationConfig(
-                policies=comma_list(policies), model=model, gpu=gpu,
+                policies=specs, model=model, gpu=gpu,
                 recompute=recompute, profile=None if profile is None else str(profile),
                 host_profile=None if host_profile is None else str(host_profile),
                 levels=None if not levels else tuple(x.strip() for x in levels.split(",")),
@@ -223,6 +234,9 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         levels: Annotated[str, typer.Option(
             help="Menu levels: a set (all, cachegen, kvcast) or level names, comma-separated.")]
         = _mpc.levels,
+        options: Annotated[str, typer.Option(
+            help="mpc's spec argument, e.g. objective=ttft+quality_budget=0.01 (default: none).")]
+        = _mpc.options,
         out: Annotated[Path | None, typer.Option(help="Also write the JSON to this file.")] = None,
     ) -> None:
         """mpc speed: whole decide() calls/s; its exact search vs full enumeration on the same problems."""
@@ -230,7 +244,7 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
 
         try:
             settings = MpcBenchSettings(sessions=sessions, enumerate_count=enumerate_count, repeats=repeats,
-                                        seed=seed, levels=levels)
+                                        seed=seed, levels=levels, options=options)
         except ValueError as exc:
             fail(str(exc))
         try:
@@ -321,6 +335,45 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         console.print(f"wrote {out} ({result['bytes']} bytes) in {result['wall_s']:.0f} s; validation: "
                       f"violations {best['violations']:.3f}, quality loss {best['quality_loss']:.4f}",
                       highlight=False)
+
+
+def with_objective(specs: list[str] | tuple[str, ...], objective: str, quality_budget: float | None = None,
+                   level_floor: str | None = None) -> tuple[str, ...]:
+    """`specs` with the run-wide objective added to every planner's spec (a policy class with
+    ``supports_objective``; a spec that sets ``objective=`` itself is kept). ValueError for a bad objective,
+    budget or floor, or ``ttft`` with no planner among `specs`.
+
+    >>> with_objective(["text", "hybrid:margin=0.1", "oracle:objective=slo"], "ttft", 0.01)
+    ('text', 'hybrid:margin=0.1+objective=ttft+quality_budget=0.01', 'oracle:objective=slo')
+    """
+    from kvcast.policies.planning import Objective
+    from kvcast.policies.registry import default_registry
+
+    if objective not in ("slo", "ttft"):
+        raise ValueError(f"--objective must be slo or ttft, got {objective!r}")
+    if objective == "slo":
+        if quality_budget is not None or level_floor is not None:
+            raise ValueError("--quality-budget and --level-floor bound --objective ttft; add it")
+        return tuple(specs)
+    if quality_budget is not None and not (quality_budget >= 0 and quality_budget < float("inf")):
+        raise ValueError(f"--quality-budget must be a finite number >= 0, got {quality_budget}")
+    argument = Objective("ttft", float("inf") if quality_budget is None else float(quality_budget),
+                         level_floor).spec_argument()
+    registry = default_registry()
+    out, planners = [], 0
+    for spec in specs:
+        name, sep, arg = spec.partition(":")
+        if not getattr(registry.factory(name), "supports_objective", False):
+            out.append(spec)
+            continue
+        planners += 1
+        if any(part.partition("=")[0].strip() == "objective" for part in arg.split("+")):
+            out.append(spec)
+        else:
+            out.append(f"{name}:{arg}+{argument}" if arg else f"{name}:{argument}")
+    if not planners:
+        raise ValueError("--objective ttft applies to the planners (mpc, hybrid, oracle); none in --policies")
+    return tuple(out)
 
 
 def _check_config(config: Any) -> None:

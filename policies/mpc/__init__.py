@@ -29,6 +29,14 @@ is maximised second (Pensieve's linear QoE weighs one second of rebuffering like
 here the deadline is the primary metric). ``margin = 0.05`` is a safety factor, like sabre's 0.9. There is
 no switching term: a KV context has no playback, so level changes between chunks cost nothing.
 
+Second objective (``mpc:objective=ttft+quality_budget=B`` and/or ``+level_floor=X``;
+`kvcast.policies.planning.objective`): the cost is the key ``(max(0, Q - B), TTFT, Q)``, compared
+lexicographically: the least predicted TTFT among the plans whose session mean loss (decided chunks
+included) is within ``B``, ties broken by loss, else the least loss. Levels below the floor are left out of
+the chunks' rows like levels a chunk lacks. ``weight`` and ``margin`` play no part. After an all-text horizon
+the tail loads at the fastest level whose whole-tail loss fits the budget. The search below stays exact
+within the horizon: `search_plan` returns the plan (and key) of `enumerate_plan`.
+
 Execution. Each action is taken as late as possible, with the latest measurement (`MpcPolicy`).
 
 Search. Full enumeration costs ``(L + 1) ** 5`` plan evaluations per decision (16,807 for six levels plus

@@ -8,6 +8,11 @@ The tail's best split is found in O(log m) instead of O(m) (`tail_evaluator`; th
 monotone in ``s``), computing the same floats as trying every split (`tail_split`, the reference). Steps are
 computed by the same floating-point expressions here, in the enumerator and in the search, so all see
 bit-identical costs; `tests/policies/test_advanced.py` checks both equalities on random cases.
+
+Under ``objective=ttft`` (`MpcProblem.ttft_first`) a cost is the key ``(max(0, Q - budget), TTFT, Q)``,
+compared lexicographically (`_ttft_split_key`); the tail's best split is again found in O(log m)
+(`_ttft_tail_evaluator`): the excess only falls with ``s``, and the TTFT falls until the text chain
+crosses the link chain and rises after it.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from collections.abc import Sequence
 
 from kvcast.policies.mpc.problem import MpcProblem
 
-__all__ = ["evaluators", "final_cost", "plan_cost", "plan_tail_level", "plan_tail_split", "tail_evaluator",
+Cost = float | tuple[float, float, float]
+"""A plan's cost: a float for ``objective=slo``, the key ``(excess, TTFT, Q)`` for ``objective=ttft``."""
+
+__all__ = ["Cost", "evaluators", "final_cost", "plan_cost", "plan_tail_level", "plan_tail_split", "tail_evaluator",
            "tail_split"]
 
 _INF = math.inf
@@ -38,14 +46,114 @@ def _split_cost(p: MpcProblem, b: int, s: int, link: float, ready: float, q: flo
     return (q + p.tail_ws[b][s]) * p.qscale + (p.mu * over if over > 0.0 else 0.0)
 
 
-def tail_split(p: MpcProblem, b: int, link: float, ready: float, q: float) -> tuple[int, float]:
+def _ttft_split_key(p: MpcProblem, b: int, s: int, link: float, ready: float, q: float
+                    ) -> tuple[float, float, float]:
+    """``objective=ttft``: the key when the tail's first `s` chunks are recomputed and the others loaded
+    at level `b`."""
+    t = ready + p.tail_rp[s]
+    tb = p.tail_tb[b][s]
+    if tb != -_INF:  # some tail chunk is loaded
+        b_s = link + tb
+        if b_s > t:
+            t = b_s
+    if p.top > t:
+        t = p.top
+    qn = (q + p.tail_ws[b][s]) * p.qscale
+    over = qn - p.budget
+    return (over if over > 0.0 else 0.0, t, qn)
+
+
+def tail_split(p: MpcProblem, b: int, link: float, ready: float, q: float) -> tuple[int, Cost]:
     """Reference: the best split of the tail (first of the least cost) by trying every split."""
+    if p.ttft_first:
+        best_s, best_key = 0, p.worst
+        for s in range(len(p.tail_rp)):
+            k = _ttft_split_key(p, b, s, link, ready, q)
+            if k < best_key:
+                best_s, best_key = s, k
+        return best_s, best_key
     best_s, best = 0, _INF
     for s in range(len(p.tail_rp)):
         c = _split_cost(p, b, s, link, ready, q)
         if c < best:
             best_s, best = s, c
     return best_s, best
+
+
+def _ttft_tail_evaluator(p: MpcProblem, b: int):
+    """``objective=ttft``: ``f(link, ready, q)``, the least key over the tail's splits in O(log m), the
+    same tuple as `tail_split`.
+
+    The excess ``max(0, (q + ws[s]) * qs - budget)`` is non-increasing in ``s``: the splits of least excess
+    are those from ``s0`` on. The TTFT is ``max(link + tb[s], top)`` before the text chain crosses the link
+    chain (``s < sc``: non-increasing) and ``max(ready + rp[s], top)`` from there (non-decreasing); the
+    loss ``Q`` falls with ``s``. So the least TTFT from ``s0`` on is at ``max(s0, sc - 1)`` or ``max(s0,
+    sc)``, and the least key is there or at the last split whose text chain still ends by that TTFT.
+    """
+    lvl = p.text_tail_level if b == p.n_levels else b
+    rp, tb, ws = p.tail_rp, p.tail_tb[lvl], p.tail_ws[lvl]
+    m = len(rp) - 1
+    top, qs, budget = p.top, p.qscale, p.budget
+    fold = p.fold[p.horizon]
+    neg = -_INF
+
+    def key(s: int, link: float, ready: float, q: float) -> tuple[float, float, float]:
+        t = ready + rp[s]
+        x = tb[s]
+        if x != neg:
+            x = link + x
+            if x > t:
+                t = x
+        if top > t:
+            t = top
+        qn = (q + ws[s]) * qs
+        over = qn - budget
+        return (over if over > 0.0 else 0.0, t, qn)
+
+    def fast(link: float, ready: float, q: float) -> tuple[float, float, float]:
+        if fold > ready:
+            ready = fold
+        over = (q + ws[m]) * qs - budget
+        least = over if over > 0.0 else 0.0
+        lo, hi = 0, m  # s0: first s whose excess is the least (that of s = m)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            over = (q + ws[mid]) * qs - budget
+            if (over if over > 0.0 else 0.0) <= least:
+                hi = mid
+            else:
+                lo = mid + 1
+        s0 = lo
+        lo, hi = 0, m  # sc: first s with ready + rp[s] >= link + tb[s] (true at s = m: no loads)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            t = tb[mid]
+            if t == neg or ready + rp[mid] >= link + t:
+                hi = mid
+            else:
+                lo = mid + 1
+        sc = lo
+        first = sc - 1 if sc - 1 > s0 else s0  # least TTFT before the crossing, from s0 on
+        second = sc if sc > s0 else s0  # ... and after it
+        best = key(first, link, ready, q)
+        if second != first:
+            other = key(second, link, ready, q)
+            if other < best:
+                best = other
+        limit = best[1]
+        lo, hi = second, m + 1  # the last s >= second whose text chain ends by the least TTFT
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if ready + rp[mid] > limit:
+                hi = mid
+            else:
+                lo = mid + 1
+        if lo - 1 > second:
+            other = key(lo - 1, link, ready, q)
+            if other < best:
+                best = other
+        return best
+    return fast
 
 
 def tail_evaluator(p: MpcProblem, b: int):
@@ -59,6 +167,8 @@ def tail_evaluator(p: MpcProblem, b: int):
     rises. The least cost is therefore at ``sc - 1``, ``su - 1`` or ``su``, computed with the very
     expressions of `_split_cost`: the same floats as `tail_split`, which tries every split.
     """
+    if p.ttft_first:
+        return _ttft_tail_evaluator(p, b)
     lvl = p.text_tail_level if b == p.n_levels else b
     rp, tb, ws = p.tail_rp, p.tail_tb[lvl], p.tail_ws[lvl]
     m = len(rp) - 1
@@ -120,7 +230,7 @@ def evaluators(p: MpcProblem) -> list:
 
 
 def final_cost(p: MpcProblem, b: int, link: float, dec: float, ready: float, q: float,
-                exhaustive: bool = False) -> float:
+               exhaustive: bool = False) -> Cost:
     """Cost after the last horizon step took action `b` and reached this state, the tail included: the tail
     is split at its best point between text from its front and loads from its back, at level ``b`` (at
     ``text_tail_level`` after a text step); `exhaustive`: by trying every split."""
@@ -135,7 +245,7 @@ def final_cost(p: MpcProblem, b: int, link: float, dec: float, ready: float, q: 
 def _play(p: MpcProblem, plan: Sequence[int]) -> tuple[float, float, float, float]:
     """State ``(link, dec, ready, q)`` after the horizon steps of `plan`."""
     text = p.n_levels
-    link, dec, ready, q = p.link0, p.dec0, p.ready0, 0.0
+    link, dec, ready, q = p.link0, p.dec0, p.ready0, p.q0
     fold = p.fold
     for k, a in enumerate(plan):
         if k and fold[k] > ready:
@@ -151,7 +261,7 @@ def _play(p: MpcProblem, plan: Sequence[int]) -> tuple[float, float, float, floa
     return link, dec, ready, q
 
 
-def plan_cost(p: MpcProblem, plan: Sequence[int], exhaustive: bool = True) -> float:
+def plan_cost(p: MpcProblem, plan: Sequence[int], exhaustive: bool = True) -> Cost:
     """Cost of `plan` (one action index per horizon step; index ``n_levels`` is text). `exhaustive` tries
     every tail split (the definition); otherwise the O(log m) split search of the controller."""
     link, dec, ready, q = _play(p, plan)

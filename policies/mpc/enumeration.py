@@ -9,20 +9,17 @@ cost in enumeration order wins (`action_order`: per step text first, then the le
 from __future__ import annotations
 
 import itertools
-import math
 
-from kvcast.policies.mpc.cost import plan_cost
+from kvcast.policies.mpc.cost import Cost, plan_cost
 from kvcast.policies.mpc.problem import MpcProblem
 
 __all__ = ["action_order", "enumerate_plan"]
 
-_INF = math.inf
 
-
-def enumerate_plan(p: MpcProblem) -> tuple[tuple[int, ...], float]:
+def enumerate_plan(p: MpcProblem) -> tuple[tuple[int, ...], Cost]:
     """Full enumeration (RobustMPC's search, every tail split tried): the first plan with the least cost in
     enumeration order (per step: text first, then the levels in menu order)."""
-    best, best_cost = (), _INF
+    best, best_cost = (), p.worst
     for plan in itertools.product(action_order(p), repeat=p.horizon):
         c = plan_cost(p, plan)
         if c < best_cost or not best:

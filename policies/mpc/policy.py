@@ -12,7 +12,9 @@ chunk, else the highest tail chunk it loads. Loads are issued one at a time.
 
 from __future__ import annotations
 
-from kvcast.policies.base import TEXT, Decision, Observation, Policy, Session, smallest
+from typing import ClassVar
+
+from kvcast.policies.base import TEXT, Decision, Observation, Policy, Session
 from kvcast.policies.estimate import DEFAULT_PRIOR_ERROR, RobustThroughputEstimator
 from kvcast.policies.mpc.cost import plan_tail_level, plan_tail_split
 from kvcast.policies.mpc.enumeration import enumerate_plan
@@ -24,7 +26,13 @@ from kvcast.policies.mpc.problem import (
     build_problem,
 )
 from kvcast.policies.mpc.search import search_plan
-from kvcast.policies.planning import DEFAULT_SLO_MARGIN, ConstantThroughput, PlanState, parse_options
+from kvcast.policies.planning import (
+    DEFAULT_SLO_MARGIN,
+    ConstantThroughput,
+    PlanState,
+    parse_planner_options,
+    probe_level,
+)
 
 __all__ = ["MpcPolicy"]
 
@@ -33,17 +41,21 @@ class MpcPolicy(Policy):
     """RobustMPC with text as an extra action; see `kvcast.policies.mpc`.
 
     Spec ``mpc`` or ``mpc:key=value+...`` with keys ``weight`` (overrun weight, default 20), ``margin``
-    (plan for ``(1 - margin) * SLO``, default 0.05), ``horizon`` (5), ``window`` (5) and ``prior_error``
-    (0.5); a bare number sets the weight.
+    (plan for ``(1 - margin) * SLO``, default 0.05), ``horizon`` (5), ``window`` (5), ``prior_error``
+    (0.5), and ``objective``, ``quality_budget`` and ``level_floor`` (`kvcast.policies.planning.objective`;
+    ``weight`` and ``margin`` then play no part); a bare number sets the weight.
     """
 
     name = "mpc"
+    supports_objective: ClassVar[bool] = True
+    """Takes ``objective=...`` spec arguments (``kvcast simulate --objective`` adds them)."""
 
     def __init__(self, options: str | None = None, *, overrun_weight: float = DEFAULT_OVERRUN_WEIGHT,
                  horizon: int = DEFAULT_HORIZON, window: int = 5, slo_margin: float = DEFAULT_SLO_MARGIN,
                  prior_error: float = DEFAULT_PRIOR_ERROR, exhaustive: bool = False) -> None:
-        opts = parse_options(options, {"weight": overrun_weight, "margin": slo_margin, "horizon": horizon,
-                                       "window": window, "prior_error": prior_error}, "mpc")
+        self.objective, opts = parse_planner_options(
+            options, {"weight": overrun_weight, "margin": slo_margin, "horizon": horizon, "window": window,
+                      "prior_error": prior_error}, "mpc")
         self.overrun_weight = opts["weight"]
         self.slo_margin = opts["margin"]
         self.horizon = int(opts["horizon"])
@@ -64,7 +76,8 @@ class MpcPolicy(Policy):
 
     def reset(self, session: Session) -> None:
         super().reset(session)
-        self._tables = SessionTables.of(session)
+        self.objective.check_menus(session.menus, "mpc")
+        self._tables = SessionTables.of(session, objective=self.objective)
         self._levels = self._tables.names
         self._text = len(self._levels)
         self._estimator = RobustThroughputEstimator(self.window, session.rtt_s, session.prior_throughput_bps,
@@ -90,11 +103,14 @@ class MpcPolicy(Policy):
             # are not ordered by size).
             if not obs.link_idle:
                 return None
-            return self._load(obs, pending[0], smallest(obs.menus, pending[0], self._levels))
+            level = probe_level(obs, pending[0], self.objective, self._levels)
+            if level is None:  # objective=ttft: no level fits the budget or floor; recompute instead
+                return Decision(pending[0], TEXT) if obs.compute_idle else None
+            return self._load(obs, pending[0], level)
         throughput = ConstantThroughput(bps, self.session.rtt_s)
         state = PlanState.from_observation(obs, throughput, self._link_order, self._decided_at).resolved()
         problem = build_problem(self._tables, pending, state, throughput, self._slo,
-                                self.overrun_weight, self.horizon)
+                                self.overrun_weight, self.horizon, self.objective)
         prev = self._prev_plan
         hints = ((prev[1:] + prev[-1:])[:problem.horizon], prev[:problem.horizon]) if prev else ()
         if self.record is not None:

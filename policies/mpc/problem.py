@@ -14,8 +14,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kvcast.policies.base import Session, level_names, undominated_levels
-from kvcast.policies.planning import ConstantThroughput, PlanState
+from kvcast.policies.base import TEXT, Session, level_names, undominated_levels
+from kvcast.policies.planning import SLO_FIRST, ConstantThroughput, Objective, PlanState
 
 __all__ = ["DEFAULT_HORIZON", "DEFAULT_OVERRUN_WEIGHT", "MpcProblem", "SessionTables", "build_problem"]
 
@@ -63,9 +63,19 @@ class MpcProblem:
     """The horizon's chunk indices."""
     tail_chunks: tuple[int, ...] = field(default=())
     text_tail_level: int = 0
-    """Level of the tail's loads when the last horizon step is text: the level of least quality loss with
-    which loading the whole tail alone would meet the SLO (ties: menu order), else the fastest (fixed per
-    decision, so the cost stays a function of the plan's own actions)."""
+    """Level of the tail's loads when the last horizon step is text, fixed per decision so the cost stays a
+    function of the plan's own actions. ``objective=slo``: the level of least quality loss with which loading
+    the whole tail alone would meet the SLO (ties: menu order), else the fastest. ``objective=ttft``: the
+    fastest level with which the whole tail loaded keeps the session within the quality budget, else the
+    level of least loss."""
+    ttft_first: bool = False
+    """``objective=ttft``: a plan's cost is the key ``(max(0, Q - budget), TTFT, Q)``, compared
+    lexicographically, instead of ``Q + mu * overrun`` (see `kvcast.policies.mpc`)."""
+    budget: float = _INF
+    """``objective=ttft``: the largest session mean quality loss (``inf``: none)."""
+    q0: float = 0.0
+    """Token-weighted quality loss of the decided chunks, where every plan's loss starts (``objective=ttft``;
+    0 for ``objective=slo``, whose choice does not depend on it)."""
     _evaluators: list = field(default_factory=list, compare=False, repr=False)
 
     @property
@@ -75,6 +85,11 @@ class MpcProblem:
     @property
     def tail_r(self) -> float:
         return self.tail_rp[-1]
+
+    @property
+    def worst(self) -> float | tuple[float, float, float]:
+        """A cost no plan exceeds (the search's starting incumbent)."""
+        return (_INF, _INF, _INF) if self.ttft_first else _INF
 
 
 @dataclass(slots=True)
@@ -116,10 +131,12 @@ class SessionTables:
         return table
 
     @classmethod
-    def of(cls, session: Session, prune: bool = True) -> SessionTables:
+    def of(cls, session: Session, prune: bool = True, objective: Objective = SLO_FIRST) -> SessionTables:
         """Tables of `session`'s menus; `prune` drops dominated levels (`undominated_levels`: same best
         cost). ``q_span`` is the largest loss of *every* level on the menu either way, so pruning leaves
-        the objective unchanged."""
+        the objective unchanged. A level that `objective`'s level floor forbids on a chunk is left out of
+        that chunk's row like a level the chunk lacks (its transfer never ends); wherever a dominated level
+        is allowed, so is the level that dominates it (it loses no more), so pruning stays exact."""
         menus = session.menus
         q_span = 0.0
         for menu in menus:
@@ -137,8 +154,8 @@ class SessionTables:
             by_name = {o.level: o for o in menu.levels}
             for a, name in enumerate(names):
                 opt = by_name.get(name)
-                if opt is None:
-                    continue  # a level this chunk lacks: its transfer never ends
+                if opt is None or not objective.allows(menu, opt):
+                    continue  # a level this chunk lacks (or may not use): its transfer never ends
                 nbytes[i][a] = float(opt.nbytes)
                 decode[i][a] = opt.decode_s
                 wq[i][a] = menu.tokens * opt.quality_loss
@@ -160,11 +177,13 @@ class SessionTables:
 
 def build_problem(tables: SessionTables, pending: Sequence[int], state: PlanState,
                   throughput: ConstantThroughput, slo_s: float,
-                  overrun_weight: float = DEFAULT_OVERRUN_WEIGHT, horizon: int = DEFAULT_HORIZON
-                  ) -> MpcProblem:
+                  overrun_weight: float = DEFAULT_OVERRUN_WEIGHT, horizon: int = DEFAULT_HORIZON,
+                  objective: Objective = SLO_FIRST) -> MpcProblem:
     """The planning problem from `state`: the first `horizon` of the `pending` chunks (ascending), then the
     rest as the tail. Decided chunks may lie anywhere; each needs an estimated ready time in `state`
-    (`PlanState.resolved`)."""
+    (`PlanState.resolved`). `objective`'s level floor is in `tables` (`SessionTables.of`); its kind and
+    budget are set here."""
+    ttft_first = objective.ttft_first
     bps, rtt = throughput.bps, throughput.rtt_s
     nl = tables.n_levels
     n = len(tables.recompute)
@@ -208,8 +227,11 @@ def build_problem(tables: SessionTables, pending: Sequence[int], state: PlanStat
     loss_rows.append([0.0] * nl)
     tbs = list(zip(*link_rows))
     wss = list(zip(*loss_rows))
-    ok_table = tables.fast_ok(mu)
-    fast = [all(col) for col in zip(*(ok_table[c] for c in tail))] if tail else [True] * nl
+    if tail and not ttft_first:
+        ok_table = tables.fast_ok(mu)
+        fast = [all(col) for col in zip(*(ok_table[c] for c in tail))]
+    else:
+        fast = [True] * nl
     # Decided chunks: below the horizon they set the initial prefix-ready time; between undecided chunks
     # they are merged before the step above them (before the tail for those inside the tail); above every
     # undecided chunk they only bound the TTFT.
@@ -237,8 +259,21 @@ def build_problem(tables: SessionTables, pending: Sequence[int], state: PlanStat
                 ready0 = x
         elif x > fold[k]:
             fold[k] = x
+    q0 = 0.0
+    if ttft_first:
+        menus = state.menus
+        for c, action in enumerate(state.actions):
+            if action is not None and action != TEXT:
+                q0 += menus[c].tokens * menus[c].option(action).quality_loss
     text_tail_level = 0
-    if m and nl:
+    if m and nl and ttft_first:
+        # after an all-text horizon: the fastest level whose whole tail keeps the session within the budget
+        # (ties: the smaller loss, then menu order), else the level of least loss
+        budget = objective.quality_budget
+        fits = [a for a in range(nl) if (q0 + wss[a][0]) * qscale <= budget]
+        text_tail_level = (min(fits, key=lambda a: (tbs[a][0], wss[a][0], a)) if fits
+                           else min(range(nl), key=lambda a: (wss[a][0], tbs[a][0], a)))
+    elif m and nl:
         # after an all-text horizon: the level of least loss whose tail, loaded alone, fits the SLO (ties: the
         # faster, then menu order), else the fastest; menus are not ordered by loss or size
         limit = slo_s - state.link_free_s
@@ -249,5 +284,6 @@ def build_problem(tables: SessionTables, pending: Sequence[int], state: PlanStat
         n_levels=nl, horizon=len(h), tau=tau, dec=dec, wq=wq, r=r, tail_rp=tuple(rp), tail_tb=tuple(tbs),
         tail_ws=tuple(wss), tail_fast=tuple(fast), link0=state.link_free_s, dec0=state.decoder_free_s,
         ready0=ready0, qscale=qscale, mu=mu, slo_s=slo_s, fold=tuple(fold), top=top, chunks=tuple(h),
-        tail_chunks=tuple(tail), text_tail_level=text_tail_level)
+        tail_chunks=tuple(tail), text_tail_level=text_tail_level, ttft_first=ttft_first,
+        budget=objective.quality_budget, q0=q0)
     return p

@@ -16,6 +16,10 @@ exactly by branch-and-bound.
 * Costs come from the expressions of `kvcast.policies.mpc.cost` (the tail's split in O(log m)), so the
   search sees the enumerator's floats bit for bit; `tests/policies/test_advanced.py` checks plan equality
   on random cases.
+* ``objective=ttft`` (`_search_ttft`): the same depth-first branch-and-bound over keys ``(excess, TTFT, Q)``
+  compared lexicographically. The key is non-decreasing in every state component too, so `_bound` is again
+  a lower bound; a load child whose loss alone puts the excess over the incumbent's is skipped. Ties
+  resolve in enumeration order as above.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from kvcast.policies.mpc.cost import evaluators, final_cost, plan_cost
+from kvcast.policies.mpc.cost import Cost, evaluators, final_cost, plan_cost
 from kvcast.policies.mpc.enumeration import action_order
 from kvcast.policies.mpc.problem import MpcProblem
 
@@ -98,12 +102,14 @@ def _surrogate_end(p: MpcProblem, b: int) -> list[float]:
     return row
 
 
-def search_plan(p: MpcProblem, hints: Sequence[Sequence[int]] = ()) -> tuple[tuple[int, ...], float]:
+def search_plan(p: MpcProblem, hints: Sequence[Sequence[int]] = ()) -> tuple[tuple[int, ...], Cost]:
     """The plan `enumerate_plan` returns, found by exact branch-and-bound (see the module docstring).
 
     `hints` are candidate plans that seed the incumbent (for example the previous decision's plan shifted
     by one step); they change the speed, never the result.
     """
+    if p.ttft_first:
+        return _search_ttft(p, hints)
     h = p.horizon
     if h == 0:
         return (), plan_cost(p, (), False)
@@ -213,3 +219,90 @@ def search_plan(p: MpcProblem, hints: Sequence[Sequence[int]] = ()) -> tuple[tup
                     continue
                 push((k + 1, a2, link, dec, ready, q))
     return best_plan, best_cost
+
+
+def _search_ttft(p: MpcProblem, hints: Sequence[Sequence[int]]) -> tuple[tuple[int, ...], Cost]:
+    """`search_plan` for ``objective=ttft`` (keys ``(excess, TTFT, Q)``); see the module docstring."""
+    h = p.horizon
+    if h == 0:
+        return (), plan_cost(p, (), False)
+    n_act = p.n_actions
+    text = p.n_levels
+    order = action_order(p)
+
+    def rank(plan: Sequence[int]) -> tuple[int, ...]:  # position in enumeration order
+        return tuple((a + 1) % n_act for a in plan)
+
+    best_plan: tuple[int, ...] = ()
+    best = p.worst
+    candidates = [tuple(x) for x in hints if len(x) == h and all(0 <= a < n_act for a in x)]
+    if not candidates or h == 1:
+        candidates += [(a,) * h for a in order]
+    for plan in candidates:
+        c = plan_cost(p, plan, False)
+        if c < best or (c == best and rank(plan) < rank(best_plan)) or not best_plan:
+            best_plan, best = plan, c
+    if h == 1:
+        return best_plan, best
+    tau, decs, wqs, rs = p.tau, p.dec, p.wq, p.r
+    link0, dec0, ready0, q0 = p.link0, p.dec0, p.ready0, p.q0
+    last = h - 1
+    qs, budget = p.qscale, p.budget
+    fold = p.fold
+    f_last = fold[last]
+    root_bound = [_bound(p, b, link0, dec0, ready0, q0) for b in range(n_act)]
+    prefix = [0] * h
+    backwards = order[::-1]  # pushed so that children pop in enumeration order
+    for b in sorted(range(n_act), key=lambda b: (root_bound[b], (b + 1) % n_act)):
+        if root_bound[b] > best:
+            break  # roots are sorted by their bound
+        prefix[last] = b
+        is_text = b == text
+        tail_cost = evaluators(p)[b]
+        if is_text:
+            r_last, t_last, w_last = rs[last], 0.0, 0.0
+        else:
+            r_last, t_last, w_last = 0.0, tau[last][b], wqs[last][b]
+        stack = [(0, a, link0, dec0, ready0, q0) for a in backwards]
+        pop, push = stack.pop, stack.append
+        while stack:
+            k, a, link, dec, ready, q = pop()
+            if k and fold[k] > ready:
+                ready = fold[k]
+            if a == text:
+                ready = ready + rs[k]
+            else:
+                link = link + tau[k][a]
+                dec = (link if link > dec else dec) + decs[k][a]
+                if dec > ready:
+                    ready = dec
+                q = q + wqs[k][a]
+            prefix[k] = a
+            # The key of taking b now and then the tail: the leaf's at depth h-2, a lower bound above it
+            # (the expressions of plan_cost, so the tuples are identical).
+            rr = f_last if f_last > ready else ready
+            if is_text:
+                v = tail_cost(link, rr + r_last, q)
+            else:
+                l2 = link + t_last
+                d2 = (l2 if l2 > dec else dec) + decs[last][b]
+                v = tail_cost(l2, d2 if d2 > rr else rr, q + w_last)
+            if k + 1 == last:
+                if v < best or (v == best and rank(prefix) < rank(best_plan)):
+                    best, best_plan = v, tuple(prefix)
+                continue
+            if v > best:
+                continue
+            if v == best and rank(prefix[:k + 1]) > rank(best_plan[:k + 1]):
+                continue
+            # Children; a load child whose loss alone (the same float operations as its key) puts the
+            # excess over the incumbent's is skipped before its step is computed.
+            nxt = wqs[k + 1]
+            limit = best[0]
+            for a2 in backwards:
+                if a2 != text:
+                    over = ((q + nxt[a2]) + w_last) * qs - budget
+                    if over > limit:
+                        continue
+                push((k + 1, a2, link, dec, ready, q))
+    return best_plan, best

@@ -1,7 +1,9 @@
 """Exact searches over two families of plans, on the planning model (`kvcast.policies.planning.model`).
 
 Objective, lexicographic (smaller is better; `FamilyPlan.key`): **SLO overrun** ``max(0, TTFT - SLO)``
-first, then the session's **quality loss** (token-weighted mean; text is lossless), then TTFT. The link is
+first, then the session's **quality loss** (token-weighted mean; text is lossless), then TTFT; or, with
+``objective=ttft`` (`kvcast.policies.planning.objective.Objective`), the excess over the quality budget, then
+TTFT, then quality loss, with the levels below a level floor left out. The link is
 any `kvcast.policies.planning.model.TransferModel`: the exact future for ``oracle``
 (`kvcast.policies.planning.model.KnownFuture`), a predicted throughput for ``hybrid``
 (`kvcast.policies.planning.model.ConstantThroughput`).
@@ -16,8 +18,10 @@ Plan families. Each search is **exact** (every plan of the family is considered,
 
 Both are label-setting dynamic programs over chunks whose labels are the *exact* model state (link free,
 decoder free, prefix ready, quality), not time buckets: a label is dropped only when another label of the
-same step is at least as good in every component (every step of the model is monotone in each component, so
-nothing it could lead to is better), or when even its optimistic completion cannot beat the incumbent.
+same step is at least as good in every component (every step of the model is monotone in each component, and
+both objectives' keys are monotone in the final state, so nothing it could lead to is better), or when even
+its optimistic completion (TTFT at least the label's ready time, loss at least its loss) cannot beat the
+incumbent.
 Levels that another level beats on size, decode time and quality at once are left out of both searches
 (`kvcast.policies.base.undominated_levels`: they can only tie); nothing assumes the menu's order is monotone
 in size or quality. Not covered: orders other than these two (for example loads in an arbitrary order, or
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 
 from kvcast.policies.base import TEXT, undominated_levels
 from kvcast.policies.planning.model import PlanState, TransferModel
+from kvcast.policies.planning.objective import SLO_FIRST, Objective
 
 __all__ = ["FamilyPlan", "plan_in_order", "plan_cake"]
 
@@ -57,20 +62,26 @@ class FamilyPlan:
     ttft_s: float
     family: str
     """``"in-order"`` or ``"cake"``."""
+    objective: Objective = SLO_FIRST
+    """The objective the plan was searched for."""
 
     @property
     def key(self) -> tuple[float, float, float]:
-        """The objective, compared lexicographically."""
+        """The objective, compared lexicographically (`Objective.key`)."""
+        if self.objective.ttft_first:
+            return (self.objective.excess(self.quality_loss), self.ttft_s, self.quality_loss)
         return (self.overrun_s, self.quality_loss, self.ttft_s)
 
 
 class _Context:
     """What both searches need from a state: pending chunks, folded ready times of decided chunks."""
 
-    def __init__(self, state: PlanState, transfer: TransferModel, slo_s: float) -> None:
+    def __init__(self, state: PlanState, transfer: TransferModel, slo_s: float,
+                 objective: Objective = SLO_FIRST) -> None:
         self.state = state
         self.transfer = transfer
         self.slo = slo_s
+        self.objective = objective
         menus = state.menus
         self.total_tokens = float(sum(m.tokens for m in menus)) or 1.0
         self.pending = state.pending
@@ -116,9 +127,19 @@ class _Context:
             self._cache[key] = end
         return end
 
-    def score(self, ttft: float, q: float) -> tuple[float, float, float]:
-        over = ttft - self.slo
-        return (over if over > 0.0 else 0.0, q / self.total_tokens, ttft)
+    def options(self, chunk: int, keep: set[str]) -> list:
+        """The menu rows of `chunk` that the searches try: undominated (`keep`) and allowed by the level
+        floor."""
+        menu = self.state.menus[chunk]
+        allows = self.objective.allows
+        return [o for o in menu.levels if o.level in keep and allows(menu, o)]
+
+    def ttft_key(self, ttft: float, q: float) -> tuple[float, float, float]:
+        """``objective=ttft``'s key of a plan (`q` unnormalised), or a lower bound on every completion of a
+        partial plan whose TTFT is at least `ttft` and whose loss is at least `q`."""
+        qn = q / self.total_tokens
+        over = qn - self.objective.quality_budget
+        return (over if over > 0.0 else 0.0, ttft, qn)
 
 
 def _dominated(front: list, link: float, dec: float, ready: float) -> bool:
@@ -131,6 +152,11 @@ def _dominated(front: list, link: float, dec: float, ready: float) -> bool:
 
 def _make_plan(ctx: _Context, assigned: dict[int, str], order: Sequence[int], ends: Sequence[float],
                score: tuple[float, float, float], family: str) -> FamilyPlan:
+    if ctx.objective.ttft_first:  # score = (excess, ttft, quality)
+        over = score[1] - ctx.slo
+        return FamilyPlan(actions=tuple(sorted(assigned.items())), load_order=tuple(order),
+                          transfer_end_s=tuple(zip(order, ends)), overrun_s=over if over > 0.0 else 0.0,
+                          quality_loss=score[2], ttft_s=score[1], family=family, objective=ctx.objective)
     return FamilyPlan(actions=tuple(sorted(assigned.items())), load_order=tuple(order),
                       transfer_end_s=tuple(zip(order, ends)), overrun_s=score[0], quality_loss=score[1],
                       ttft_s=score[2], family=family)
@@ -147,13 +173,18 @@ def _unwind(label) -> list[tuple[int, str, float]]:
 
 
 def plan_in_order(state: PlanState, transfer: TransferModel, slo_s: float,
-                  incumbent: tuple[float, float, float] = (_INF, _INF, _INF)) -> FamilyPlan | None:
-    """The best in-order plan (see the module docstring), or None if none beats `incumbent`'s key."""
-    ctx = _Context(state, transfer, slo_s)
+                  incumbent: tuple[float, float, float] = (_INF, _INF, _INF),
+                  objective: Objective = SLO_FIRST) -> FamilyPlan | None:
+    """The best in-order plan for `objective` (see the module docstring), or None if none beats
+    `incumbent`'s key."""
+    ctx = _Context(state, transfer, slo_s, objective)
     menus = state.menus
     slo = slo_s
     total = ctx.total_tokens
-    best = (incumbent[0], incumbent[1] * total, incumbent[2])  # quality unnormalised while searching
+    ttft_first = objective.ttft_first
+    ttft_key = ctx.ttft_key
+    # objective=slo: quality unnormalised while searching; objective=ttft: the key itself
+    best = tuple(incumbent) if ttft_first else (incumbent[0], incumbent[1] * total, incumbent[2])
     best_label = None
     # label: (link, dec, ready, q, parent, chunk, action, transfer_end)
     labels = [(state.link_free_s, state.decoder_free_s, ctx.ready0, ctx.q0, None, None, None, None)]
@@ -165,8 +196,8 @@ def plan_in_order(state: PlanState, transfer: TransferModel, slo_s: float,
         menu = menus[chunk]
         r = menu.recompute_s
         f = fold[k] if k else -_INF
-        options = [(o.level, o.nbytes, o.decode_s, menu.tokens * o.quality_loss) for o in menu.levels
-                   if o.level in keep]
+        options = [(o.level, o.nbytes, o.decode_s, menu.tokens * o.quality_loss)
+                   for o in ctx.options(chunk, keep)]
         candidates = []
         for lab in labels:
             link, dec, ready, q = lab[0], lab[1], lab[2], lab[3]
@@ -184,8 +215,11 @@ def plan_in_order(state: PlanState, transfer: TransferModel, slo_s: float,
         # Bound: the TTFT is at least the prefix-ready time, quality only grows.
         kept = []
         for c in candidates:
-            over = c[2] - slo
-            key = (over if over > 0.0 else 0.0, c[3], c[2])
+            if ttft_first:
+                key = ttft_key(c[2], c[3])
+            else:
+                over = c[2] - slo
+                key = (over if over > 0.0 else 0.0, c[3], c[2])
             if key < best:
                 kept.append((key, c))
         kept.sort(key=lambda kc: (kc[1][3], kc[1][2], kc[1][0], kc[1][1]))
@@ -197,8 +231,11 @@ def plan_in_order(state: PlanState, transfer: TransferModel, slo_s: float,
             end_fold = fold[len(pending)]
             for c in front:
                 ttft = c[2] if c[2] > end_fold else end_fold
-                over = ttft - slo
-                key = (over if over > 0.0 else 0.0, c[3], ttft)
+                if ttft_first:
+                    key = ttft_key(ttft, c[3])
+                else:
+                    over = ttft - slo
+                    key = (over if over > 0.0 else 0.0, c[3], ttft)
                 if key < best:
                     best, best_label = key, c
         labels = front
@@ -210,13 +247,17 @@ def plan_in_order(state: PlanState, transfer: TransferModel, slo_s: float,
     assigned = {c: a for c, a, _ in steps}
     loads = [(c, e) for c, a, e in steps if a != TEXT]
     return _make_plan(ctx, assigned, [c for c, _ in loads], [e for _, e in loads],
-                      (best[0], best[1] / total, best[2]), "in-order")
+                      best if ttft_first else (best[0], best[1] / total, best[2]), "in-order")
 
 
 def plan_cake(state: PlanState, transfer: TransferModel, slo_s: float,
-              incumbent: tuple[float, float, float] = (_INF, _INF, _INF)) -> FamilyPlan | None:
-    """The best Cake-family plan (text prefix, loads from the back), or None if none beats `incumbent`."""
-    ctx = _Context(state, transfer, slo_s)
+              incumbent: tuple[float, float, float] = (_INF, _INF, _INF),
+              objective: Objective = SLO_FIRST) -> FamilyPlan | None:
+    """The best Cake-family plan (text prefix, loads from the back) for `objective`, or None if none
+    beats `incumbent`."""
+    ctx = _Context(state, transfer, slo_s, objective)
+    ttft_first = objective.ttft_first
+    ttft_key = ctx.ttft_key
     menus = state.menus
     slo = slo_s
     total = ctx.total_tokens
@@ -233,7 +274,7 @@ def plan_cake(state: PlanState, transfer: TransferModel, slo_s: float,
         c = c + menus[chunk].recompute_s
         compute_end[j + 1] = c
     decided_above = ctx.fold_above  # decided chunks' latest ready time from each position on
-    best = (incumbent[0], incumbent[1] * total, incumbent[2])
+    best = tuple(incumbent) if ttft_first else (incumbent[0], incumbent[1] * total, incumbent[2])
     best_choice = None  # (j, label)
 
     def consider(j: int, dec: float, q: float, label) -> None:
@@ -244,8 +285,11 @@ def plan_cake(state: PlanState, transfer: TransferModel, slo_s: float,
         above = decided_above[j] if j else decided_above[0]
         if above > ttft:
             ttft = above
-        over = ttft - slo
-        key = (over if over > 0.0 else 0.0, q, ttft)
+        if ttft_first:
+            key = ttft_key(ttft, q)
+        else:
+            over = ttft - slo
+            key = (over if over > 0.0 else 0.0, q, ttft)
         if key < best:
             best, best_choice = key, (j, label)
 
@@ -255,7 +299,7 @@ def plan_cake(state: PlanState, transfer: TransferModel, slo_s: float,
     for j in range(m - 1, -1, -1):
         chunk = pending[j]
         menu = menus[chunk]
-        options = [o for o in menu.levels if o.level in keep]
+        options = ctx.options(chunk, keep)
         candidates = []
         for lab in labels:
             link, dec, q = lab[0], lab[1], lab[3]
@@ -266,6 +310,10 @@ def plan_cake(state: PlanState, transfer: TransferModel, slo_s: float,
                 d2 = (end if end > dec else dec) + o.decode_s
                 q2 = q + menu.tokens * o.quality_loss
                 # More loads only delay the decoder; the text prefix only gets shorter.
+                if ttft_first:
+                    if ttft_key(d2, q2) < best:
+                        candidates.append((end, d2, 0.0, q2, lab, chunk, o.level, end))
+                    continue
                 over = d2 - slo
                 if (over if over > 0.0 else 0.0, q2, d2) < best:
                     candidates.append((end, d2, 0.0, q2, lab, chunk, o.level, end))
@@ -286,4 +334,4 @@ def plan_cake(state: PlanState, transfer: TransferModel, slo_s: float,
     assigned = {c: TEXT for c in pending[:j]}
     assigned.update({c: a for c, a, _ in steps})
     return _make_plan(ctx, assigned, [c for c, _, _ in steps], [e for _, _, e in steps],
-                      (best[0], best[1] / total, best[2]), "cake")
+                      best if ttft_first else (best[0], best[1] / total, best[2]), "cake")
