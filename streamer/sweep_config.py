@@ -19,7 +19,7 @@ module is light (the standard library only), so the CLI reads its defaults at im
 >>> axes = {"slo_s": parse_axis("slo_s", "0.3,0.6,1"), "rtt_ms": parse_axis("rtt_ms", "1,50")}
 >>> points = plan_points(axes, BASE_POINT)
 >>> [(p.point.slo_s, p.point.rtt_ms, p.on_axes) for p in points]
-[(0.6, 10.0, ('slo_s', 'rtt_ms')), (0.3, 10.0, ('slo_s',)), (1.0, 10.0, ('slo_s',)), (0.6, 1.0, ('rtt_ms',)), \
+[(0.6, 10.0, ('slo_s',)), (0.3, 10.0, ('slo_s',)), (1.0, 10.0, ('slo_s',)), (0.6, 1.0, ('rtt_ms',)), \
 (0.6, 50.0, ('rtt_ms',))]
 >>> len(plan_points(axes, BASE_POINT, grid=True))
 6
@@ -116,7 +116,7 @@ BASE_POINT = OperatingPoint()
 
 @dataclass(frozen=True)
 class PlannedPoint:
-    """A point to run, and the axes whose plot it lies on (the base point lies on every axis)."""
+    """A point to run, and the axes whose plot (and table) it lies on."""
 
     point: OperatingPoint
     on_axes: tuple[str, ...] = field(default=())
@@ -210,9 +210,10 @@ def plan_points(axes: Mapping[str, Sequence[Any]], base: OperatingPoint = BASE_P
     """The points to run, each once, in a stable order.
 
     One at a time: the base point first, then each axis's values (in `AXES` order, values as listed) with the
-    other axes at the base; a value equal to the base's is the base point itself. Grid: every combination of
-    the listed values (axes not listed at the base); an axis's plot then runs through the *anchor*, the base
-    value of every other axis where it is listed, else its first listed value.
+    other axes at the base; a value equal to the base's is the base point itself (which then lies on that
+    axis; the base always runs, as the reference). Each axis's plot thus has exactly its listed values.
+    Grid: every combination of the listed values (axes not listed at the base); an axis's plot then runs
+    through the *anchor*, the base value of every other axis where it is listed, else its first listed value.
     """
     given = [name for name in AXES if name in axes]
     for name in given:
@@ -220,7 +221,7 @@ def plan_points(axes: Mapping[str, Sequence[Any]], base: OperatingPoint = BASE_P
             raise SweepError(f"{AXES[name].option}: no values")
     if not grid:
         order: list[OperatingPoint] = [base]
-        on: dict[OperatingPoint, list[str]] = {base: list(given)}
+        on: dict[OperatingPoint, list[str]] = {base: []}
         for name in given:
             for value in axes[name]:
                 point = replace(base, **{name: value})
