@@ -11,6 +11,7 @@ efficiency, request overhead and GPU share, and the shipped recompute cost of ``
   is at most ``int8``'s (``raw``, ``int8`` and ``kvcast-4`` in the shipped profile; ``raw`` alone if the
   profile has no ``int8``). It is the ``oracle``'s plan (exact over in-order and Cake plans with the link's
   future, which a constant trace makes trivial) for an SLO it cannot meet, so it minimises TTFT.
+* ``exact``: the same over text and ``raw`` only (bit-exact KV; no codec at all).
 * ``hybrid``: the ``hybrid`` controller at the base SLO on every level of the menu (its quality loss too).
 
 Where ``lossless`` is not faster than ``text`` the link is too slow for loading to pay at equal quality.
@@ -68,6 +69,7 @@ def regime_map(settings: RegimeSettings, config: SimulationConfig) -> list[dict[
             return menus if config.gpu_share == 1.0 else with_recompute_scale(menus, 1.0 / config.gpu_share)
 
         every, near = menus_of(config.levels), menus_of(lossless)
+        exact_menus = menus_of(("raw",)) if "raw" in lossless else None
         for gbps in settings.bandwidths_gbps:
             trace = Trace([0.0, 1e6], [gbps * 1e9], name=f"constant {gbps:g} Gbps")
 
@@ -78,6 +80,7 @@ def regime_map(settings: RegimeSettings, config: SimulationConfig) -> list[dict[
 
             text = play("text", every, config.slo_s)
             best = play("oracle", near, _MIN_TTFT_SLO_S)
+            exact = None if exact_menus is None else play("oracle", exact_menus, _MIN_TTFT_SLO_S)
             hybrid = play("hybrid", every, config.slo_s)
             int8 = play("fixed:int8", every, config.slo_s) if has_int8 else None
             rows.append({
@@ -89,6 +92,7 @@ def regime_map(settings: RegimeSettings, config: SimulationConfig) -> list[dict[
                 "lossless_ttft_s": best.ttft_s, "lossless_quality_loss": best.quality_loss,
                 "lossless_plan": _plan_text(best.chunks),
                 "lossless_speedup": text.ttft_s / best.ttft_s,
+                "exact_ttft_s": None if exact is None else exact.ttft_s,
                 "hybrid_slo_s": config.slo_s, "hybrid_ttft_s": hybrid.ttft_s,
                 "hybrid_quality_loss": hybrid.quality_loss, "hybrid_speedup": text.ttft_s / hybrid.ttft_s,
             })

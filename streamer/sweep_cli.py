@@ -251,7 +251,8 @@ def run_sweep_points(traces: list[Any], config: SimulationConfig, planned: list[
             bar.update(len(rows))
     wall = time.perf_counter() - t0
     summary = summarize_sweep(rows_by_point, planned, config=config, axes=axes, base=base, grid=grid,
-                              candidates=contenders(config.policies), rank_by=rank_by, resamples=resamples)
+                              candidates=contenders(config.policies) or config.policies,  # all bounds: rank them
+                              rank_by=rank_by, resamples=resamples)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     title = (f"{len(planned)} points x {len(traces)} traces x {config.contexts} contexts x "
              f"{len(config.policies)} policies, {config.model}, {config.gpu}, "

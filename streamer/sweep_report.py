@@ -167,15 +167,17 @@ def regime_markdown(rows: Sequence[dict[str, Any]], lossless: Sequence[str], mod
     """The regime map as a markdown table."""
     lines = [f"# Regime map: TTFT by link bandwidth and GPU ({model}, {rows[0]['context_tokens']} tokens)", "",
              "Constant-bandwidth link. `lossless`: the fastest plan over text and the near-lossless levels "
-             f"({', '.join(lossless)}: quality loss at most int8's), with its chunks; `hybrid` at the SLO on every "
-             "level (its quality loss in KL/token). Speed-ups are over text recompute.", "",
-             "| GPU | Gbps | text (s) | int8 fetch (s) | lossless (s) | lossless speed-up | lossless plan "
+             f"({', '.join(lossless)}: quality loss at most int8's), with its chunks; `exact`: the same over text and "
+             "raw only (bit-exact); `hybrid` at the SLO on every level (its quality loss in KL/token). Speed-ups "
+             "are over text recompute.", "",
+             "| GPU | Gbps | text (s) | int8 fetch (s) | exact (s) | lossless (s) | lossless speed-up | lossless plan "
              "| hybrid (s) | hybrid loss | hybrid speed-up |",
-             "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         gpu = r["gpu"] + (" (provisional cost)" if r["provisional_cost"] else "")
         lines.append(f"| {gpu} | {r['bandwidth_gbps']:g} | {_s(r['text_ttft_s'])} | {_s(r['int8_ttft_s'])} | "
-                     f"{_s(r['lossless_ttft_s'])} | {r['lossless_speedup']:.2f}x | {r['lossless_plan']} | "
+                     f"{_s(r['exact_ttft_s'])} | {_s(r['lossless_ttft_s'])} | {r['lossless_speedup']:.2f}x | "
+                     f"{r['lossless_plan']} | "
                      f"{_s(r['hybrid_ttft_s'])} | {r['hybrid_quality_loss']:.4f} | {r['hybrid_speedup']:.2f}x |")
     return "\n".join(lines) + "\n"
 
@@ -193,6 +195,7 @@ def plot_regime(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
         mine = [r for r in rows if r["gpu"] == gpu]
         x = [r["bandwidth_gbps"] for r in mine]
         for key, label, style in (("text_ttft_s", "text recompute", "k-"), ("int8_ttft_s", "int8 fetch", "C0--"),
+                                  ("exact_ttft_s", "best exact plan (text + raw)", "C1-s"),
                                   ("lossless_ttft_s", "best lossless plan", "C2-o"),
                                   ("hybrid_ttft_s", "hybrid at the SLO (may be lossy)", "C3:^")):
             y = [r[key] for r in mine]
