@@ -262,3 +262,19 @@ def test_core_imports_and_fails_clearly_without_ray():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "kvcast[ray]" in done.stdout
+
+
+def test_grid_runs_every_combination_and_plots_through_the_anchor(tmp_path):
+    out = tmp_path / "grid"
+    done = sweep(["--quick", "--grid", "--policies", "text,cachegen", "--slo", "0.3,0.6", "--rtt-ms", "1,50",
+                  "--workers", "1", "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "grid"
+    values = [(p["values"]["slo_s"], p["values"]["rtt_ms"]) for p in summary["points"]]
+    assert sorted(values) == [(0.3, 1.0), (0.3, 50.0), (0.6, 1.0), (0.6, 50.0)]
+    # the anchor: SLO at the base's 0.6 (listed), RTT at its first value 1 (the base's 10 is not listed)
+    on = {v: p["on_axes"] for v, p in zip(values, summary["points"])}
+    assert on[(0.6, 1.0)] == ["slo_s", "rtt_ms"] and on[(0.3, 1.0)] == ["slo_s"] and on[(0.6, 50.0)] == ["rtt_ms"]
+    assert on[(0.3, 50.0)] == []
+    assert (out / "axis_slo_s.png").stat().st_size > 0 and (out / "axis_rtt_ms.png").stat().st_size > 0
