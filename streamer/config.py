@@ -68,6 +68,12 @@ class SimulationConfig:
     """Prefill of the query after the context is loaded (policy-independent; added to TTFT)."""
     seed: int = 0
     """Seed of the contexts (lengths, start offsets) and of the trace scaling."""
+    bandwidth_scale: float = 1.0
+    """Every bandwidth of the (scaled) trace times this factor, after `scaling` (a sweep axis of `kvcast sweep`;
+    the policies' prior throughput scales with it)."""
+    gpu_share: float = 1.0
+    """Share of the GPU the recompute gets: every recompute time is divided by it (1: a dedicated GPU, 0.25: a
+    quarter of it; a sweep axis of `kvcast sweep`). The policies see the slower recompute in their menus."""
 
     def __post_init__(self) -> None:
         if not self.policies:
@@ -83,6 +89,10 @@ class SimulationConfig:
         if not 0 < lo_g <= hi_g:
             raise ValueError(f"mean_gbps must be 0 < low <= high, got {self.mean_gbps}")
         self.scale_factor_or_none()
+        for key in ("bandwidth_scale", "gpu_share"):
+            value = getattr(self, key)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{key} must be finite and > 0, got {value}")
 
     def scale_factor_or_none(self) -> float | None:
         """The factor of ``scaling="factor:X"``; None for the other modes (ValueError if malformed)."""

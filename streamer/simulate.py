@@ -28,7 +28,7 @@ from kvcast.policies.base import ChunkMenu, Policy
 from kvcast.policies.registry import PolicyRegistry, default_registry
 from kvcast.streamer.config import SimulationConfig  # the settings and their defaults (a light module)
 from kvcast.streamer.engine import SessionResult, StreamingEngine
-from kvcast.streamer.menus import build_menus
+from kvcast.streamer.menus import build_menus, with_recompute_scale
 from kvcast.traces.trace import Trace
 
 __all__ = ["SimulationConfig", "SessionSetup", "history_mean_bps", "plan_sessions", "run_sweep",
@@ -82,10 +82,20 @@ def history_mean_bps(trace: Trace, start_s: float, window_s: float) -> float:
 
 
 def scaled_trace(trace: Trace, key: str, config: SimulationConfig) -> tuple[Trace, float]:
-    """The trace as simulated (see `SimulationConfig.scaling`) and the factor applied."""
+    """The trace as simulated (see `SimulationConfig.scaling` and `bandwidth_scale`) and the factor applied."""
+    factor = _scaling_factor(trace, key, config)
+    if config.bandwidth_scale != 1.0:
+        factor = (1.0 if factor is None else factor) * config.bandwidth_scale
+    if factor is None:
+        return trace, 1.0
+    return trace.scaled(factor), factor
+
+
+def _scaling_factor(trace: Trace, key: str, config: SimulationConfig) -> float | None:
+    """The factor of `SimulationConfig.scaling` for this trace (None: ``none``, the trace as read)."""
     factor = config.scale_factor_or_none()
     if config.scaling == "none":
-        return trace, 1.0
+        return None
     if factor is None:  # range: log-uniform target mean, drawn from (seed, trace)
         rng = np.random.default_rng([config.seed, _stable_hash(key), 1])
         lo, hi = config.mean_gbps
@@ -94,7 +104,7 @@ def scaled_trace(trace: Trace, key: str, config: SimulationConfig) -> tuple[Trac
             raise ValueError(f"trace {trace.name!r} ({trace.source}) has zero mean bandwidth; "
                              "cannot scale it")
         factor = target / trace.mean_bps
-    return trace.scaled(factor), factor
+    return factor
 
 
 def plan_sessions(trace: Trace, trace_index: int, key: str,
@@ -191,6 +201,8 @@ def run_trace_task(task: TraceTask, registry: PolicyRegistry | None = None) -> T
                 menus = build_menus(profile, shape, setup.context_tokens, config.chunk_tokens, cost,
                                     levels=config.levels, decode_speeds=speeds,
                                     default_decode_speed=default_speed)
+                if config.gpu_share != 1.0:
+                    menus = with_recompute_scale(menus, 1.0 / config.gpu_share)
                 menus_by_length[setup.context_tokens] = menus
             for spec in config.policies:
                 try:
