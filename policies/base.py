@@ -133,6 +133,12 @@ class ThroughputSample:
         """Goodput of this transfer in bits/s (RTT included in the duration, as a client measures it)."""
         return self.nbytes * 8.0 / max(self.end_s - self.start_s, 1e-12)
 
+    def payload_bps(self, rtt_s: float) -> float:
+        """Throughput of the payload alone: the duration less the request's round trip `rtt_s` (bits/s). A
+        model that charges the RTT once per request divides bytes by this one, not by `throughput_bps`."""
+        duration = self.end_s - self.start_s
+        return self.nbytes * 8.0 / max(duration - rtt_s, 1e-3 * duration, 1e-12)
+
 
 @dataclass(frozen=True, slots=True)
 class Observation:
@@ -151,7 +157,9 @@ class Observation:
     compute_idle: bool
     """True when the compute unit has nothing queued or running."""
     link_busy_until_s: float
-    """Engine's estimate of when queued transfers end (``now_s`` when idle), from the last throughput."""
+    """Engine's estimate of when queued transfers end (``now_s`` when idle): one RTT per request plus the bytes
+    at the last transfer's payload throughput (`ThroughputSample.payload_bps`; the session's prior before the
+    first transfer)."""
     decoder_free_at_s: float
     """When the decoder finishes the work queued on it (known exactly: decode times are on the menu)."""
     compute_free_at_s: float

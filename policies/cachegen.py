@@ -60,8 +60,7 @@ def cachegen_levels(menus: Sequence[ChunkMenu], mode: str = "cachegen") -> tuple
 
 def payload_throughput_bps(sample: ThroughputSample, rtt_s: float) -> float:
     """A transfer's throughput with the request's RTT taken out (bits/s)."""
-    duration = sample.end_s - sample.start_s
-    return sample.nbytes * 8.0 / max(duration - rtt_s, 1e-3 * duration, 1e-12)
+    return sample.payload_bps(rtt_s)
 
 
 class CacheGenPolicy(Policy):

@@ -239,8 +239,9 @@ class _DryRun:
         now, menus = self.now, self.menus
         link_until = now
         if not self.link_idle():
-            bps = self.samples[-1].throughput_bps if self.samples else self.session.prior_throughput_bps
             rtt = self.session.rtt_s
+            # payload throughput of the last transfer (RTT out: `duration` adds it once per request)
+            bps = self.samples[-1].payload_bps(rtt) if self.samples else self.session.prior_throughput_bps
 
             def duration(chunk: int) -> float:
                 return rtt + (menus[chunk].option(self.actions[chunk]).nbytes * 8.0 / bps if bps else 0.0)

@@ -466,8 +466,10 @@ class StreamingEngine:
         link_until = now
         if self._inflight or self._link_queue:
             samples = self._samples
-            est = samples[-1].throughput_bps if samples else self.prior_throughput_bps
             rtt = self.link.rtt_s
+            # the last transfer's payload throughput: its duration less the RTT, which is charged per request
+            # below (the sample's own throughput includes the RTT; using it would count the RTT twice)
+            est = samples[-1].payload_bps(rtt) if samples else self.prior_throughput_bps
             queued = list(self._link_queue)
             if self._inflight:  # transfers in flight share the link: all done after their bytes in sum
                 first = self.records[self._inflight[0]]
