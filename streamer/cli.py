@@ -102,9 +102,10 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
             help="kvcast-host-profile/1 JSON (kvcast calibrate host): this host's prefill cost and decode "
                  "speeds replace --gpu/--recompute and the profile's decode speeds.")] = _SIM.host_profile,
         levels: Annotated[str | None, typer.Option(
-            help="Codec levels on the menu, comma-separated, united: a set (all, cachegen = raw, int8, "
-                 "cachegen-N; kvcast = raw, int8, kvcast-N) or level names. Default: all. cachegen and "
-                 "cachegen-code only use CacheGen's own levels of it.")]
+            help="Codec levels on the menu, comma-separated, united: a set (all; cachegen = cachegen-N, "
+                 "CacheGen's menu; kvcast = kvcast-N; baselines = raw, int8) or level names. Default: all. "
+                 "cachegen and cachegen-code only use CacheGen's own levels of it; on a set of one codec "
+                 "every controller has the same levels.")]
         = _SIM.levels,
         chunk_tokens: Annotated[int, typer.Option(help="Tokens per chunk.")] = _SIM.chunk_tokens,
         context_tokens: Annotated[str, typer.Option(
@@ -220,7 +221,7 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         seed: Annotated[int, typer.Option(help="Seed of the sessions and of the enumerated subset.")]
         = _mpc.seed,
         levels: Annotated[str, typer.Option(
-            help="Menu levels: a set (all, cachegen, kvcast) or level names, comma-separated.")]
+            help="Menu levels: a set (all, cachegen, kvcast, baselines) or level names, comma-separated.")]
         = _mpc.levels,
         out: Annotated[Path | None, typer.Option(help="Also write the JSON to this file.")] = None,
     ) -> None:

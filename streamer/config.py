@@ -38,9 +38,11 @@ class SimulationConfig:
     decode speeds replace the recompute cost table (`gpu`, `recompute`) and the profile's decode speeds, so a
     simulation models the same host as a live session."""
     levels: tuple[str, ...] | None = None
-    """The codec levels on the menu: set names (``all``, ``cachegen``, ``kvcast``; `kvcast.streamer.menus.LEVEL_SETS`)
-    and level names of the profile, united, kept in the profile's order (None: all). The CacheGen controllers
-    use only CacheGen's own levels of the menu; `mpc`, `hybrid` and `oracle` use all of it."""
+    """The codec levels on the menu: set names (``all``, ``cachegen``, ``kvcast``, ``baselines``;
+    `kvcast.streamer.menus.LEVEL_SETS`) and level names of the profile, united, kept in the profile's order (None:
+    all). The CacheGen controllers use only CacheGen's own levels of the menu; the other controllers use all of
+    it. So on ``("cachegen",)`` (CacheGen's menu: cachegen-3..1) or ``("kvcast",)`` every controller has the same
+    levels; on the default (all) CacheGen's controllers have CacheGen's levels and the others every level."""
     chunk_tokens: int = 1536
     """Tokens per chunk (CacheGen used ~1.5K)."""
     context_tokens: tuple[int, int] = (12288, 20480)

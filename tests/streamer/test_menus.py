@@ -144,17 +144,19 @@ def test_menus_use_measured_gpu_decode_speed_and_level_restriction():
 def test_level_sets_pick_menus_in_the_profile_order():
     p = default_profile()
     assert resolve_levels(p, None) == resolve_levels(p, "all") == p.level_names
-    assert resolve_levels(p, "cachegen") == ("raw", "int8", "cachegen-3", "cachegen-2", "cachegen-1")
-    assert resolve_levels(p, "kvcast") == ("raw", "int8", "kvcast-4", "kvcast-3", "kvcast-2", "kvcast-1")
+    # one codec's set is that codec's levels only: every controller on it has the same menu
+    assert resolve_levels(p, "cachegen") == ("cachegen-3", "cachegen-2", "cachegen-1")
+    assert resolve_levels(p, "kvcast") == ("kvcast-4", "kvcast-3", "kvcast-2", "kvcast-1")
+    assert resolve_levels(p, "baselines") == ("raw", "int8")
     # sets and names unite, in the profile's order
-    assert resolve_levels(p, "cachegen-delta-3,cachegen") == ("raw", "int8", "cachegen-delta-3", "cachegen-3",
-                                                              "cachegen-2", "cachegen-1")
+    assert resolve_levels(p, "cachegen-delta-3,cachegen,baselines") == ("raw", "int8", "cachegen-delta-3",
+                                                                        "cachegen-3", "cachegen-2", "cachegen-1")
     assert resolve_levels(p, ("kvcast-2", "raw")) == ("raw", "kvcast-2")
-    assert set(LEVEL_SETS) == {"all", "cachegen", "kvcast"}
+    assert set(LEVEL_SETS) == {"all", "cachegen", "kvcast", "baselines"}
     menus = build_menus(p, ModelShape.named("mistral-7b"), 4000, 1536, recompute_cost("h100/mistral-7b"),
                         levels="kvcast")
     assert [o.level for o in menus[0].levels] == list(resolve_levels(p, "kvcast"))
-    with pytest.raises(ProfileError, match="no level 'zstd'.*or a set: all, cachegen, kvcast"):
+    with pytest.raises(ProfileError, match="no level 'zstd'.*or a set: all, cachegen, kvcast, baselines"):
         resolve_levels(p, "zstd")
     only_cachegen = p.restricted(["raw", "cachegen-2"])
     with pytest.raises(ProfileError, match="no level of the set 'kvcast'"):
