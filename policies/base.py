@@ -64,6 +64,12 @@ from typing import ClassVar
 TEXT = "text"
 """Action name: recompute the chunk's KV from its text on the compute unit."""
 
+DEFAULT_LOSSY_PREFIX_RATIO = 0.0
+"""`Session.lossy_prefix_ratio` when the profile measures none: 0, a text chunk scores as lossless whatever
+precedes it (the convention of CacheGen's artifact, which simulates text with the lossless KV). Unmeasured: a
+profile that measures the ratio (the continuation's loss when a chunk is recomputed over a prefix loaded at a
+level, over that level's own loss) replaces it."""
+
 
 @dataclass(frozen=True, slots=True)
 class LevelOption:
@@ -117,6 +123,10 @@ class Session:
     ``needs_future = True`` and the link can tell the future (the simulator can, a real network cannot)."""
     future_transfer_end_s: Callable[[float, int], float] | None = None
     """Oracle only: time at which a transfer of ``nbytes`` started alone at time ``t`` completes."""
+    lossy_prefix_ratio: float = DEFAULT_LOSSY_PREFIX_RATIO
+    """How a text chunk is scored (`chunk_quality_losses`): its KV is recomputed exactly, but over the KV of the
+    chunks before it, so its quality loss is this ratio times their token-weighted mean loss. From the codec
+    profile (``lossy_prefix_ratio``) where it has one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +266,37 @@ def validate_decision(obs: Observation, decision: object, label: str | None = No
             return option
     raise PolicyError(f"policy {label!r} chose level {action!r} for chunk {chunk} at t={now:.6g} s; "
                       f"the menu has {[o.level for o in menu.levels]} and {TEXT!r}")
+
+
+def chunk_quality_losses(menus: Sequence[ChunkMenu], actions: Sequence[str | None],
+                         lossy_prefix_ratio: float = DEFAULT_LOSSY_PREFIX_RATIO) -> list[float]:
+    """Per chunk, the quality loss of its action (0 for an undecided chunk).
+
+    A loaded chunk has its level's loss. A text chunk's KV is recomputed exactly but attends to the KV of the
+    chunks before it, so it inherits part of their error: its loss is ``lossy_prefix_ratio`` times the
+    token-weighted mean loss of chunks ``0..i-1`` (text chunks among them counted with their own such loss; 0
+    for a text chunk with a lossless or text-only prefix, and for chunk 0).
+
+    >>> opts = (LevelOption("q", 1, 0.0, 0.1),)
+    >>> menus = tuple(ChunkMenu(i, 100 * i, 100, opts, 0.1) for i in range(3))
+    >>> chunk_quality_losses(menus, ["q", TEXT, TEXT], 0.5)
+    [0.1, 0.05, 0.0375]
+    >>> chunk_quality_losses(menus, [TEXT, TEXT, "q"], 0.5)
+    [0.0, 0.0, 0.1]
+    """
+    losses = []
+    prefix_loss = prefix_tokens = 0.0
+    for menu, action in zip(menus, actions):
+        if action is None:
+            loss = 0.0
+        elif action == TEXT:
+            loss = lossy_prefix_ratio * prefix_loss / prefix_tokens if prefix_tokens and prefix_loss else 0.0
+        else:
+            loss = menu.option(action).quality_loss
+        losses.append(loss)
+        prefix_loss += loss * menu.tokens
+        prefix_tokens += menu.tokens
+    return losses
 
 
 def _head(items: Sequence[int], k: int = 8) -> str:

@@ -150,7 +150,8 @@ class _DryRun:
         return DryRunResult(actions=tuple(self.actions), decision_order=tuple(self.order),
                             decision_times_s=tuple(self.decided_at), ready_s=ready, ttft_s=ttft,
                             slo_met=ttft <= self.session.slo_s,
-                            quality_loss=session_quality_loss(self.menus, self.actions),
+                            quality_loss=session_quality_loss(self.menus, self.actions,
+                                                                 session.lossy_prefix_ratio),
                             decisions=self.decisions, samples=tuple(self.samples))
 
     def schedule(self, t: float, kind: int, chunk: int) -> None:

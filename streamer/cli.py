@@ -126,6 +126,9 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         query_prefill: Annotated[float, typer.Option(help="Query prefill added to TTFT (s).")]
         = _SIM.query_prefill_s,
         seed: Annotated[int, typer.Option(help="Seed of contexts, offsets and scaling.")] = _SIM.seed,
+        lossy_prefix_ratio: Annotated[float | None, typer.Option(
+            help="A text chunk recomputed over lossy chunks scores this ratio times their mean loss. Default: "
+                 "the profile's lossy_prefix_ratio, else 0 (lossless).")] = _SIM.lossy_prefix_ratio,
         workers: Annotated[int, typer.Option(help="Worker processes (0: one per CPU).")] = 0,
         on_bad_trace: Annotated[str, typer.Option(help="error: stop at a malformed trace file; skip: report "
                                                        "and skip it.")] = "error",
@@ -153,7 +156,8 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
                 contexts=contexts, slo_s=slo, scaling=scaling,
                 mean_gbps=_range(mean_gbps, "--mean-gbps", float),
                 rtt_s=rtt_ms / 1e3, efficiency=efficiency, overhead_bytes=overhead_bytes,
-                prior_window_s=prior_window, query_prefill_s=query_prefill, seed=seed)
+                prior_window_s=prior_window, query_prefill_s=query_prefill, seed=seed,
+                lossy_prefix_ratio=lossy_prefix_ratio)
             _check_config(config)
         except (ValueError, KeyError) as exc:
             fail(str(exc))

@@ -70,6 +70,10 @@ class SimulationConfig:
     """Prefill of the query after the context is loaded (policy-independent; added to TTFT)."""
     seed: int = 0
     """Seed of the contexts (lengths, start offsets) and of the trace scaling."""
+    lossy_prefix_ratio: float | None = None
+    """How a text chunk recomputed over lossy chunks is scored: this ratio times their token-weighted mean loss
+    (`kvcast.policies.base.chunk_quality_losses`). None: the profile's ``lossy_prefix_ratio``, or
+    `kvcast.policies.base.DEFAULT_LOSSY_PREFIX_RATIO` (0, lossless) where the profile has none."""
 
     def __post_init__(self) -> None:
         if not self.policies:
@@ -85,6 +89,9 @@ class SimulationConfig:
         if not 0 < lo_g <= hi_g:
             raise ValueError(f"mean_gbps must be 0 < low <= high, got {self.mean_gbps}")
         self.scale_factor_or_none()
+        ratio = self.lossy_prefix_ratio
+        if ratio is not None and not (ratio >= 0 and math.isfinite(ratio)):
+            raise ValueError(f"lossy_prefix_ratio must be finite and >= 0, got {ratio}")
 
     def scale_factor_or_none(self) -> float | None:
         """The factor of ``scaling="factor:X"``; None for the other modes (ValueError if malformed)."""
@@ -120,6 +127,16 @@ class SimulationConfig:
         from kvcast.streamer.profile import Profile, default_profile
 
         return default_profile() if self.profile is None else Profile.load(self.profile)
+
+    def resolved_lossy_prefix_ratio(self, profile: Profile) -> float:
+        """`lossy_prefix_ratio`, else `profile`'s, else the default (0)."""
+        from kvcast.policies.base import DEFAULT_LOSSY_PREFIX_RATIO
+
+        if self.lossy_prefix_ratio is not None:
+            return self.lossy_prefix_ratio
+        if profile.lossy_prefix_ratio is not None:
+            return profile.lossy_prefix_ratio
+        return DEFAULT_LOSSY_PREFIX_RATIO
 
     def to_json_dict(self) -> dict[str, Any]:
         return asdict(self)

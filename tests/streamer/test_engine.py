@@ -308,3 +308,25 @@ def test_link_busy_estimate_counts_the_round_trip_once(executor):
     obs = policy.watched
     assert obs.now_s == pytest.approx(1.5) and obs.actions[:2] == ("small", "small")
     assert obs.link_busy_until_s == pytest.approx(3.0)
+
+
+def test_a_text_chunk_over_a_lossy_prefix_scores_part_of_its_loss():
+    plan = [(0, "small"), (1, TEXT), (2, "small")]
+    lossless = run(QueuedPlan(plan), big_small_menus(3), rtt_s=0.1)
+    assert [c.quality_loss for c in lossless.chunks] == [0.01, 0.0, 0.01]  # the default: text is exact
+    loop = VirtualTimeLoop()
+    link = SimPyLink(loop.env, ONE_MB_PER_S, rtt_s=0.1)
+    engine = StreamingEngine(QueuedPlan(plan), big_small_menus(3), link, slo_s=10.0, lossy_prefix_ratio=0.5)
+    scored = loop.run_until_complete(engine.run())
+    assert [c.quality_loss for c in scored.chunks] == pytest.approx([0.01, 0.005, 0.01])
+    assert scored.quality_loss == pytest.approx(0.025 / 3)
+    assert scored.ttft_s == lossless.ttft_s  # scoring only
+    from kvcast.policies.base import Session
+    from kvcast.policies.dryrun import dry_run
+    from kvcast.policies.planning import ConstantThroughput
+
+    dry = dry_run(QueuedPlan(plan), Session(big_small_menus(3), slo_s=10.0, rtt_s=0.1, lossy_prefix_ratio=0.5),
+                  ConstantThroughput(8e6, 0.1))
+    assert dry.quality_loss == pytest.approx(scored.quality_loss)
+    with pytest.raises(ValueError, match="lossy_prefix_ratio"):
+        StreamingEngine(QueuedPlan(plan), big_small_menus(3), link, slo_s=1.0, lossy_prefix_ratio=-1.0)

@@ -161,3 +161,23 @@ def test_level_sets_pick_menus_in_the_profile_order():
     only_cachegen = p.restricted(["raw", "cachegen-2"])
     with pytest.raises(ProfileError, match="no level of the set 'kvcast'"):
         resolve_levels(only_cachegen, "kvcast")
+
+
+def test_profile_lossy_prefix_ratio_is_read_checked_and_resolved(tmp_path):
+    from kvcast.streamer.config import SimulationConfig
+
+    p = default_profile()
+    assert p.lossy_prefix_ratio is None  # not measured yet: the simulator scores text as lossless
+    assert SimulationConfig().resolved_lossy_prefix_ratio(p) == 0.0
+    data = p.to_json_dict()
+    data["lossy_prefix_ratio"] = 0.4
+    measured = Profile.from_json_dict(data, "x.json")
+    assert measured.lossy_prefix_ratio == 0.4 and measured.restricted(["raw"]).lossy_prefix_ratio == 0.4
+    assert Profile.from_json_dict(measured.to_json_dict()).lossy_prefix_ratio == 0.4
+    assert SimulationConfig().resolved_lossy_prefix_ratio(measured) == 0.4
+    assert SimulationConfig(lossy_prefix_ratio=1.0).resolved_lossy_prefix_ratio(measured) == 1.0
+    data["lossy_prefix_ratio"] = -0.1
+    with pytest.raises(ProfileError, match="x.json: 'lossy_prefix_ratio' must be >= 0"):
+        Profile.from_json_dict(data, "x.json")
+    with pytest.raises(ValueError, match="lossy_prefix_ratio"):
+        SimulationConfig(lossy_prefix_ratio=math.inf)
