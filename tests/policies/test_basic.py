@@ -66,7 +66,7 @@ def test_builtin_policies_are_imported_only_when_created():
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     data = json.loads(out)
     assert set(data["builtin"]) == {"fixed", "raw", "text", "cachegen", "cachegen-code", "mpc", "hybrid",
-                                    "oracle"}
+                                    "oracle", "cake", "cake-cachegen", "rate", "slack"}
     assert set(data["builtin"]) <= set(data["names"])
     assert data["policy"] == "TextPolicy"
     for module in ("text", "fixed", "cachegen", "mpc", "hybrid", "oracle", "planning"):
