@@ -65,6 +65,10 @@ class SlackPolicy(InOrderPolicy):
         self.ladder = size_ladder(session.menus, undominated_levels(session.menus))
         """The levels, smallest (worst) first."""
         self.chunk_share_s = session.slo_s / len(session.menus)
+        menus, low = session.menus, self.ladder[0]
+        self._suffix_bits = [0.0] * (len(menus) + 1)  # bits of chunks i..n-1 at the smallest level
+        for i in range(len(menus) - 1, -1, -1):
+            self._suffix_bits[i] = self._suffix_bits[i + 1] + menus[i].option(low).nbytes * 8.0
 
     def estimate_bps(self, obs: Observation) -> float | None:
         """Harmonic mean of the last `window` payload throughputs (the prior before any)."""
@@ -79,8 +83,11 @@ class SlackPolicy(InOrderPolicy):
     def slack_ratio(self, obs: Observation, bps: float) -> float:
         """``x``: the slack per remaining chunk over a chunk's share of the SLO (see the module docstring)."""
         menus, pending, low = obs.menus, obs.pending, self.ladder[0]
-        work = sum(self.rtt_s + menus[j].option(low).nbytes * 8.0 / bps for j in pending)
-        work += menus[pending[-1]].option(low).decode_s
+        if pending[-1] == len(menus) - 1 and pending[-1] - pending[0] + 1 == len(pending):  # a suffix
+            bits = self._suffix_bits[pending[0]]
+        else:
+            bits = sum(menus[j].option(low).nbytes * 8.0 for j in pending)
+        work = self.rtt_s * len(pending) + bits / bps + menus[pending[-1]].option(low).decode_s
         slack = obs.slo_s - max(obs.now_s, obs.link_busy_until_s) - work
         return slack / len(pending) / self.chunk_share_s
 
