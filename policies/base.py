@@ -64,6 +64,12 @@ from typing import ClassVar
 TEXT = "text"
 """Action name: recompute the chunk's KV from its text on the compute unit."""
 
+DEFAULT_LOSSY_PREFIX_RATIO = 0.0
+"""`Session.lossy_prefix_ratio` when the profile measures none: 0, a text chunk scores as lossless whatever
+precedes it (the convention of CacheGen's artifact, which simulates text with the lossless KV). Unmeasured: a
+profile that measures the ratio (the continuation's loss when a chunk is recomputed over a prefix loaded at a
+level, over that level's own loss) replaces it."""
+
 
 @dataclass(frozen=True, slots=True)
 class LevelOption:
@@ -117,6 +123,10 @@ class Session:
     ``needs_future = True`` and the link can tell the future (the simulator can, a real network cannot)."""
     future_transfer_end_s: Callable[[float, int], float] | None = None
     """Oracle only: time at which a transfer of ``nbytes`` started alone at time ``t`` completes."""
+    lossy_prefix_ratio: float = DEFAULT_LOSSY_PREFIX_RATIO
+    """How a text chunk is scored (`chunk_quality_losses`): its KV is recomputed exactly, but over the KV of the
+    chunks before it, so its quality loss is this ratio times their token-weighted mean loss. From the codec
+    profile (``lossy_prefix_ratio``) where it has one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +142,12 @@ class ThroughputSample:
     def throughput_bps(self) -> float:
         """Goodput of this transfer in bits/s (RTT included in the duration, as a client measures it)."""
         return self.nbytes * 8.0 / max(self.end_s - self.start_s, 1e-12)
+
+    def payload_bps(self, rtt_s: float) -> float:
+        """Throughput of the payload alone: the duration less the request's round trip `rtt_s` (bits/s). A
+        model that charges the RTT once per request divides bytes by this one, not by `throughput_bps`."""
+        duration = self.end_s - self.start_s
+        return self.nbytes * 8.0 / max(duration - rtt_s, 1e-3 * duration, 1e-12)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +167,9 @@ class Observation:
     compute_idle: bool
     """True when the compute unit has nothing queued or running."""
     link_busy_until_s: float
-    """Engine's estimate of when queued transfers end (``now_s`` when idle), from the last throughput."""
+    """Engine's estimate of when queued transfers end (``now_s`` when idle): one RTT per request plus the bytes
+    at the last transfer's payload throughput (`ThroughputSample.payload_bps`; the session's prior before the
+    first transfer)."""
     decoder_free_at_s: float
     """When the decoder finishes the work queued on it (known exactly: decode times are on the menu)."""
     compute_free_at_s: float
@@ -248,6 +266,37 @@ def validate_decision(obs: Observation, decision: object, label: str | None = No
             return option
     raise PolicyError(f"policy {label!r} chose level {action!r} for chunk {chunk} at t={now:.6g} s; "
                       f"the menu has {[o.level for o in menu.levels]} and {TEXT!r}")
+
+
+def chunk_quality_losses(menus: Sequence[ChunkMenu], actions: Sequence[str | None],
+                         lossy_prefix_ratio: float = DEFAULT_LOSSY_PREFIX_RATIO) -> list[float]:
+    """Per chunk, the quality loss of its action (0 for an undecided chunk).
+
+    A loaded chunk has its level's loss. A text chunk's KV is recomputed exactly but attends to the KV of the
+    chunks before it, so it inherits part of their error: its loss is ``lossy_prefix_ratio`` times the
+    token-weighted mean loss of chunks ``0..i-1`` (text chunks among them counted with their own such loss; 0
+    for a text chunk with a lossless or text-only prefix, and for chunk 0).
+
+    >>> opts = (LevelOption("q", 1, 0.0, 0.1),)
+    >>> menus = tuple(ChunkMenu(i, 100 * i, 100, opts, 0.1) for i in range(3))
+    >>> chunk_quality_losses(menus, ["q", TEXT, TEXT], 0.5)
+    [0.1, 0.05, 0.0375]
+    >>> chunk_quality_losses(menus, [TEXT, TEXT, "q"], 0.5)
+    [0.0, 0.0, 0.1]
+    """
+    losses = []
+    prefix_loss = prefix_tokens = 0.0
+    for menu, action in zip(menus, actions):
+        if action is None:
+            loss = 0.0
+        elif action == TEXT:
+            loss = lossy_prefix_ratio * prefix_loss / prefix_tokens if prefix_tokens and prefix_loss else 0.0
+        else:
+            loss = menu.option(action).quality_loss
+        losses.append(loss)
+        prefix_loss += loss * menu.tokens
+        prefix_tokens += menu.tokens
+    return losses
 
 
 def _head(items: Sequence[int], k: int = 8) -> str:

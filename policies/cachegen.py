@@ -9,13 +9,15 @@ Predicted finish time at level ``l`` (``P`` = undecided chunks, ``tput`` = estim
 
     now + sum_{j in P} (rtt + bytes_j(l) * 8 / tput) + decode_s of the last chunk  <=  SLO
 
-Levels. To stay faithful, by default it only uses CacheGen's own levels (`CACHEGEN_LEVELS`: ``raw`` and
-``cachegen-3``, ``-2``, ``-1``) among those on the menu, and text; the other levels a simulation offers
-(``int8``, ``cachegen-delta-*``, ``kvcast-*``) are for the planning controllers. "Highest quality" means the
-least quality loss (the menu's order is not monotone in quality or size); "most compressed" the fewest
-bytes. A menu with none of ``cachegen-1..3`` (a custom profile, or ``kvcast simulate --levels kvcast``) is
-not CacheGen's: then the rule runs on the menu's own levels, i.e. CacheGen's controller with another codec.
-``levels=menu`` asks for that on any menu.
+Levels. To stay faithful, by default it only uses CacheGen's own levels (`CACHEGEN_LEVELS`: ``cachegen-3``,
+``-2``, ``-1``) among those on the menu, and text: CacheGen's code tries its levels 3, 2, 1 and never the
+uncompressed KV (``reference/streaming-and-policies.md`` section 1.2), so ``raw`` is not tried; the other
+levels a simulation offers (``raw``, ``int8``, ``cachegen-delta-*``, ``kvcast-*``) are not CacheGen's. On
+CacheGen's menu (``kvcast simulate --levels cachegen``: exactly those three levels) every controller then
+chooses among the same levels. "Highest quality" means the least quality loss (the menu's order is not
+monotone in quality or size); "most compressed" the fewest bytes. A menu with none of ``cachegen-1..3`` (a
+custom profile, or ``kvcast simulate --levels kvcast``) is not CacheGen's: then the rule runs on the menu's
+own levels, i.e. CacheGen's controller with another codec. ``levels=menu`` asks for that on any menu.
 
 Arguments: ``cachegen:<window>`` or ``cachegen:window=<n>+levels=<cachegen|menu>``. `window` takes the
 harmonic mean of the last `window` chunks' throughputs (default 1, the previous chunk). Throughput samples
@@ -40,8 +42,9 @@ from kvcast.policies.base import (
     smallest,
 )
 
-CACHEGEN_LEVELS = ("raw", "cachegen-3", "cachegen-2", "cachegen-1")
-"""The levels CacheGen's controllers choose from (its three encoding levels, and the uncompressed KV)."""
+CACHEGEN_LEVELS = ("cachegen-3", "cachegen-2", "cachegen-1")
+"""The levels CacheGen's controllers choose from: its three encoding levels, tried 3 -> 2 -> 1 in its code (the
+uncompressed KV is never tried)."""
 
 
 def cachegen_levels(menus: Sequence[ChunkMenu], mode: str = "cachegen") -> tuple[str, ...]:
@@ -53,15 +56,14 @@ def cachegen_levels(menus: Sequence[ChunkMenu], mode: str = "cachegen") -> tuple
     names = level_names(menus)
     if mode == "cachegen":
         own = tuple(n for n in names if n in CACHEGEN_LEVELS)
-        if any(n != "raw" for n in own):
+        if own:
             names = own
     return by_quality(menus, names)
 
 
 def payload_throughput_bps(sample: ThroughputSample, rtt_s: float) -> float:
     """A transfer's throughput with the request's RTT taken out (bits/s)."""
-    duration = sample.end_s - sample.start_s
-    return sample.nbytes * 8.0 / max(duration - rtt_s, 1e-3 * duration, 1e-12)
+    return sample.payload_bps(rtt_s)
 
 
 class CacheGenPolicy(Policy):

@@ -150,7 +150,8 @@ class _DryRun:
         return DryRunResult(actions=tuple(self.actions), decision_order=tuple(self.order),
                             decision_times_s=tuple(self.decided_at), ready_s=ready, ttft_s=ttft,
                             slo_met=ttft <= self.session.slo_s,
-                            quality_loss=session_quality_loss(self.menus, self.actions),
+                            quality_loss=session_quality_loss(self.menus, self.actions,
+                                                                 session.lossy_prefix_ratio),
                             decisions=self.decisions, samples=tuple(self.samples))
 
     def schedule(self, t: float, kind: int, chunk: int) -> None:
@@ -239,8 +240,9 @@ class _DryRun:
         now, menus = self.now, self.menus
         link_until = now
         if not self.link_idle():
-            bps = self.samples[-1].throughput_bps if self.samples else self.session.prior_throughput_bps
             rtt = self.session.rtt_s
+            # payload throughput of the last transfer (RTT out: `duration` adds it once per request)
+            bps = self.samples[-1].payload_bps(rtt) if self.samples else self.session.prior_throughput_bps
 
             def duration(chunk: int) -> float:
                 return rtt + (menus[chunk].option(self.actions[chunk]).nbytes * 8.0 / bps if bps else 0.0)

@@ -43,6 +43,10 @@ BUILTIN_POLICIES: Mapping[str, str] = {
     "hybrid": "kvcast.policies.hybrid:HybridPolicy",
     "oracle": "kvcast.policies.oracle:OraclePolicy",
     "learned": "kvcast.policies.learned:LearnedPolicy",
+    "cake": "kvcast.policies.cake:CakePolicy",
+    "cake-cachegen": "kvcast.policies.cake_cachegen:CakeCacheGenPolicy",
+    "rate": "kvcast.policies.rate:RatePolicy",
+    "slack": "kvcast.policies.slack:SlackPolicy",
 }
 """kvcast's own policies: spec name -> ``"module:attribute"`` of the factory (a Policy subclass), imported by
 `PolicyRegistry.create` on first use. Adding a built-in policy is one module and one line here."""

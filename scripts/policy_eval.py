@@ -6,8 +6,11 @@ Runs ``kvcast simulate`` over the real traces of ``../shared/traces`` (FCC, Norw
 12-20K-token contexts, H100 recompute costs, the shipped (measured) codec profile and the default 0.6 s SLO
 (text-only misses it in ~90% of sessions), once per *menu* (``--levels`` of ``kvcast simulate``):
 
-* ``cachegen``: raw, int8 and CacheGen's levels cachegen-3, -2, -1;
-* ``kvcast``: raw, int8 and kvcast's levels kvcast-4, -3, -2, -1.
+* ``cachegen``: CacheGen's levels cachegen-3, -2, -1 (CacheGen's menu);
+* ``kvcast``: kvcast's levels kvcast-4, -3, -2, -1.
+
+Each menu is one codec's levels only, so every controller on it chooses among the same levels; the ``raw``
+baseline runs only on a menu that has ``raw``.
 
 Every menu runs on the same (trace, context) sessions (same seed), so comparisons across menus are paired
 too. The CacheGen controllers (``cachegen``, ``cachegen-code``) use CacheGen's levels; on the kvcast menu,
@@ -57,7 +60,12 @@ def source_of(row: dict) -> str:
 
 
 def menu_policies(menu: str, same_mu_weight: float | None) -> tuple[str, ...]:
-    policies = tuple(p.format(fixed=FIXED_LEVEL.get(menu, "raw")) for p in BASE_POLICIES)
+    from kvcast.streamer.menus import resolve_levels
+    from kvcast.streamer.profile import default_profile
+
+    on_menu = set(resolve_levels(default_profile(), menu))
+    policies = tuple(p.format(fixed=FIXED_LEVEL.get(menu, "raw")) for p in BASE_POLICIES
+                     if p != "raw" or "raw" in on_menu)
     if same_mu_weight is not None:
         policies += (f"mpc:weight={same_mu_weight:.4g}",)
     return policies

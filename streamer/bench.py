@@ -7,7 +7,8 @@
 * `bench_mpc`: `mpc`'s exact search against full enumeration. The inputs are the planning problems `mpc`
   meets in real sessions of `SimulationConfig`'s defaults (Mistral-7B chunks of 12-20K-token contexts, the
   measured H100 recompute costs, a 0.6 s SLO) on the shipped default traces, with the profile's ``kvcast``
-  level set by default (raw, int8, kvcast-4..1: six levels plus text, 7**5 = 16,807 plans per decision).
+  and ``baselines`` level sets by default (raw, int8, kvcast-4..1: six levels plus text, 7**5 = 16,807 plans per
+  decision).
   Every decision's problem is recorded once; full enumeration (RobustMPC's search,
   `kvcast.policies.mpc.enumerate_plan`) and the branch-and-bound (`kvcast.policies.mpc.search_plan`) solve
   the *same* problems and their plans are compared. Whole `decide` calls (state estimate, problem set-up,
@@ -82,8 +83,8 @@ class MpcBenchSettings:
     """Timed repeats; the median is reported."""
     seed: int = 0
     """Seed of the sessions and of the enumerated subset."""
-    levels: str = "kvcast"
-    """Menu levels: a set (all, cachegen, kvcast) or level names, comma-separated."""
+    levels: str = "kvcast,baselines"
+    """Menu levels: sets (all, cachegen, kvcast, baselines) or level names, comma-separated."""
     options: str = ""
     """`mpc`'s spec argument, e.g. ``objective=ttft+quality_budget=0.01`` (empty: the defaults)."""
 

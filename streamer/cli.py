@@ -103,9 +103,10 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
             help="kvcast-host-profile/1 JSON (kvcast calibrate host): this host's prefill cost and decode "
                  "speeds replace --gpu/--recompute and the profile's decode speeds.")] = _SIM.host_profile,
         levels: Annotated[str | None, typer.Option(
-            help="Codec levels on the menu, comma-separated, united: a set (all, cachegen = raw, int8, "
-                 "cachegen-N; kvcast = raw, int8, kvcast-N) or level names. Default: all. cachegen and "
-                 "cachegen-code only use CacheGen's own levels of it.")]
+            help="Codec levels on the menu, comma-separated, united: a set (all; cachegen = cachegen-N, "
+                 "CacheGen's menu; kvcast = kvcast-N; baselines = raw, int8) or level names. Default: all. "
+                 "cachegen and cachegen-code only use CacheGen's own levels of it; on a set of one codec "
+                 "every controller has the same levels.")]
         = _SIM.levels,
         chunk_tokens: Annotated[int, typer.Option(help="Tokens per chunk.")] = _SIM.chunk_tokens,
         context_tokens: Annotated[str, typer.Option(
@@ -126,6 +127,9 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         query_prefill: Annotated[float, typer.Option(help="Query prefill added to TTFT (s).")]
         = _SIM.query_prefill_s,
         seed: Annotated[int, typer.Option(help="Seed of contexts, offsets and scaling.")] = _SIM.seed,
+        lossy_prefix_ratio: Annotated[float | None, typer.Option(
+            help="A text chunk recomputed over lossy chunks scores this ratio times their mean loss. Default: "
+                 "the profile's lossy_prefix_ratio, else 0 (lossless).")] = _SIM.lossy_prefix_ratio,
         workers: Annotated[int, typer.Option(help="Worker processes (0: one per CPU).")] = 0,
         on_bad_trace: Annotated[str, typer.Option(help="error: stop at a malformed trace file; skip: report "
                                                        "and skip it.")] = "error",
@@ -164,7 +168,8 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
                 contexts=contexts, slo_s=slo, scaling=scaling,
                 mean_gbps=_range(mean_gbps, "--mean-gbps", float),
                 rtt_s=rtt_ms / 1e3, efficiency=efficiency, overhead_bytes=overhead_bytes,
-                prior_window_s=prior_window, query_prefill_s=query_prefill, seed=seed)
+                prior_window_s=prior_window, query_prefill_s=query_prefill, seed=seed,
+                lossy_prefix_ratio=lossy_prefix_ratio)
             _check_config(config)
         except (ValueError, KeyError) as exc:
             fail(str(exc))
@@ -232,7 +237,7 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         seed: Annotated[int, typer.Option(help="Seed of the sessions and of the enumerated subset.")]
         = _mpc.seed,
         levels: Annotated[str, typer.Option(
-            help="Menu levels: a set (all, cachegen, kvcast) or level names, comma-separated.")]
+            help="Menu levels: a set (all, cachegen, kvcast, baselines) or level names, comma-separated.")]
         = _mpc.levels,
         options: Annotated[str, typer.Option(
             help="mpc's spec argument, e.g. objective=ttft+quality_budget=0.01 (default: none).")]

@@ -38,9 +38,11 @@ class SimulationConfig:
     decode speeds replace the recompute cost table (`gpu`, `recompute`) and the profile's decode speeds, so a
     simulation models the same host as a live session."""
     levels: tuple[str, ...] | None = None
-    """The codec levels on the menu: set names (``all``, ``cachegen``, ``kvcast``; `kvcast.streamer.menus.LEVEL_SETS`)
-    and level names of the profile, united, kept in the profile's order (None: all). The CacheGen controllers
-    use only CacheGen's own levels of the menu; `mpc`, `hybrid` and `oracle` use all of it."""
+    """The codec levels on the menu: set names (``all``, ``cachegen``, ``kvcast``, ``baselines``;
+    `kvcast.streamer.menus.LEVEL_SETS`) and level names of the profile, united, kept in the profile's order (None:
+    all). The CacheGen controllers use only CacheGen's own levels of the menu; the other controllers use all of
+    it. So on ``("cachegen",)`` (CacheGen's menu: cachegen-3..1) or ``("kvcast",)`` every controller has the same
+    levels; on the default (all) CacheGen's controllers have CacheGen's levels and the others every level."""
     chunk_tokens: int = 1536
     """Tokens per chunk (CacheGen used ~1.5K)."""
     context_tokens: tuple[int, int] = (12288, 20480)
@@ -74,6 +76,10 @@ class SimulationConfig:
     gpu_share: float = 1.0
     """Share of the GPU the recompute gets: every recompute time is divided by it (1: a dedicated GPU, 0.25: a
     quarter of it; a sweep axis of `kvcast sweep`). The policies see the slower recompute in their menus."""
+    lossy_prefix_ratio: float | None = None
+    """How a text chunk recomputed over lossy chunks is scored: this ratio times their token-weighted mean loss
+    (`kvcast.policies.base.chunk_quality_losses`). None: the profile's ``lossy_prefix_ratio``, or
+    `kvcast.policies.base.DEFAULT_LOSSY_PREFIX_RATIO` (0, lossless) where the profile has none."""
 
     def __post_init__(self) -> None:
         if not self.policies:
@@ -93,6 +99,9 @@ class SimulationConfig:
             value = getattr(self, key)
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{key} must be finite and > 0, got {value}")
+        ratio = self.lossy_prefix_ratio
+        if ratio is not None and not (ratio >= 0 and math.isfinite(ratio)):
+            raise ValueError(f"lossy_prefix_ratio must be finite and >= 0, got {ratio}")
 
     def scale_factor_or_none(self) -> float | None:
         """The factor of ``scaling="factor:X"``; None for the other modes (ValueError if malformed)."""
@@ -128,6 +137,16 @@ class SimulationConfig:
         from kvcast.streamer.profile import Profile, default_profile
 
         return default_profile() if self.profile is None else Profile.load(self.profile)
+
+    def resolved_lossy_prefix_ratio(self, profile: Profile) -> float:
+        """`lossy_prefix_ratio`, else `profile`'s, else the default (0)."""
+        from kvcast.policies.base import DEFAULT_LOSSY_PREFIX_RATIO
+
+        if self.lossy_prefix_ratio is not None:
+            return self.lossy_prefix_ratio
+        if profile.lossy_prefix_ratio is not None:
+            return profile.lossy_prefix_ratio
+        return DEFAULT_LOSSY_PREFIX_RATIO
 
     def to_json_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -34,6 +34,7 @@ from typing import Any
 
 from kvcast.netsim.link import ChunkRequest, Link, LinkFailure, TransferOutcome
 from kvcast.policies.base import (
+    DEFAULT_LOSSY_PREFIX_RATIO,
     TEXT,
     ChunkMenu,
     Decision,
@@ -43,6 +44,7 @@ from kvcast.policies.base import (
     PolicyStalled,
     Session,
     ThroughputSample,
+    chunk_quality_losses,
     validate_decision,
 )
 from kvcast.streamer.resources import Compute, Decoder, SimulatedCompute, SimulatedDecoder
@@ -113,7 +115,8 @@ class SessionResult:
     ttft_s: float
     """Time to first token: when the last chunk is ready, plus the query's prefill."""
     quality_loss: float
-    """Token-weighted mean quality loss of the chosen levels (text chunks count 0)."""
+    """Token-weighted mean quality loss of the chosen levels; a text chunk counts `Session.lossy_prefix_ratio`
+    times the mean loss of the chunks before it (0 by default: lossless)."""
     bytes_loaded: int
     """Payload bytes transferred."""
     wire_bytes: float
@@ -155,6 +158,8 @@ class StreamingEngine:
         label: the policy's name in the results (default: ``policy.name`` or its class name).
         decoder: the decoder (`kvcast.streamer.resources`); default simulated, timed by the menus.
         compute: the compute unit; default simulated, timed by the menus.
+        lossy_prefix_ratio: how text chunks are scored (`Session.lossy_prefix_ratio`,
+            `kvcast.policies.base.chunk_quality_losses`); the codec profile's, where it has one.
 
     With real resources (`Decoder`/`Compute` whose ``timed_by_menu`` is False) a chunk's decode or recompute
     ends when the resource calls back, not at a time the menu predicts; the menus' times then serve only as the
@@ -164,7 +169,8 @@ class StreamingEngine:
     def __init__(self, policy: Policy, menus: Sequence[ChunkMenu], link: Link, *, slo_s: float,
                  prior_throughput_bps: float | None = None, query_prefill_s: float = 0.0,
                  label: str | None = None, decoder: Decoder | None = None,
-                 compute: Compute | None = None) -> None:
+                 compute: Compute | None = None,
+                 lossy_prefix_ratio: float = DEFAULT_LOSSY_PREFIX_RATIO) -> None:
         if not menus:
             raise ValueError("a session needs at least one chunk")
         for i, menu in enumerate(menus):
@@ -172,6 +178,9 @@ class StreamingEngine:
                 raise ValueError(f"menus[{i}] has index {menu.index}; menus must be in chunk order from 0")
         if not (slo_s > 0 and math.isfinite(slo_s)):
             raise ValueError(f"slo_s must be finite and > 0, got {slo_s}")
+        if not (lossy_prefix_ratio >= 0 and math.isfinite(lossy_prefix_ratio)):
+            raise ValueError(f"lossy_prefix_ratio must be finite and >= 0, got {lossy_prefix_ratio}")
+        self.lossy_prefix_ratio = float(lossy_prefix_ratio)
         self.policy = policy
         self.menus = tuple(menus)
         self.link = link
@@ -234,7 +243,8 @@ class StreamingEngine:
             future_end = lambda t, nbytes: oracle.transfer_end_s(t0 + t, nbytes) - t0  # noqa: E731
         self.session = Session(menus=self.menus, slo_s=self.slo_s, rtt_s=self.link.rtt_s,
                                prior_throughput_bps=self.prior_throughput_bps,
-                               future_bandwidth_bps=future_bw, future_transfer_end_s=future_end)
+                               future_bandwidth_bps=future_bw, future_transfer_end_s=future_end,
+                               lossy_prefix_ratio=self.lossy_prefix_ratio)
         self.policy.reset(self.session)
         self._done: asyncio.Future[SessionResult] = loop.create_future()
         self._guard(self._step)
@@ -378,6 +388,10 @@ class StreamingEngine:
     def _finish(self) -> None:
         if self._done.done():
             return
+        if self.lossy_prefix_ratio and TEXT in self._actions:  # text chunks over a lossy prefix
+            losses = chunk_quality_losses(self.menus, self._actions, self.lossy_prefix_ratio)
+            for rec, loss in zip(self.records, losses):
+                rec.quality_loss = loss
         loss = sum(r.quality_loss * r.tokens for r in self.records)
         tokens = sum(r.tokens for r in self.records)
         wire_bits = sum(r.wire_bits for r in self.records if r.wire_bits is not None)
@@ -516,8 +530,10 @@ class StreamingEngine:
         link_until = now
         if self._inflight or self._link_queue:
             samples = self._samples
-            est = samples[-1].throughput_bps if samples else self.prior_throughput_bps
             rtt = self.link.rtt_s
+            # the last transfer's payload throughput: its duration less the RTT, which is charged per request
+            # below (the sample's own throughput includes the RTT; using it would count the RTT twice)
+            est = samples[-1].payload_bps(rtt) if samples else self.prior_throughput_bps
             queued = list(self._link_queue)
             if self._inflight:  # transfers in flight share the link: all done after their bytes in sum
                 first = self.records[self._inflight[0]]

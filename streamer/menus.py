@@ -177,13 +177,23 @@ def decode_values_per_s(profile: Profile, level: str) -> float | None:
 
 LEVEL_SETS: Mapping[str, str] = MappingProxyType({
     "all": "every level of the profile",
-    "cachegen": "raw, int8 and CacheGen's levels cachegen-<n>",
-    "kvcast": "raw, int8 and kvcast's levels kvcast-<n>",
+    "cachegen": "CacheGen's levels cachegen-<n> (CacheGen's menu)",
+    "kvcast": "kvcast's levels kvcast-<n>",
+    "baselines": "the uncompressed and 8-bit baselines raw and int8",
 })
-"""Named level sets of `resolve_levels` (``kvcast simulate --levels``). Both codec sets keep the baselines
-``raw`` and ``int8`` so that comparing them compares the compressed levels only."""
+"""Named level sets of `resolve_levels` (``kvcast simulate --levels``).
 
-_SET_PATTERNS = {"cachegen": re.compile(r"raw|int8|cachegen-\d+"), "kvcast": re.compile(r"raw|int8|kvcast-\d+")}
+``cachegen`` and ``kvcast`` are one codec's levels and nothing else, so that every controller on such a menu
+chooses among exactly the same levels: on ``--levels cachegen`` the CacheGen controllers (which try only
+``cachegen-3..1``), the planners (which try every level of the menu) and the other baselines have CacheGen's
+menu, and a comparison there isolates the controller. The level-independent baselines ``raw`` and
+``fixed:int8`` need their level on the menu (``--levels cachegen,baselines``), which then also offers ``raw``
+and ``int8`` to the planners: compare controllers on the codec's own set, and state the difference where a
+table mixes menus. On the default menu (``all``) the CacheGen controllers keep to CacheGen's levels while the
+other controllers may use every level: that comparison is CacheGen (codec and controller) against kvcast."""
+
+_SET_PATTERNS = {"cachegen": re.compile(r"cachegen-\d+"), "kvcast": re.compile(r"kvcast-\d+"),
+                 "baselines": re.compile(r"raw|int8")}
 
 
 def resolve_levels(profile: Profile, spec: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
@@ -202,7 +212,7 @@ def resolve_levels(profile: Profile, spec: str | tuple[str, ...] | list[str] | N
             chosen.update(profile.level_names)
         elif token in _SET_PATTERNS:
             names = [n for n in profile.level_names if _SET_PATTERNS[token].fullmatch(n)]
-            if not any(n not in ("raw", "int8") for n in names):
+            if not names:
                 raise ProfileError(f"profile {profile.source or '(unnamed)'} has no level of the set {token!r} "
                                    f"({LEVEL_SETS[token]}); it has {list(profile.level_names)}")
             chosen.update(names)

@@ -10,6 +10,8 @@ before it)::
       "object_tokens": 2048,              # tokens per encoded object the numbers were measured on
       "quality_metric": "kl_per_token",   # which field `quality_loss` copies
       "provisional": false,               # optional: true for estimates, not measurements
+      "lossy_prefix_ratio": 0.4,          # optional: a text chunk recomputed over lossy chunks loses this
+                                          # ratio times their mean loss (null/absent: unmeasured, 0 is used)
       "note": "...",                      # optional free text
       "levels": [
         {"level": "cachegen-2",
@@ -84,6 +86,11 @@ class Profile:
     note: str = ""
     source: str = field(default="", compare=False)
     """Where the profile was read from (a path, or ``kvcast:default``)."""
+    lossy_prefix_ratio: float | None = None
+    """Measured quality loss of a text chunk recomputed over chunks loaded at a lossy level, as a ratio of their
+    token-weighted mean loss (`kvcast.policies.base.chunk_quality_losses`); None where not measured (the
+    simulator then uses `kvcast.policies.base.DEFAULT_LOSSY_PREFIX_RATIO`). This is the field a measurement on
+    the real model fills in."""
 
     def level(self, name: str) -> LevelProfile:
         """The row of level `name`; ProfileError if the profile has no such level."""
@@ -103,7 +110,8 @@ class Profile:
             self.level(name)
         keep = tuple(r for r in self.levels if r.level in set(names))
         return Profile(keep, self.model_name, self.model_layers, self.model_kv_heads, self.model_head_dim,
-                       self.object_tokens, self.quality_metric, self.provisional, self.note, self.source)
+                       self.object_tokens, self.quality_metric, self.provisional, self.note, self.source,
+                       self.lossy_prefix_ratio)
 
     # ------------------------------------------------------------------ JSON
     def to_json_dict(self) -> dict[str, Any]:
@@ -115,6 +123,7 @@ class Profile:
             "quality_metric": self.quality_metric,
             "provisional": self.provisional,
             "note": self.note,
+            **({} if self.lossy_prefix_ratio is None else {"lossy_prefix_ratio": self.lossy_prefix_ratio}),
             "levels": [asdict(r) for r in self.levels],
         }
 
@@ -149,6 +158,9 @@ class Profile:
         metric = obj.get("quality_metric", "kl_per_token")
         if not isinstance(metric, str):
             raise fail("'quality_metric' must be a string")
+        ratio = _number(obj.get("lossy_prefix_ratio"), "'lossy_prefix_ratio'", fail, required=False)
+        if ratio is not None and ratio < 0:
+            raise fail(f"'lossy_prefix_ratio' must be >= 0, got {ratio}")
         rows = obj.get("levels")
         if not isinstance(rows, list) or not rows:
             raise fail("'levels' must be a non-empty list")
@@ -182,7 +194,7 @@ class Profile:
                    model_kv_heads=dims["kv_heads"], model_head_dim=dims["head_dim"],
                    object_tokens=object_tokens, quality_metric=metric,
                    provisional=bool(obj.get("provisional", False)), note=str(obj.get("note", "")),
-                   source=source)
+                   source=source, lossy_prefix_ratio=ratio)
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:

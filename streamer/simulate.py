@@ -127,7 +127,7 @@ def simulate_session(policy: Policy, menus: Sequence[ChunkMenu], trace: Trace, *
                      offset_s: float = 0.0, rtt_s: float = 0.0, efficiency: float = 1.0,
                      overhead_bytes: int = 0, prior_throughput_bps: float | None = None,
                      query_prefill_s: float = 0.0, label: str | None = None,
-                     loop: VirtualTimeLoop | None = None) -> SessionResult:
+                     loop: VirtualTimeLoop | None = None, lossy_prefix_ratio: float = 0.0) -> SessionResult:
     """Run one session in virtual time, starting `offset_s` seconds into `trace`, and return its result."""
     own = loop is None
     loop = VirtualTimeLoop() if own else loop
@@ -135,7 +135,7 @@ def simulate_session(policy: Policy, menus: Sequence[ChunkMenu], trace: Trace, *
         return loop.run_until_complete(session_in_virtual_time(
             policy, menus, trace, slo_s=slo_s, offset_s=offset_s, rtt_s=rtt_s, efficiency=efficiency,
             overhead_bytes=overhead_bytes, prior_throughput_bps=prior_throughput_bps,
-            query_prefill_s=query_prefill_s, label=label))
+            query_prefill_s=query_prefill_s, label=label, lossy_prefix_ratio=lossy_prefix_ratio))
     finally:
         if own:
             loop.close()
@@ -144,7 +144,8 @@ def simulate_session(policy: Policy, menus: Sequence[ChunkMenu], trace: Trace, *
 async def session_in_virtual_time(policy: Policy, menus: Sequence[ChunkMenu], trace: Trace, *, slo_s: float,
                                   offset_s: float = 0.0, rtt_s: float = 0.0, efficiency: float = 1.0,
                                   overhead_bytes: int = 0, prior_throughput_bps: float | None = None,
-                                  query_prefill_s: float = 0.0, label: str | None = None) -> SessionResult:
+                                  query_prefill_s: float = 0.0, label: str | None = None,
+                                  lossy_prefix_ratio: float = 0.0) -> SessionResult:
     """Coroutine form of `simulate_session`, to run many sessions back to back inside one coroutine on a
     `VirtualTimeLoop`: each session starts on a fresh timeline at time 0."""
     loop = asyncio.get_running_loop()
@@ -154,7 +155,7 @@ async def session_in_virtual_time(policy: Policy, menus: Sequence[ChunkMenu], tr
     link = SimPyLink(env, trace, rtt_s=rtt_s, efficiency=efficiency, overhead_bytes=overhead_bytes,
                      origin_s=-offset_s)
     engine = StreamingEngine(policy, menus, link, slo_s=slo_s, prior_throughput_bps=prior_throughput_bps,
-                             query_prefill_s=query_prefill_s, label=label)
+                             query_prefill_s=query_prefill_s, label=label, lossy_prefix_ratio=lossy_prefix_ratio)
     return await engine.run()
 
 
@@ -183,6 +184,7 @@ def run_trace_task(task: TraceTask, registry: PolicyRegistry | None = None) -> T
     registry = registry if registry is not None else default_registry()
     scaled, setups = plan_sessions(task.trace, task.trace_index, task.key, config)
     profile = config.load_profile()
+    lossy_prefix_ratio = config.resolved_lossy_prefix_ratio(profile)
     shape = config.shape()
     cost = config.recompute_cost()
     host = config.load_host_profile()
@@ -210,7 +212,8 @@ def run_trace_task(task: TraceTask, registry: PolicyRegistry | None = None) -> T
                         registry.create(spec), menus, scaled, slo_s=config.slo_s, offset_s=setup.offset_s,
                         rtt_s=config.rtt_s, efficiency=config.efficiency,
                         overhead_bytes=config.overhead_bytes, prior_throughput_bps=setup.prior_bps,
-                        query_prefill_s=config.query_prefill_s, label=spec)
+                        query_prefill_s=config.query_prefill_s, label=spec,
+                        lossy_prefix_ratio=lossy_prefix_ratio)
                 except Exception as exc:
                     raise RuntimeError(f"policy {spec!r} on trace {task.trace.name!r} ({task.trace.source}), "
                                        f"context {setup.context}: {type(exc).__name__}: {exc}") from exc

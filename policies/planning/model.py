@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from kvcast.policies.base import TEXT, ChunkMenu, Observation, Session
+from kvcast.policies.base import TEXT, ChunkMenu, Observation, Session, chunk_quality_losses
 
 __all__ = [
     "TEXT_QUALITY_LOSS",
@@ -103,11 +103,19 @@ def action_quality_loss(menu: ChunkMenu, action: str) -> float:
     return TEXT_QUALITY_LOSS if action == TEXT else menu.option(action).quality_loss
 
 
-def session_quality_loss(menus: Sequence[ChunkMenu], actions: Sequence[str | None]) -> float:
-    """Token-weighted mean quality loss of a session whose chunks took `actions` (``None``: counted as 0)."""
+def session_quality_loss(menus: Sequence[ChunkMenu], actions: Sequence[str | None],
+                         lossy_prefix_ratio: float = 0.0) -> float:
+    """Token-weighted mean quality loss of a session whose chunks took `actions` (``None``: counted as 0).
+
+    With `lossy_prefix_ratio` > 0 a text chunk is scored over its lossy prefix
+    (`kvcast.policies.base.chunk_quality_losses`); the planners' own objectives keep text lossless
+    (`TEXT_QUALITY_LOSS`), exact for Cake-family plans, whose text chunks form a lossless prefix."""
     total = sum(m.tokens for m in menus)
     if total <= 0:
         return 0.0
+    if lossy_prefix_ratio:
+        losses = chunk_quality_losses(menus, actions, lossy_prefix_ratio)
+        return sum(m.tokens * q for m, q in zip(menus, losses)) / total
     loss = 0.0
     for menu, action in zip(menus, actions):
         if action is not None:

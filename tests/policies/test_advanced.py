@@ -503,7 +503,7 @@ def test_cachegen_controllers_use_cachegens_levels_by_default():
     for spec in ("cachegen", "cachegen-code"):
         policy = reg.create(spec)
         policy.reset(Session(menus, 0.6, future_bandwidth_bps=lambda t: 1e9))
-        assert policy.tried == ("raw", "cachegen-3", "cachegen-2", "cachegen-1")
+        assert policy.tried == ("cachegen-3", "cachegen-2", "cachegen-1")  # 3 -> 2 -> 1, never raw
         menu_policy = reg.create(f"{spec}:levels=menu" if spec == "cachegen" else f"{spec}:menu")
         menu_policy.reset(Session(menus, 0.6, future_bandwidth_bps=lambda t: 1e9))
         assert set(menu_policy.tried) == {o.level for o in menus[0].levels}
@@ -518,6 +518,8 @@ def test_cachegen_controllers_use_cachegens_levels_by_default():
     # a menu without CacheGen's levels: the rule runs on the menu's levels
     policy = reg.create("cachegen")
     policy.reset(Session(real_menus("kvcast"), 0.6))
+    assert policy.tried == ("kvcast-4", "kvcast-3", "kvcast-2", "kvcast-1")
+    policy.reset(Session(real_menus("kvcast,baselines"), 0.6))
     assert policy.tried == ("raw", "kvcast-4", "int8", "kvcast-3", "kvcast-2", "kvcast-1")
     with pytest.raises(ValueError, match="levels must be"):
         reg.create("cachegen:levels=fast")

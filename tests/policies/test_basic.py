@@ -66,7 +66,7 @@ def test_builtin_policies_are_imported_only_when_created():
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     data = json.loads(out)
     assert set(data["builtin"]) == {"fixed", "raw", "text", "cachegen", "cachegen-code", "mpc", "hybrid",
-                                    "oracle", "learned"}
+                                    "oracle", "learned", "cake", "cake-cachegen", "rate", "slack"}
     assert set(data["builtin"]) <= set(data["names"])
     assert data["policy"] == "TextPolicy"
     for module in ("text", "fixed", "cachegen", "mpc", "hybrid", "oracle", "planning", "learned"):
@@ -231,3 +231,32 @@ def test_fixed_raw_and_text_on_real_menus():
     assert text.ttft_s == pytest.approx(sum(m.recompute_s for m in menus))
     with pytest.raises(ValueError, match="no level 'zz'"):
         run_session(reg.create("fixed:zz"), menus, trace, 1.0, 5e9)
+
+
+def test_cachegen_code_charges_the_rtt_the_engine_charges_unless_asked_for_the_artifacts_rule():
+    # budget 1.5 s / 3 chunks = 0.5 s; at 40 Mbps mid's transfer is 0.4 s: it fits without the 0.15 s RTT
+    # (the artifact's rule) and not with it (0.55 s), where lo (0.2 + 0.15 s) does
+    trace = Trace([0.0, 100.0], [40e6])
+    fair = run_session(CacheGenCodePolicy(), toy_menus(3), trace, 1.5, None, rtt_s=0.15)
+    artifact = run_session(CacheGenCodePolicy("rtt=off"), toy_menus(3), trace, 1.5, None, rtt_s=0.15)
+    assert [c.action for c in fair.chunks] == ["lo"] * 3
+    assert [c.action for c in artifact.chunks] == ["mid"] * 3
+    assert fair.slo_met and not artifact.slo_met  # 3 x (0.15 + 0.4) = 1.65 s > 1.5 s
+    assert CacheGenCodePolicy("mid+lo+rtt=off").only == ("mid", "lo")
+    assert default_registry().create("cachegen-code:rtt=off").charge_rtt is False
+    with pytest.raises(ValueError, match="unknown option"):
+        CacheGenCodePolicy("rtt=maybe")
+
+
+@pytest.mark.parametrize("spec", ["cachegen", "cachegen-code", "cachegen-code:rtt=off"])
+def test_cachegen_controllers_never_try_raw(spec):
+    """CacheGen's code tries levels 3 -> 2 -> 1 only: on a fast link with raw on the menu, the best level it
+    loads is cachegen-3, not the uncompressed KV."""
+    from kvcast.policies.cachegen import CACHEGEN_LEVELS, cachegen_levels
+
+    menus = build_menus(default_profile(), ModelShape.named("mistral-7b"), 6000, 1536,
+                        recompute_cost("h100/mistral-7b"))
+    assert "raw" in [o.level for o in menus[0].levels]
+    assert cachegen_levels(menus) == ("cachegen-3", "cachegen-2", "cachegen-1") == CACHEGEN_LEVELS
+    result = run_session(default_registry().create(spec), menus, Trace([0.0, 100.0], [1e12]), 10.0, 1e12)
+    assert {c.action for c in result.chunks} == {"cachegen-3"}

@@ -273,3 +273,60 @@ def test_the_dry_run_refuses_several_requests_in_flight():
 
     with pytest.raises(PolicyError, match="one at a time"):
         dry_run(_Concurrent("small", 2), Session(big_small_menus(2), slo_s=1.0), ConstantThroughput(8e6, 0.0))
+
+
+class _LoadsOneByOneThenWatches(Policy):
+    """Loads chunk 0, then, when the link is idle again, chunk 1; records the observation that follows (the
+    compute unit is idle, so the engine asks again at once) and loads chunk 2 then."""
+
+    def reset(self, session):
+        super().reset(session)
+        self.watched = None
+
+    def decide(self, obs):
+        if obs.link_idle:
+            return Decision(obs.pending[0], "small")
+        if len(obs.samples) == 1 and self.watched is None:
+            self.watched = obs
+        return None
+
+
+@pytest.mark.parametrize("executor", ["engine", "dry run"])
+def test_link_busy_estimate_counts_the_round_trip_once(executor):
+    # 1 MB chunks at 1 MB/s with a 0.5 s RTT: chunk 0 takes 1.5 s (goodput 8e6/1.5 bit/s); chunk 1 starts at 1.5
+    # and ends at 1.5 + 0.5 + 1.0 = 3.0. Dividing by the goodput (RTT inside) and adding the RTT again said 3.5.
+    menus = big_small_menus(3, decode_s=0.0)
+    policy = _LoadsOneByOneThenWatches()
+    if executor == "engine":
+        run(policy, menus, rtt_s=0.5)
+    else:
+        from kvcast.policies.base import Session
+        from kvcast.policies.dryrun import dry_run
+        from kvcast.policies.planning import ConstantThroughput
+
+        dry_run(policy, Session(menus, slo_s=10.0, rtt_s=0.5), ConstantThroughput(8e6, 0.5))
+    obs = policy.watched
+    assert obs.now_s == pytest.approx(1.5) and obs.actions[:2] == ("small", "small")
+    assert obs.link_busy_until_s == pytest.approx(3.0)
+
+
+def test_a_text_chunk_over_a_lossy_prefix_scores_part_of_its_loss():
+    plan = [(0, "small"), (1, TEXT), (2, "small")]
+    lossless = run(QueuedPlan(plan), big_small_menus(3), rtt_s=0.1)
+    assert [c.quality_loss for c in lossless.chunks] == [0.01, 0.0, 0.01]  # the default: text is exact
+    loop = VirtualTimeLoop()
+    link = SimPyLink(loop.env, ONE_MB_PER_S, rtt_s=0.1)
+    engine = StreamingEngine(QueuedPlan(plan), big_small_menus(3), link, slo_s=10.0, lossy_prefix_ratio=0.5)
+    scored = loop.run_until_complete(engine.run())
+    assert [c.quality_loss for c in scored.chunks] == pytest.approx([0.01, 0.005, 0.01])
+    assert scored.quality_loss == pytest.approx(0.025 / 3)
+    assert scored.ttft_s == lossless.ttft_s  # scoring only
+    from kvcast.policies.base import Session
+    from kvcast.policies.dryrun import dry_run
+    from kvcast.policies.planning import ConstantThroughput
+
+    dry = dry_run(QueuedPlan(plan), Session(big_small_menus(3), slo_s=10.0, rtt_s=0.1, lossy_prefix_ratio=0.5),
+                  ConstantThroughput(8e6, 0.1))
+    assert dry.quality_loss == pytest.approx(scored.quality_loss)
+    with pytest.raises(ValueError, match="lossy_prefix_ratio"):
+        StreamingEngine(QueuedPlan(plan), big_small_menus(3), link, slo_s=1.0, lossy_prefix_ratio=-1.0)

@@ -1,9 +1,10 @@
 """Golden end to end: a `kvcast simulate` sweep of every built-in policy reproduces the recorded sessions and summary.
 
-Recorded at the commit that took the default GPU decode speeds from `kvcast bench gpu` on an H100
-(``streamer/gpu_bench_h100.json``)
-with ``kvcast simulate --contexts 2 --policies <POLICIES> --no-chunk-log`` on the shipped synthetic traces: 7 traces x
-2 contexts x 8 policies = 112 sessions. Floats are compared to 1e-12 relative (libm may differ in the last ulp);
+Recorded after merging the new baselines (cake, cake-cachegen, rate, slack; cachegen-code charging the RTT), the
+default GPU decode speeds from `kvcast bench gpu` on an H100 (``streamer/gpu_bench_h100.json``) and the planners'
+objectives, with
+``kvcast simulate --contexts 2 --policies <POLICIES> --no-chunk-log`` on the shipped synthetic traces: 7 traces x
+2 contexts x 12 policies = 168 sessions. Floats are compared to 1e-12 relative (libm may differ in the last ulp);
 everything else exactly. A deliberate change of the engine, a policy or the defaults re-records both files by
 running that command and copying ``summary.json`` and ``sessions.jsonl`` into ``golden/``.
 """
@@ -19,7 +20,7 @@ from typer.testing import CliRunner
 from kvcast.cli import app
 
 GOLDEN = Path(__file__).with_name("golden")
-POLICIES = "text,raw,fixed:kvcast-2,cachegen,cachegen-code,mpc,hybrid,oracle"
+POLICIES = "text,raw,fixed:kvcast-2,cachegen,cachegen-code,mpc,hybrid,oracle,cake,cake-cachegen,rate,slack"
 
 
 def _close(a, b, where: str = "") -> list[str]:
@@ -50,7 +51,7 @@ def test_simulate_reproduces_the_recorded_sweep(tmp_path):
     assert done.exit_code == 0, done.output
     sessions = [json.loads(line) for line in (out / "sessions.jsonl").read_text().splitlines()]
     recorded = [json.loads(line) for line in (GOLDEN / "simulate-sessions.jsonl").read_text().splitlines()]
-    assert len(sessions) == len(recorded) == 112
+    assert len(sessions) == len(recorded) == 168
     assert _close(sessions, recorded) == []
     summary = json.loads((out / "summary.json").read_text())
     assert _close(summary, json.loads((GOLDEN / "simulate-summary.json").read_text())) == []

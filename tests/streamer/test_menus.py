@@ -144,17 +144,19 @@ def test_menus_use_measured_gpu_decode_speed_and_level_restriction():
 def test_level_sets_pick_menus_in_the_profile_order():
     p = default_profile()
     assert resolve_levels(p, None) == resolve_levels(p, "all") == p.level_names
-    assert resolve_levels(p, "cachegen") == ("raw", "int8", "cachegen-3", "cachegen-2", "cachegen-1")
-    assert resolve_levels(p, "kvcast") == ("raw", "int8", "kvcast-4", "kvcast-3", "kvcast-2", "kvcast-1")
+    # one codec's set is that codec's levels only: every controller on it has the same menu
+    assert resolve_levels(p, "cachegen") == ("cachegen-3", "cachegen-2", "cachegen-1")
+    assert resolve_levels(p, "kvcast") == ("kvcast-4", "kvcast-3", "kvcast-2", "kvcast-1")
+    assert resolve_levels(p, "baselines") == ("raw", "int8")
     # sets and names unite, in the profile's order
-    assert resolve_levels(p, "cachegen-delta-3,cachegen") == ("raw", "int8", "cachegen-delta-3", "cachegen-3",
-                                                              "cachegen-2", "cachegen-1")
+    assert resolve_levels(p, "cachegen-delta-3,cachegen,baselines") == ("raw", "int8", "cachegen-delta-3",
+                                                                        "cachegen-3", "cachegen-2", "cachegen-1")
     assert resolve_levels(p, ("kvcast-2", "raw")) == ("raw", "kvcast-2")
-    assert set(LEVEL_SETS) == {"all", "cachegen", "kvcast"}
+    assert set(LEVEL_SETS) == {"all", "cachegen", "kvcast", "baselines"}
     menus = build_menus(p, ModelShape.named("mistral-7b"), 4000, 1536, recompute_cost("h100/mistral-7b"),
                         levels="kvcast")
     assert [o.level for o in menus[0].levels] == list(resolve_levels(p, "kvcast"))
-    with pytest.raises(ProfileError, match="no level 'zstd'.*or a set: all, cachegen, kvcast"):
+    with pytest.raises(ProfileError, match="no level 'zstd'.*or a set: all, cachegen, kvcast, baselines"):
         resolve_levels(p, "zstd")
     only_cachegen = p.restricted(["raw", "cachegen-2"])
     with pytest.raises(ProfileError, match="no level of the set 'kvcast'"):
@@ -177,3 +179,23 @@ def test_default_gpu_decode_speeds_come_from_the_shipped_h100_benchmark():
     assert speeds["kvcast-2"] == pytest.approx(row["gbs_fp16"] * 1e9 / 2)
     # every level of the default profile has a measured speed (no provisional figure)
     assert set(default_profile().level_names) <= set(speeds)
+
+
+def test_profile_lossy_prefix_ratio_is_read_checked_and_resolved(tmp_path):
+    from kvcast.streamer.config import SimulationConfig
+
+    p = default_profile()
+    assert p.lossy_prefix_ratio is None  # not measured yet: the simulator scores text as lossless
+    assert SimulationConfig().resolved_lossy_prefix_ratio(p) == 0.0
+    data = p.to_json_dict()
+    data["lossy_prefix_ratio"] = 0.4
+    measured = Profile.from_json_dict(data, "x.json")
+    assert measured.lossy_prefix_ratio == 0.4 and measured.restricted(["raw"]).lossy_prefix_ratio == 0.4
+    assert Profile.from_json_dict(measured.to_json_dict()).lossy_prefix_ratio == 0.4
+    assert SimulationConfig().resolved_lossy_prefix_ratio(measured) == 0.4
+    assert SimulationConfig(lossy_prefix_ratio=1.0).resolved_lossy_prefix_ratio(measured) == 1.0
+    data["lossy_prefix_ratio"] = -0.1
+    with pytest.raises(ProfileError, match="x.json: 'lossy_prefix_ratio' must be >= 0"):
+        Profile.from_json_dict(data, "x.json")
+    with pytest.raises(ValueError, match="lossy_prefix_ratio"):
+        SimulationConfig(lossy_prefix_ratio=math.inf)
