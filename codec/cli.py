@@ -183,6 +183,9 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> dic
         plan_levels: Annotated[str, typer.Option(
             help="Two levels a,b of the mixed plans and the text-over-lossy-prefix cases.")]
         = ",".join(_pos.plan_levels),
+        positions: Annotated[str, typer.Option(
+            help="Comma-separated chunk indices measured one at a time (default: every chunk; the check "
+                 "interpolates the others by distance).")] = "",
         plans: Annotated[bool, typer.Option(help="Measure the mixed plans (the additivity check).")] = _pos.plans,
         text_penalty: Annotated[bool, typer.Option(help="Measure text recomputed over a lossy prefix.")]
         = _pos.text_penalty,
@@ -216,6 +219,7 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> dic
                 chunk_tokens=chunk_tokens, chunks=chunks, continuation_tokens=continuation_tokens,
                 wikitext_documents=wikitext, longchat_documents=0 if text_file is not None else longchat,
                 levels=tuple(comma_list(levels)) or None, plan_levels=a_b, plans=plans,  # type: ignore[arg-type]
+                positions=tuple(int(c) for c in comma_list(positions)) or None,
                 text_penalty=text_penalty, datasets=datasets, text_file=text_file, model=model, tables=tables)
             results = run_position_eval(settings, out)
             paths = write_outputs(results, out, profile)

@@ -145,11 +145,9 @@ def plan_specs(chunks: int, a: str, b: str) -> dict[str, tuple[str, ...]]:
 
 
 def text_cases(chunks: int) -> dict[str, tuple[int, int]]:
-    """Text-over-lossy-prefix cases: name -> (first text chunk, text chunks); the chunks before it are lossy."""
-    cases = {"last chunk text": (chunks - 1, 1), "middle chunk text": (chunks // 2, 1)}
-    if chunks >= 3:
-        cases["last two chunks text"] = (chunks - 2, 2)
-    return cases
+    """Text-over-lossy-prefix cases: name -> (first text chunk, text chunks); the chunks before it are lossy, the
+    ones after it exact."""
+    return {"last chunk text": (chunks - 1, 1), "middle chunk text": (chunks // 2, 1)}
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -179,6 +177,96 @@ class _Rows:
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(finite(row)) + "\n")
         return row
+
+
+def _assemble(parts: Sequence[KV]) -> KV:
+    """The chunks' KV joined along the tokens."""
+    return [(torch.cat([p[layer][0] for p in parts], dim=2), torch.cat([p[layer][1] for p in parts], dim=2))
+            for layer in range(len(parts[0]))]
+
+
+class _DocumentRun:
+    """One document's exact prefix (computed once, on first use) and the measurements made over it."""
+
+    def __init__(self, doc: Document, settings: PositionSettings, model: Any, fingerprint: Any, plan: Any,
+                 keep_levels: Sequence[str], say: Callable[[str], None]) -> None:
+        self.doc, self.settings, self.model, self.fingerprint, self.plan = doc, settings, model, fingerprint, plan
+        self.keep_levels, self.say = set(keep_levels), say
+        ctx, cont = settings.context_tokens, settings.continuation_tokens
+        self.fed = doc.token_ids[:, ctx:ctx + cont]
+        self.targets = doc.token_ids[0, ctx + 1:ctx + cont + 1]
+        self._kv: KV | None = None
+        self._exact: torch.Tensor | None = None
+        self._decoded: dict[tuple[int, str], tuple[KV, int]] = {}
+
+    def kv(self) -> KV:
+        """The exact KV of the context (prefilled on first use)."""
+        if self._kv is None:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = self.model(self.doc.token_ids[:, :self.settings.context_tokens], use_cache=True,
+                                 logits_to_keep=1)
+            self._kv = [(k.clone(), v.clone()) for k, v in kv_from_cache(out.cache)]
+            self._exact = continuation_logits(self.model, self._kv, self.fed)
+            self.say(f"{self.doc.name}: exact prefill of {self.settings.context_tokens} tokens in "
+                     f"{time.perf_counter() - t0:.0f} s")
+        return self._kv
+
+    def exact_chunk(self, i: int) -> KV:
+        n = self.settings.chunk_tokens
+        return slice_kv(self.kv(), i * n, (i + 1) * n)
+
+    def chunk(self, i: int, level: str) -> tuple[KV, int]:
+        """Chunk i encoded as its own object at `level` (its place in the context given), decoded; and the
+        object's bytes. The plan levels' chunks are kept for the plans and text cases."""
+        if (i, level) in self._decoded:
+            return self._decoded[(i, level)]
+        n = self.settings.chunk_tokens
+        data = codec.encode(self.exact_chunk(i), level, model=self.fingerprint, token_start=i * n,
+                            context_end=self.settings.context_tokens, sensitivity=self.plan.sensitivity(level))
+        out = (codec.decode(data, dtype=torch.float32, expect_model=self.fingerprint), len(data))
+        if level in self.keep_levels:
+            self._decoded[(i, level)] = out
+        return out
+
+    def score(self, kv: KV) -> dict[str, float]:
+        """KL, top-1 and perplexity change of the continuation over `kv` against the exact cache."""
+        self.kv()
+        sums = QualitySums()
+        sums.add(self._exact, continuation_logits(self.model, kv, self.fed), self.targets)
+        return sums.summary()
+
+    def single(self, i: int, level: str) -> dict[str, Any]:
+        """Only chunk i lossy."""
+        n, ctx = self.settings.chunk_tokens, self.settings.context_tokens
+        part, nbytes = self.chunk(i, level)
+        kv = _assemble([part if j == i else self.exact_chunk(j) for j in range(self.settings.chunks)])
+        values = sum(k.numel() + v.numel() for k, v in part)
+        return {"kind": "chunk", "level": level, "chunk": i, "token_start": i * n, "tokens": n,
+                "distance_tokens": ctx - (i * n + n / 2), "bits_per_value": 8 * nbytes / values, **self.score(kv)}
+
+    def mixed(self, name: str, actions: Sequence[str]) -> dict[str, Any]:
+        """Every chunk at its action's level (``exact``: as prefilled)."""
+        kv = _assemble([self.exact_chunk(i) if act == EXACT else self.chunk(i, act)[0]
+                        for i, act in enumerate(actions)])
+        return {"kind": "plan", "plan": name, "actions": list(actions), **self.score(kv)}
+
+    def text(self, name: str, level: str, first: int, count: int) -> dict[str, Any]:
+        """Chunks ``0..first-1`` at `level`, chunks ``first..first+count-1`` recomputed from their text over that
+        lossy prefix, the rest exact; and the same with those chunks exact."""
+        n = self.settings.chunk_tokens
+        prefix = [self.chunk(i, level)[0] for i in range(first)]
+        tail = [self.exact_chunk(i) for i in range(first + count, self.settings.chunks)]
+        with_exact = self.score(_assemble(prefix + [self.exact_chunk(i) for i in range(first, first + count)] + tail))
+        start, stop = first * n, (first + count) * n
+        cache = cache_from_kv(_assemble(prefix), self.model.config, dtype=self.model.dtype)
+        with torch.inference_mode():
+            out = self.model(self.doc.token_ids[:, start:stop], cache=cache, use_cache=True, logits_to_keep=1)
+        recomputed = slice_kv(kv_from_cache(out.cache), start, stop)
+        with_text = self.score(_assemble(prefix + [recomputed] + tail))
+        kl_p, kl_t = with_exact["kl_per_token"], with_text["kl_per_token"]
+        return {"kind": "text", "case": name, "level": level, "text_chunk": first, "text_chunks": count,
+                "prefix": with_exact, **with_text, "penalty": (kl_t - kl_p) / kl_p if kl_p > 0 else math.nan}
 
 
 def run_position_eval(settings: PositionSettings, out_dir: Path, *, model: Any = None, tokenizer: Any = None,
@@ -211,114 +299,40 @@ def run_position_eval(settings: PositionSettings, out_dir: Path, *, model: Any =
     a, b = (lv if lv in levels else levels[min(i, len(levels) - 1)] for i, lv in enumerate(settings.plan_levels))
     plans = plan_specs(settings.chunks, a, b) if settings.plans else {}
     cases = text_cases(settings.chunks) if settings.text_penalty else {}
+    measured = settings.measured_chunks()
     docs = load_documents(settings, tokenizer)
     out_dir.mkdir(parents=True, exist_ok=True)
     run_key = hashlib.sha256(json.dumps([fingerprint.name, settings.chunk_tokens, settings.chunks,
                                          settings.continuation_tokens], sort_keys=True).encode()).hexdigest()[:12]
     rows = _Rows(out_dir / "positions.jsonl", run_key)
-    n_chunk = settings.chunk_tokens
-    ctx = settings.context_tokens
-    total = len(docs) * (len(levels) * settings.chunks + len(plans) + len(cases) * len({a, b}))
-    done = [0]
-
-    def progress(doc: Document, what: str, row: dict[str, Any], cached: bool) -> None:
-        done[0] += 1
-        note = "cached" if cached else f"{time.perf_counter() - started:6.0f} s"
-        say(f"[{done[0]}/{total}] {doc.name} {what}: KL {row['kl_per_token']:.3g}, top-1 "
-            f"{row['top1_agreement']:.3f} ({note})")
-
+    total = len(docs) * (len(levels) * len(measured) + len(plans) + len(cases) * len({a, b}))
+    done = 0
     for d_index, doc in enumerate(docs):
-        ctx_ids = doc.token_ids[:, :ctx]
-        fed = doc.token_ids[:, ctx:ctx + settings.continuation_tokens]
-        targets = doc.token_ids[0, ctx + 1:ctx + settings.continuation_tokens + 1]
-        state: dict[str, Any] = {}
-        decoded: dict[tuple[int, str], KV] = {}
-
-        def exact_state() -> dict[str, Any]:
-            if not state:
-                t0 = time.perf_counter()
-                with torch.inference_mode():
-                    kv = kv_from_cache(model(ctx_ids, use_cache=True, logits_to_keep=1).cache)
-                state["kv"] = [(k.clone(), v.clone()) for k, v in kv]
-                state["exact"] = continuation_logits(model, state["kv"], fed)
-                say(f"{doc.name}: exact prefill of {ctx} tokens in {time.perf_counter() - t0:.0f} s")
-            return state
-
-        def chunk_kv(i: int, level: str) -> tuple[KV, int]:
-            """Chunk i decoded from `level` (and its object's bytes)."""
-            if (i, level) in decoded:
-                return decoded[(i, level)], state["bytes"][(i, level)]
-            part = slice_kv(exact_state()["kv"], i * n_chunk, (i + 1) * n_chunk)
-            data = codec.encode(part, level, model=fingerprint, token_start=i * n_chunk, context_end=ctx,
-                                sensitivity=plan.sensitivity(level))
-            out = codec.decode(data, dtype=torch.float32, expect_model=fingerprint)
-            if level in (a, b):  # reused by the plans and text cases
-                decoded[(i, level)] = out
-                state.setdefault("bytes", {})[(i, level)] = len(data)
-            return out, len(data)
-
-        def score(kv: KV) -> dict[str, float]:
-            sums = QualitySums()
-            sums.add(exact_state()["exact"], continuation_logits(model, kv, fed), targets)
-            return sums.summary()
-
-        def assemble(parts: Sequence[KV]) -> KV:
-            return [(torch.cat([p[layer][0] for p in parts], dim=2), torch.cat([p[layer][1] for p in parts], dim=2))
-                    for layer in range(len(parts[0]))]
-
-        def exact_chunk(i: int) -> KV:
-            return slice_kv(exact_state()["kv"], i * n_chunk, (i + 1) * n_chunk)
-
-        base = {"doc": doc.name, "doc_index": d_index, "doc_digest": doc.digest}
+        run = _DocumentRun(doc, settings, model, fingerprint, plan, (a, b), say)
+        jobs: list[tuple[str, str, Callable[..., dict[str, Any]], tuple[Any, ...]]] = []
         for level in levels:
-            for i in range(settings.chunks):
-                key = f"{doc.digest}/chunk/{i}/{level}"
-                row = rows.get(key)
-                if row is None:
-                    part, nbytes = chunk_kv(i, level)
-                    kv = assemble([part if j == i else exact_chunk(j) for j in range(settings.chunks)])
-                    values = sum(k.numel() + v.numel() for k, v in part)
-                    row = rows.put(key, {**base, "kind": "chunk", "level": level, "chunk": i,
-                                         "token_start": i * n_chunk, "tokens": n_chunk,
-                                         "distance_tokens": ctx - (i * n_chunk + n_chunk / 2),
-                                         "bits_per_value": 8 * nbytes / values, **score(kv)})
-                    progress(doc, f"chunk {i} {level}", row, False)
-                else:
-                    progress(doc, f"chunk {i} {level}", row, True)
+            for i in measured:
+                jobs.append((f"chunk/{i}/{level}", f"chunk {i} {level}", run.single, (i, level)))
         for name, actions in plans.items():
-            key = f"{doc.digest}/plan/{'|'.join(actions)}"
-            row = rows.get(key)
-            cached = row is not None
-            if row is None:
-                kv = assemble([exact_chunk(i) if act == EXACT else chunk_kv(i, act)[0]
-                               for i, act in enumerate(actions)])
-                row = rows.put(key, {**base, "kind": "plan", "plan": name, "actions": list(actions), **score(kv)})
-            progress(doc, f"plan {name}", row, cached)
+            jobs.append((f"plan/{'|'.join(actions)}", f"plan {name}", run.mixed, (name, actions)))
         for level in dict.fromkeys((a, b)) if cases else ():
             for name, (first, count) in cases.items():
-                key = f"{doc.digest}/text/{first}/{count}/{level}"
-                row = rows.get(key)
-                cached = row is not None
-                if row is None:
-                    prefix = [chunk_kv(i, level)[0] for i in range(first)]
-                    tail = [exact_chunk(i) for i in range(first + count, settings.chunks)]
-                    with_exact = score(assemble(prefix + [exact_chunk(i) for i in range(first, first + count)]
-                                                + tail))
-                    start, stop = first * n_chunk, (first + count) * n_chunk
-                    cache = cache_from_kv(assemble(prefix), model.config, dtype=model.dtype)
-                    with torch.inference_mode():
-                        out = model(doc.token_ids[:, start:stop], cache=cache, use_cache=True, logits_to_keep=1)
-                    recomputed = slice_kv(kv_from_cache(out.cache), start, stop)
-                    with_text = score(assemble(prefix + [recomputed] + tail))
-                    kl_p, kl_t = with_exact["kl_per_token"], with_text["kl_per_token"]
-                    row = rows.put(key, {**base, "kind": "text", "case": name, "level": level, "text_chunk": first,
-                                         "text_chunks": count, "prefix": with_exact, **with_text,
-                                         "penalty": (kl_t - kl_p) / kl_p if kl_p > 0 else math.nan})
-                progress(doc, f"text {name} over {level}", row, cached)
-        decoded.clear()
-        state.clear()
-    results = summarise([r for r in rows.rows.values() if r["doc_digest"] in {d.digest for d in docs}], settings,
-                        levels, model_name=fingerprint.name)
+                jobs.append((f"text/{first}/{count}/{level}", f"text {name} over {level}", run.text,
+                             (name, level, first, count)))
+        for key, what, measure, args in jobs:
+            key = f"{doc.digest}/{key}"
+            row = rows.get(key)
+            note = "cached"
+            if row is None:
+                row = rows.put(key, {"doc": doc.name, "doc_index": d_index, "doc_digest": doc.digest,
+                                     **measure(*args)})
+                note = f"{time.perf_counter() - started:6.0f} s"
+            done += 1
+            say(f"[{done}/{total}] {doc.name} {what}: KL {row['kl_per_token']:.3g}, top-1 {row['top1_agreement']:.3f} "
+                f"({note})")
+    digests = {d.digest for d in docs}
+    results = summarise([r for r in rows.rows.values() if r["doc_digest"] in digests], settings, levels,
+                        model_name=fingerprint.name)
     results["elapsed_s"] = time.perf_counter() - started
     if plan.skipped:
         results["skipped_levels"] = dict(plan.skipped)
@@ -339,21 +353,43 @@ def _mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def _interpolate(points: Sequence[tuple[float, float]], distance: float) -> float:
+    """Linear in distance between `points` ``(distance, value)`` sorted by distance; the nearest value outside
+    (the rule of `kvcast.streamer.profile.PositionCurve`)."""
+    if distance <= points[0][0]:
+        return points[0][1]
+    for (d0, v0), (d1, v1) in zip(points, points[1:]):
+        if distance <= d1:
+            return v0 + (distance - d0) / (d1 - d0) * (v1 - v0)
+    return points[-1][1]
+
+
+def _predict(kl: dict[int, float], chunk: int, settings: PositionSettings) -> float:
+    """The single-chunk KL of `chunk` from the measured ones `kl` (chunk -> KL): measured, else the first chunk
+    is only itself, and the others are interpolated by distance between the measured chunks other than 0."""
+    if chunk in kl:
+        return kl[chunk]
+    n, ctx = settings.chunk_tokens, settings.context_tokens
+    points = sorted((ctx - (i * n + n / 2), v) for i, v in kl.items() if i != 0 or len(kl) == 1)
+    return _interpolate(points, ctx - (chunk * n + n / 2))
+
+
 def summarise(rows: Sequence[dict[str, Any]], settings: PositionSettings, levels: Sequence[str], *,
               model_name: str = "") -> dict[str, Any]:
     """Means over documents per (level, chunk), the plan check, the text penalty and the profile entry."""
-    chunk_rows = [r for r in rows if r["kind"] == "chunk"]
+    measured = set(settings.measured_chunks())
+    chunk_rows = [r for r in rows if r["kind"] == "chunk" and r["chunk"] in measured and r["level"] in levels]
     docs = sorted({r["doc"] for r in rows})
     by_level: dict[str, list[dict[str, Any]]] = {}
-    mean_kl: dict[tuple[int, str], float] = {}
+    mean_kl: dict[str, dict[int, float]] = {}
     for level in levels:
         points = []
-        for i in range(settings.chunks):
+        for i in sorted(measured):
             got = [r for r in chunk_rows if r["level"] == level and r["chunk"] == i]
             if not got:
                 continue
             kl, lo, hi = _mean_ci([r["kl_per_token"] for r in got])
-            mean_kl[(i, level)] = kl
+            mean_kl.setdefault(level, {})[i] = kl
             points.append({"chunk": i, "distance_tokens": got[0]["distance_tokens"], "documents": len(got),
                            "kl_per_token": kl, "kl_ci95": [lo, hi],
                            "top1_agreement": statistics.fmean(r["top1_agreement"] for r in got),
@@ -363,22 +399,27 @@ def summarise(rows: Sequence[dict[str, Any]], settings: PositionSettings, levels
             by_level[level] = points
     plans = []
     for r in (r for r in rows if r["kind"] == "plan"):
-        singles = [(i, act) for i, act in enumerate(r["actions"]) if act != EXACT]
-        same_doc = {(x["chunk"], x["level"]): x["kl_per_token"] for x in chunk_rows if x["doc"] == r["doc"]}
-        if not all(s in same_doc and s in mean_kl for s in singles):
+        lossy = [(i, act) for i, act in enumerate(r["actions"]) if act != EXACT]
+        same_doc: dict[str, dict[int, float]] = {}
+        for x in chunk_rows:
+            if x["doc"] == r["doc"]:
+                same_doc.setdefault(x["level"], {})[x["chunk"]] = x["kl_per_token"]
+        if not all(act in same_doc and act in mean_kl for _, act in lossy):
             continue
         plans.append({"doc": r["doc"], "plan": r["plan"], "actions": r["actions"], "measured": r["kl_per_token"],
-                      "top1_agreement": r["top1_agreement"], "sum_same_doc": sum(same_doc[s] for s in singles),
-                      "sum_mean_curve": sum(mean_kl[s] for s in singles)})
+                      "top1_agreement": r["top1_agreement"],
+                      "sum_same_doc": sum(_predict(same_doc[act], i, settings) for i, act in lossy),
+                      "sum_mean_curve": sum(_predict(mean_kl[act], i, settings) for i, act in lossy)})
     plan_table = []
     for name in dict.fromkeys(p["plan"] for p in plans):
         got = [p for p in plans if p["plan"] == name]
-        measured = statistics.fmean(p["measured"] for p in got)
+        measured_kl = statistics.fmean(p["measured"] for p in got)
         summed = statistics.fmean(p["sum_same_doc"] for p in got)
         curve = statistics.fmean(p["sum_mean_curve"] for p in got)
-        plan_table.append({"plan": name, "documents": len(got), "measured": measured, "sum_same_doc": summed,
-                           "sum_mean_curve": curve, "error_same_doc": summed / measured - 1 if measured else math.nan,
-                           "error_mean_curve": curve / measured - 1 if measured else math.nan,
+        plan_table.append({"plan": name, "documents": len(got), "measured": measured_kl, "sum_same_doc": summed,
+                           "sum_mean_curve": curve,
+                           "error_same_doc": summed / measured_kl - 1 if measured_kl else math.nan,
+                           "error_mean_curve": curve / measured_kl - 1 if measured_kl else math.nan,
                            "per_doc_error_same_doc": [p["sum_same_doc"] / p["measured"] - 1 for p in got
                                                       if p["measured"] > 0]})
     text_rows = [r for r in rows if r["kind"] == "text"]
@@ -392,7 +433,7 @@ def summarise(rows: Sequence[dict[str, Any]], settings: PositionSettings, levels
                            "penalty": (text - prefix) / prefix if prefix > 0 else math.nan,
                            "per_doc_penalty": [r["penalty"] for r in got]})
     per_chunk = [t["penalty"] / t["text_chunks"] for t in text_table if math.isfinite(t["penalty"])]
-    penalty = statistics.fmean(per_chunk) if per_chunk else None
+    penalty = max(0.0, statistics.fmean(per_chunk)) if per_chunk else None
     results: dict[str, Any] = {
         "format": POSITION_FORMAT,
         "model": model_name,

@@ -118,6 +118,8 @@ class PositionSettings:
     """Lossy levels measured (None: every codec level but ``raw``)."""
     plan_levels: tuple[str, str] = ("kvcast-2", "cachegen-2")
     """Levels a and b of the mixed plans and the text cases (a measured level stands in for one not measured)."""
+    positions: tuple[int, ...] | None = None
+    """Chunk indices measured one at a time (None: every chunk); the check interpolates the others by distance."""
     plans: bool = True
     text_penalty: bool = True
     datasets: Path | None = None
@@ -135,6 +137,13 @@ class PositionSettings:
             raise EvalError("a text file replaces the datasets: set longchat_documents to 0")
         if len(self.plan_levels) != 2:
             raise EvalError("plan_levels names two levels")
+        if self.positions is not None and (not self.positions or
+                                           any(not 0 <= i < self.chunks for i in self.positions)):
+            raise EvalError(f"positions must be chunk indices in 0..{self.chunks - 1}, got {self.positions}")
+
+    def measured_chunks(self) -> tuple[int, ...]:
+        """The chunks measured one at a time, in order."""
+        return tuple(range(self.chunks)) if self.positions is None else tuple(sorted(set(self.positions)))
 
     @property
     def context_tokens(self) -> int:
