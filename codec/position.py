@@ -298,6 +298,8 @@ def run_position_eval(settings: PositionSettings, out_dir: Path, *, model: Any =
         say(plan.note() or "")
     a, b = (lv if lv in levels else levels[min(i, len(levels) - 1)] for i, lv in enumerate(settings.plan_levels))
     plans = plan_specs(settings.chunks, a, b) if settings.plans else {}
+    if settings.plans:  # the whole context at each level: the additivity factor of its curve
+        plans.update({f"all {lv}": (lv,) * settings.chunks for lv in levels})
     cases = text_cases(settings.chunks) if settings.text_penalty else {}
     measured = settings.measured_chunks()
     docs = load_documents(settings, tokenizer)
@@ -410,16 +412,26 @@ def summarise(rows: Sequence[dict[str, Any]], settings: PositionSettings, levels
                       "top1_agreement": r["top1_agreement"],
                       "sum_same_doc": sum(_predict(same_doc[act], i, settings) for i, act in lossy),
                       "sum_mean_curve": sum(_predict(mean_kl[act], i, settings) for i, act in lossy)})
+    factors: dict[str, float] = {}
+    for level in mean_kl:  # measured whole-context KL / sum of the single-chunk KLs (mean curve)
+        whole = [p for p in plans if p["actions"] == [level] * settings.chunks]
+        if whole and sum(p["sum_mean_curve"] for p in whole) > 0:
+            factors[level] = sum(p["measured"] for p in whole) / sum(p["sum_mean_curve"] for p in whole)
+    for p in plans:  # what the profile predicts: the mean curve scaled by each level's factor
+        p["profile_model"] = sum(factors.get(act, 1.0) * _predict(mean_kl[act], i, settings)
+                                 for i, act in enumerate(p["actions"]) if act != EXACT)
     plan_table = []
     for name in dict.fromkeys(p["plan"] for p in plans):
         got = [p for p in plans if p["plan"] == name]
         measured_kl = statistics.fmean(p["measured"] for p in got)
         summed = statistics.fmean(p["sum_same_doc"] for p in got)
         curve = statistics.fmean(p["sum_mean_curve"] for p in got)
+        model = statistics.fmean(p["profile_model"] for p in got)
         plan_table.append({"plan": name, "documents": len(got), "measured": measured_kl, "sum_same_doc": summed,
-                           "sum_mean_curve": curve,
+                           "sum_mean_curve": curve, "profile_model": model,
                            "error_same_doc": summed / measured_kl - 1 if measured_kl else math.nan,
                            "error_mean_curve": curve / measured_kl - 1 if measured_kl else math.nan,
+                           "error_profile_model": model / measured_kl - 1 if measured_kl else math.nan,
                            "per_doc_error_same_doc": [p["sum_same_doc"] / p["measured"] - 1 for p in got
                                                       if p["measured"] > 0]})
     text_rows = [r for r in rows if r["kind"] == "text"]
@@ -443,6 +455,7 @@ def summarise(rows: Sequence[dict[str, Any]], settings: PositionSettings, levels
                      "torch_threads": torch.get_num_threads()},
         "documents": docs,
         "levels": by_level,
+        "additivity_factors": factors,
         "plans": plan_table,
         "plans_per_doc": plans,
         "text": text_table,
@@ -454,10 +467,11 @@ def summarise(rows: Sequence[dict[str, Any]], settings: PositionSettings, levels
 
 def profile_entry(results: dict[str, Any], settings: PositionSettings) -> dict[str, Any]:
     """The ``position_quality`` object of a ``kvcast-profile/1`` file (`kvcast.streamer.profile`)."""
-    scale = settings.context_tokens / settings.chunk_tokens
     levels = {}
     for level, points in results["levels"].items():
         entry: dict[str, Any] = {}
+        factor = results.get("additivity_factors", {}).get(level)
+        scale = settings.context_tokens / settings.chunk_tokens * (factor if factor is not None else 1.0)
         for p in points:
             point = {"distance_tokens": p["distance_tokens"], "quality_loss": p["kl_per_token"] * scale,
                      "kl_per_token": p["kl_per_token"], "top1_agreement": p["top1_agreement"]}
@@ -466,6 +480,8 @@ def profile_entry(results: dict[str, Any], settings: PositionSettings) -> dict[s
             else:
                 entry.setdefault("points", []).append(point)
         entry["points"] = sorted(entry.get("points", []), key=lambda q: q["distance_tokens"])
+        if factor is not None:
+            entry["additivity_factor"] = factor
         levels[level] = entry
     return {"context_tokens": settings.context_tokens, "chunk_tokens": settings.chunk_tokens,
             "continuation_tokens": settings.continuation_tokens, "documents": len(results["documents"]),
@@ -503,13 +519,16 @@ def markdown_table(results: dict[str, Any]) -> str:
               f"{s['chunk_tokens']} tokens, next {s['continuation_tokens']} tokens teacher-forced; d = tokens from "
               "the chunk's centre to the context's end.", ""]
     if results["plans"]:
-        lines += ["| plan | measured KL | sum of single-chunk KLs (same doc) | error | sum (mean curve) | error |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| plan | measured KL | sum of single-chunk KLs (same doc) | error | sum (mean curve) | error | "
+                  "profile model | error |", "|---|---|---|---|---|---|---|---|"]
         for p in results["plans"]:
             lines.append(f"| {p['plan']} | {_kl(p['measured'])} | {_kl(p['sum_same_doc'])} | "
                          f"{100 * p['error_same_doc']:+.0f}% | {_kl(p['sum_mean_curve'])} | "
-                         f"{100 * p['error_mean_curve']:+.0f}% |")
-        lines.append("")
+                         f"{100 * p['error_mean_curve']:+.0f}% | {_kl(p['profile_model'])} | "
+                         f"{100 * p['error_profile_model']:+.0f}% |")
+        factors = results.get("additivity_factors") or {}
+        lines += ["", "Additivity factor (measured whole-context KL / sum of the single-chunk KLs): " +
+                  ", ".join(f"{lv} {f:.2f}" for lv, f in factors.items()), ""]
     if results["text"]:
         lines += ["| text case | prefix level | KL, prefix lossy + chunk exact | KL, chunk recomputed from text | "
                   "penalty |", "|---|---|---|---|---|"]

@@ -41,10 +41,14 @@ as before, and every chunk of a menu then gets its level's flat ``quality_loss``
             "points": [                   # at least one; distinct distances, any order
               {"distance_tokens": 500,    # tokens from the chunk's centre to the context's end
                "quality_loss": 0.01,      # whole-context equivalent: KL of that one chunk x context/chunk tokens
+                                          # x additivity_factor
                "kl_per_token": 0.00125,   # optional: as measured, only this chunk lossy
                "top1_agreement": 0.99}],  # optional: as measured, only this chunk lossy
-            "first_chunk": {...}}}},      # optional: the same fields for the chunk holding the context's first
+            "first_chunk": {...},         # optional: the same fields for the chunk holding the context's first
                                           # tokens (the attention sinks), measured apart from the points
+            "additivity_factor": 4.3}}},  # optional: measured whole-context KL / sum of the single-chunk KLs,
+                                          # already multiplied into quality_loss (the whole context at this
+                                          # level then loses what was measured, not the smaller sum)
       "text_over_lossy_prefix_penalty": 0.1   # optional: see below
 
 `Profile.quality_loss_at` reads a level's loss at a chunk's distance (tokens from the chunk's centre to the end of
@@ -127,6 +131,9 @@ class PositionCurve:
 
     points: tuple[PositionPoint, ...]
     first_chunk: PositionPoint | None = None
+    additivity_factor: float | None = None
+    """Measured whole-context KL / sum of the single-chunk KLs; the points' ``quality_loss`` already includes it
+    (informational)."""
 
     def quality_loss(self, distance_tokens: float, *, first_chunk: bool = False) -> float:
         """The loss at `distance_tokens`: linear between the points, the nearest point's value outside them;
@@ -163,6 +170,8 @@ class PositionQuality:
             entry: dict[str, Any] = {"points": [asdict(p) for p in curve.points]}
             if curve.first_chunk is not None:
                 entry["first_chunk"] = asdict(curve.first_chunk)
+            if curve.additivity_factor is not None:
+                entry["additivity_factor"] = curve.additivity_factor
             levels[name] = entry
         out: dict[str, Any] = {"context_tokens": self.context_tokens, "chunk_tokens": self.chunk_tokens}
         if self.continuation_tokens is not None:
@@ -359,8 +368,11 @@ def _position_quality(obj: Any, level_names: set[str], fail) -> PositionQuality:
             if left.distance_tokens == right.distance_tokens:
                 raise fail(f"{where}.points: distance_tokens {left.distance_tokens:g} appears twice")
         first = entry.get("first_chunk")
+        factor = _number(entry.get("additivity_factor"), f"{where}.additivity_factor", fail, required=False)
+        if factor is not None and factor <= 0:
+            raise fail(f"{where}.additivity_factor must be > 0, got {factor}")
         curves.append((name, PositionCurve(tuple(parsed), None if first is None else
-                                           _position_point(first, f"{where}.first_chunk", fail))))
+                                           _position_point(first, f"{where}.first_chunk", fail), factor)))
     return PositionQuality(tuple(curves), sizes["context_tokens"], sizes["chunk_tokens"],  # type: ignore[arg-type]
                            sizes["continuation_tokens"], sizes["documents"])
 

@@ -75,7 +75,7 @@ def test_position_eval_measures_every_chunk_and_level_and_caches_its_rows(tmp_pa
     # a 1-bit level loses more than int8 on the same chunk of the same document
     kl = {(r["doc"], r["chunk"], r["level"]): r["kl_per_token"] for r in chunk_rows}
     assert all(kl[(d, c, "cachegen-1")] > kl[(d, c, "int8")] for d, c, _ in kl)
-    assert len([r for r in rows if r["kind"] == "plan"]) == 2 * 7
+    assert len([r for r in rows if r["kind"] == "plan"]) == 2 * 8  # 7 mixed plans (2 of them "all"), all int8
     plans = {p["plan"]: p for p in results["plans"]}
     doc0 = results["plans_per_doc"][0]
     singles = sum(kl[(doc0["doc"], i, a)] for i, a in enumerate(doc0["actions"]) if a != "exact")
@@ -84,11 +84,17 @@ def test_position_eval_measures_every_chunk_and_level_and_caches_its_rows(tmp_pa
     text = [r for r in rows if r["kind"] == "text"]
     assert len(text) == 2 * 2 * 2 and all(r["prefix"]["kl_per_token"] > 0 for r in text)
     assert math.isfinite(results["text_over_lossy_prefix_penalty"])
+    factors = results["additivity_factors"]
+    assert set(factors) == {"int8", "cachegen-1", "cachegen-2"} and all(f > 0 for f in factors.values())
+    for level in factors:  # the factor makes the profile model match the whole context at one level
+        assert plans[f"all {level}"]["profile_model"] == pytest.approx(plans[f"all {level}"]["measured"])
+        assert plans[f"all {level}"]["sum_mean_curve"] * factors[level] == pytest.approx(
+            plans[f"all {level}"]["measured"])
     entry = results["position_quality"]["levels"]["cachegen-1"]
-    assert entry["first_chunk"]["distance_tokens"] == 112
+    assert entry["first_chunk"]["distance_tokens"] == 112 and entry["additivity_factor"] == factors["cachegen-1"]
     assert [p["distance_tokens"] for p in entry["points"]] == [16, 48, 80]
-    for p in entry["points"]:  # whole-context equivalent: the chunk's KL x 4 chunks
-        assert p["quality_loss"] == pytest.approx(4 * p["kl_per_token"])
+    for p in entry["points"]:  # whole-context equivalent: the chunk's KL x 4 chunks x the additivity factor
+        assert p["quality_loss"] == pytest.approx(4 * p["kl_per_token"] * factors["cachegen-1"])
     assert "| cachegen-1 |" in markdown_table(results) and "penalty" in markdown_table(results)
     # a second run measures nothing again: every row comes from positions.jsonl
     again: list[str] = []
@@ -106,6 +112,7 @@ def test_position_eval_measures_every_chunk_and_level_and_caches_its_rows(tmp_pa
     merged = Profile.load(paths["profile"])
     assert merged.position_quality.context_tokens == 128 and merged.position_quality.chunk_tokens == 32
     assert merged.quality_loss_at("cachegen-1", 16) == pytest.approx(entry["points"][0]["quality_loss"])
+    assert merged.position_quality.curve("cachegen-1").additivity_factor == pytest.approx(factors["cachegen-1"])
     assert merged.text_over_lossy_prefix_penalty == pytest.approx(max(0.0, results["text_over_lossy_prefix_penalty"]))
 
 

@@ -176,6 +176,7 @@ def _with_positions(levels=("cachegen-2", "kvcast-2"), first=True, penalty=0.25)
                             {"distance_tokens": 1500, "quality_loss": 0.03 * (n + 1)}]}
         if first:
             entry["first_chunk"] = {"distance_tokens": 7500, "quality_loss": 0.5 * (n + 1)}
+            entry["additivity_factor"] = 2.0 + n
         curves[level] = entry
     data["position_quality"] = {"context_tokens": 8000, "chunk_tokens": 1000, "documents": 3, "levels": curves}
     if penalty is not None:
@@ -197,6 +198,7 @@ def test_profile_round_trip_with_and_without_position_quality(tmp_path):
     p.save(path)
     q = Profile.load(path)
     assert q == p and q.position_quality.curve("cachegen-2").first_chunk.quality_loss == 0.5
+    assert q.position_quality.curve("kvcast-2").additivity_factor == 3.0
     assert q.restricted(["raw", "kvcast-2"]).position_quality == p.position_quality
 
 
@@ -214,6 +216,8 @@ def test_profile_round_trip_with_and_without_position_quality(tmp_path):
      r"points\[0\].distance_tokens is missing"),
     (lambda d: d["position_quality"]["levels"]["kvcast-2"]["first_chunk"].update(top1_agreement=2),
      r"first_chunk.top1_agreement must be in \[0, 1\]"),
+    (lambda d: d["position_quality"]["levels"]["kvcast-2"].update(additivity_factor=0),
+     r"kvcast-2.additivity_factor must be > 0"),
     (lambda d: d.update(text_over_lossy_prefix_penalty=-0.1), "text_over_lossy_prefix_penalty must be >= 0"),
     (lambda d: d.update(text_over_lossy_prefix_penalty="x"), "text_over_lossy_prefix_penalty must be a finite"),
 ])
