@@ -29,10 +29,13 @@ already there are not measured again). `summarise` turns the rows into means per
 t-intervals over documents, the plan check, the text penalty and the ``position_quality`` entry of a
 ``kvcast-profile/1`` file (see `kvcast.streamer.profile`): per level, points ``(distance_tokens,
 quality_loss, kl_per_token, top1_agreement)`` where ``distance_tokens`` is the distance of the chunk's centre from
-the context's end and ``quality_loss = kl_per_token x context_tokens / chunk_tokens`` is the whole-context
-equivalent (the loss if every chunk lost what this one does; the simulator's token-weighted mean of these over a
-plan's chunks is then the sum of the single-chunk KLs). The first chunk (it holds the attention sinks) is kept
-apart as ``first_chunk`` and the points come from the others.
+the context's end and ``quality_loss = kl_per_token x context_tokens / chunk_tokens x sqrt(additivity_factor)``
+is the whole-context equivalent (the simulator's token-weighted mean of these over a plan's chunks is the sum of
+the single-chunk KLs times that square root). ``additivity_factor`` is the level's measured whole-context KL over
+the sum of its single-chunk KLs: about 1 for int8 and the CacheGen levels, 1.3-15 for the ``kvcast-*`` levels,
+whose errors add up faster than linearly. No per-chunk number fits both a lone lossy chunk (factor 1) and a whole
+context at one level (the full factor); the square root errs by at most its value either way. The first chunk
+(it holds the attention sinks) is kept apart as ``first_chunk`` and the points come from the others.
 """
 
 from __future__ import annotations
@@ -417,8 +420,8 @@ def summarise(rows: Sequence[dict[str, Any]], settings: PositionSettings, levels
         whole = [p for p in plans if p["actions"] == [level] * settings.chunks]
         if whole and sum(p["sum_mean_curve"] for p in whole) > 0:
             factors[level] = sum(p["measured"] for p in whole) / sum(p["sum_mean_curve"] for p in whole)
-    for p in plans:  # what the profile predicts: the mean curve scaled by each level's factor
-        p["profile_model"] = sum(factors.get(act, 1.0) * _predict(mean_kl[act], i, settings)
+    for p in plans:  # what the profile predicts: the mean curve scaled by the square root of each level's factor
+        p["profile_model"] = sum(math.sqrt(factors.get(act, 1.0)) * _predict(mean_kl[act], i, settings)
                                  for i, act in enumerate(p["actions"]) if act != EXACT)
     plan_table = []
     for name in dict.fromkeys(p["plan"] for p in plans):
@@ -471,7 +474,7 @@ def profile_entry(results: dict[str, Any], settings: PositionSettings) -> dict[s
     for level, points in results["levels"].items():
         entry: dict[str, Any] = {}
         factor = results.get("additivity_factors", {}).get(level)
-        scale = settings.context_tokens / settings.chunk_tokens * (factor if factor is not None else 1.0)
+        scale = settings.context_tokens / settings.chunk_tokens * math.sqrt(factor if factor is not None else 1.0)
         for p in points:
             point = {"distance_tokens": p["distance_tokens"], "quality_loss": p["kl_per_token"] * scale,
                      "kl_per_token": p["kl_per_token"], "top1_agreement": p["top1_agreement"]}

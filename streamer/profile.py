@@ -41,14 +41,13 @@ as before, and every chunk of a menu then gets its level's flat ``quality_loss``
             "points": [                   # at least one; distinct distances, any order
               {"distance_tokens": 500,    # tokens from the chunk's centre to the context's end
                "quality_loss": 0.01,      # whole-context equivalent: KL of that one chunk x context/chunk tokens
-                                          # x additivity_factor
+                                          # x sqrt(additivity_factor)
                "kl_per_token": 0.00125,   # optional: as measured, only this chunk lossy
                "top1_agreement": 0.99}],  # optional: as measured, only this chunk lossy
             "first_chunk": {...},         # optional: the same fields for the chunk holding the context's first
                                           # tokens (the attention sinks), measured apart from the points
-            "additivity_factor": 4.3}}},  # optional: measured whole-context KL / sum of the single-chunk KLs,
-                                          # already multiplied into quality_loss (the whole context at this
-                                          # level then loses what was measured, not the smaller sum)
+            "additivity_factor": 4.3}}},  # optional: measured whole-context KL / sum of the single-chunk KLs;
+                                          # its square root is already in quality_loss (informational)
       "text_over_lossy_prefix_penalty": 0.1   # optional: see below
 
 `Profile.quality_loss_at` reads a level's loss at a chunk's distance (tokens from the chunk's centre to the end of
@@ -57,7 +56,8 @@ range the nearest point's value (clamped; an 8K-measured curve gives every chunk
 the farthest point that point's loss); the chunk that starts at token 0 of a context of several chunks takes
 ``first_chunk`` when present. ``quality_loss`` is in the unit of the level's flat ``quality_loss`` (the loss when
 the whole context is at that level), so a plan's token-weighted mean of its chunks' losses (the simulator's
-session loss) predicts the sum of the single-chunk KLs; levels without a curve keep their flat ``quality_loss``.
+session loss) predicts the sum of the single-chunk KLs times the square root of each level's ``additivity_factor``
+(between a lone chunk's loss and a whole context's); levels without a curve keep their flat ``quality_loss``.
 
 ``text_over_lossy_prefix_penalty`` is the measured extra loss of one chunk recomputed from its text over a lossy
 prefix, relative to the loss of that prefix: recomputing chunk i over lossy chunks ``0..i-1`` costs ``penalty x``
@@ -132,8 +132,8 @@ class PositionCurve:
     points: tuple[PositionPoint, ...]
     first_chunk: PositionPoint | None = None
     additivity_factor: float | None = None
-    """Measured whole-context KL / sum of the single-chunk KLs; the points' ``quality_loss`` already includes it
-    (informational)."""
+    """Measured whole-context KL / sum of the single-chunk KLs; the points' ``quality_loss`` already includes its
+    square root (informational)."""
 
     def quality_loss(self, distance_tokens: float, *, first_chunk: bool = False) -> float:
         """The loss at `distance_tokens`: linear between the points, the nearest point's value outside them;

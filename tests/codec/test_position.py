@@ -86,15 +86,15 @@ def test_position_eval_measures_every_chunk_and_level_and_caches_its_rows(tmp_pa
     assert math.isfinite(results["text_over_lossy_prefix_penalty"])
     factors = results["additivity_factors"]
     assert set(factors) == {"int8", "cachegen-1", "cachegen-2"} and all(f > 0 for f in factors.values())
-    for level in factors:  # the factor makes the profile model match the whole context at one level
-        assert plans[f"all {level}"]["profile_model"] == pytest.approx(plans[f"all {level}"]["measured"])
-        assert plans[f"all {level}"]["sum_mean_curve"] * factors[level] == pytest.approx(
-            plans[f"all {level}"]["measured"])
+    for level in factors:  # the factor: whole context at one level over the sum; the model takes its root
+        whole = plans[f"all {level}"]
+        assert whole["sum_mean_curve"] * factors[level] == pytest.approx(whole["measured"])
+        assert whole["profile_model"] == pytest.approx(whole["sum_mean_curve"] * math.sqrt(factors[level]))
     entry = results["position_quality"]["levels"]["cachegen-1"]
     assert entry["first_chunk"]["distance_tokens"] == 112 and entry["additivity_factor"] == factors["cachegen-1"]
     assert [p["distance_tokens"] for p in entry["points"]] == [16, 48, 80]
-    for p in entry["points"]:  # whole-context equivalent: the chunk's KL x 4 chunks x the additivity factor
-        assert p["quality_loss"] == pytest.approx(4 * p["kl_per_token"] * factors["cachegen-1"])
+    for p in entry["points"]:  # whole-context equivalent: the chunk's KL x 4 chunks x sqrt(additivity factor)
+        assert p["quality_loss"] == pytest.approx(4 * p["kl_per_token"] * math.sqrt(factors["cachegen-1"]))
     assert "| cachegen-1 |" in markdown_table(results) and "penalty" in markdown_table(results)
     # a second run measures nothing again: every row comes from positions.jsonl
     again: list[str] = []
