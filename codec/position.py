@@ -25,7 +25,8 @@ long enough, cut to the needed tokens), or passages of ``text_file``.
 
 Every measurement is one JSON line in ``positions.jsonl`` in the output folder, written as soon as it is made
 and keyed by the settings and the document's tokens: a run that stops is continued by running it again (rows
-already there are not measured again). `summarise` turns the rows into means per (level, chunk) with 95%
+already there are not measured again). The key does not see the codec's code: after a codec change, use a fresh
+output folder. `summarise` turns the rows into means per (level, chunk) with 95%
 t-intervals over documents, the plan check, the text penalty and the ``position_quality`` entry of a
 ``kvcast-profile/1`` file (see `kvcast.streamer.profile`): per level, points ``(distance_tokens,
 quality_loss, kl_per_token, top1_agreement)`` where ``distance_tokens`` is the distance of the chunk's centre from
