@@ -518,20 +518,25 @@ def test_cachegen_controllers_use_cachegens_levels_by_default():
     # a menu without CacheGen's levels: the rule runs on the menu's levels
     policy = reg.create("cachegen")
     policy.reset(Session(real_menus("kvcast"), 0.6))
-    assert policy.tried == ("raw", "kvcast-4", "int8", "kvcast-3", "kvcast-2", "kvcast-1")
+    # best first by the first chunk's loss: with the position-dependent profile that chunk holds the attention
+    # sinks, which int8 rounds and the kvcast-* levels keep exact, so kvcast-3 comes before int8 there
+    assert policy.tried == ("raw", "kvcast-4", "kvcast-3", "int8", "kvcast-2", "kvcast-1")
     with pytest.raises(ValueError, match="levels must be"):
         reg.create("cachegen:levels=fast")
 
 
 def test_planning_controllers_on_the_measured_menu_avoid_dominated_levels():
-    """Every level of the measured profile on the menu (CacheGen levels dominated by kvcast ones, menu order
+    """Every level of the measured profile on the menu (some CacheGen levels dominated by kvcast ones, menu order
     monotone in nothing): mpc, hybrid and oracle never load a dominated level, and the oracle is never worse
     on overrun."""
     from kvcast.policies.base import undominated_levels
 
     menus = real_menus()
     keep = set(undominated_levels(menus))
-    assert {"cachegen-3", "cachegen-2", "cachegen-1"}.isdisjoint(keep) and "kvcast-3" in keep
+    assert {"cachegen-2", "cachegen-delta-1"}.isdisjoint(keep) and "kvcast-3" in keep
+    # by position no level beats cachegen-3 on every chunk: on the last one it loses less than kvcast-3
+    assert menus[-1].option("cachegen-3").quality_loss < menus[-1].option("kvcast-3").quality_loss
+    assert "cachegen-3" in keep
     rng = random.Random(11)
     for _ in range(3):
         times = [0.0] + sorted(rng.uniform(0, 3) for _ in range(30)) + [3.5]
