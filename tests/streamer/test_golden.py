@@ -3,7 +3,8 @@
 Recorded at commit 5b7c536 (before the namespace and module refactoring) with
 ``kvcast simulate --contexts 2 --policies <POLICIES> --no-chunk-log`` on the shipped synthetic traces: 7 traces x
 2 contexts x 8 policies = 112 sessions; re-recorded on branch position when the shipped profile gained its
-measured loss by position (`position_quality`: each chunk's loss at its distance from the context's end). Floats are compared to 1e-12 relative (libm may differ in the last ulp);
+measured loss by position (`position_quality`: each chunk's loss at its distance from the context's end).
+Floats are compared to 1e-12 relative (libm may differ in the last ulp);
 everything else exactly. A deliberate change of the engine, a policy or the defaults re-records both files by
 running that command and copying ``summary.json`` and ``sessions.jsonl`` into ``golden/``.
 """
