@@ -51,7 +51,8 @@ Modules, bottom to top (each imports only modules listed before it):
 * `worker`: ``python -m kvcast.codec.worker``, the subprocess main (imported by nothing).
 * `api`: `Codec` (encode/decode/inspect of whole KV caches); then this package.
 * On top, not imported by the above: `hf` (transformers caches, `fingerprint_from_config`), `model`
-  (SmolLM2 loader), `evaluate`, `calibrate`, `demo`, `bench`, `cli`.
+  (SmolLM2 loader), `evaluate`, `position` (loss by the position of a lossy chunk), `calibrate`, `demo`, `bench`,
+  `cli`.
 """
 from __future__ import annotations
 

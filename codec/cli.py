@@ -15,7 +15,7 @@ import typer
 from kvcast.clitools import BAD_INPUT, FAILED, comma_list, emit_benchmark, fail
 from kvcast.codec.bench import CodecBenchSettings
 from kvcast.codec.gpubench import GpuBenchSettings
-from kvcast.codec.settings import DEFAULT_THREADS, CalibrateSettings, DemoSettings, EvalSettings
+from kvcast.codec.settings import DEFAULT_THREADS, CalibrateSettings, DemoSettings, EvalSettings, PositionSettings
 
 _THREADS_HELP = "torch threads (0: torch's default)."
 _DATASETS_HELP = "Datasets folder (default: ../shared/datasets)."
@@ -163,6 +163,72 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> dic
             console.print(LevelPlan([], skipped=results["skipped_levels"]).note(), highlight=False, soft_wrap=True,
                           markup=False)
         console.print(f"{results['elapsed_s']:.0f} s; wrote " + ", ".join(str(p) for p in paths.values()))
+
+    _pos = PositionSettings
+
+    @evaluate.command("position")
+    def eval_position(
+        out: Annotated[Path, typer.Option(
+            help="Output folder (positions.jsonl, the cache of every measurement; summary.json, table.md, "
+                 "position.png; profile.json with --profile).")] = Path("out/eval-position"),
+        chunk_tokens: Annotated[int, typer.Option(help="Tokens per chunk.")] = _pos.chunk_tokens,
+        chunks: Annotated[int, typer.Option(help="Chunks of the context.")] = _pos.chunks,
+        continuation_tokens: Annotated[int, typer.Option(help="Next tokens scored on top of the cache.")]
+        = _pos.continuation_tokens,
+        wikitext: Annotated[int, typer.Option(help="WikiText-2 test passages (or passages of --text-file).")]
+        = _pos.wikitext_documents,
+        longchat: Annotated[int, typer.Option(help="LongChat prompts (cachegen-longchat/longchat.jsonl).")]
+        = _pos.longchat_documents,
+        levels: Annotated[str, typer.Option(help="Comma-separated lossy levels (default: all but raw).")] = "",
+        plan_levels: Annotated[str, typer.Option(
+            help="Two levels a,b of the mixed plans and the text-over-lossy-prefix cases.")]
+        = ",".join(_pos.plan_levels),
+        positions: Annotated[str, typer.Option(
+            help="Comma-separated chunk indices measured one at a time (default: every chunk; the check "
+                 "interpolates the others by distance).")] = "",
+        plans: Annotated[bool, typer.Option(help="Measure the mixed plans (the additivity check).")] = _pos.plans,
+        text_penalty: Annotated[bool, typer.Option(help="Measure text recomputed over a lossy prefix.")]
+        = _pos.text_penalty,
+        quick: Annotated[bool, typer.Option(
+            help="A small run: 4 chunks x 64 tokens, 16 next tokens, one passage, levels int8,cachegen-1 and "
+                 "kvcast-2.")] = False,
+        profile: Annotated[Path | None, typer.Option(
+            help="A kvcast-profile/1 file to write out/profile.json from, with this run's position_quality.")]
+        = None,
+        datasets: Annotated[Path | None, typer.Option(help=_DATASETS_HELP)] = None,
+        text_file: Annotated[Path | None, typer.Option(help="Measure passages of this UTF-8 text instead.")] = None,
+        model: Annotated[str, typer.Option(help=_MODEL_HELP)] = _pos.model,
+        tables: Annotated[Path | None, typer.Option(help=_TABLES_HELP)] = None,
+        threads: Annotated[int, typer.Option(help=_THREADS_HELP)] = DEFAULT_THREADS,
+    ) -> None:
+        """KL and top-1 of the continuation when only one chunk of a long context is lossy, by level and distance
+        from the context's end (SmolLM2's 8K window); checks the per-chunk model on mixed plans and measures text
+        recomputed over a lossy prefix. Rerunning continues from out/positions.jsonl."""
+        from kvcast.codec.model import ModelUnavailable
+        from kvcast.codec.position import run_position_eval, write_outputs
+
+        _set_threads(threads)
+        try:
+            if quick:
+                chunk_tokens, chunks, continuation_tokens, wikitext, longchat = 64, 4, 16, 1, 0
+                levels = levels or "int8,cachegen-1,kvcast-2"
+            a_b = tuple(comma_list(plan_levels))
+            if len(a_b) != 2:
+                fail("--plan-levels names two levels")
+            settings = PositionSettings(
+                chunk_tokens=chunk_tokens, chunks=chunks, continuation_tokens=continuation_tokens,
+                wikitext_documents=wikitext, longchat_documents=0 if text_file is not None else longchat,
+                levels=tuple(comma_list(levels)) or None, plan_levels=a_b, plans=plans,  # type: ignore[arg-type]
+                positions=tuple(int(c) for c in comma_list(positions)) or None,
+                text_penalty=text_penalty, datasets=datasets, text_file=text_file, model=model, tables=tables)
+            results = run_position_eval(settings, out)
+            paths = write_outputs(results, out, profile)
+        except ValueError as exc:  # EvalError, and the codec's errors for a bad level
+            fail(str(exc))
+        except ModelUnavailable as exc:
+            _model_failed(exc, model)
+        typer.echo((out / "table.md").read_text(encoding="utf-8"))
+        typer.echo(f"{results['elapsed_s']:.0f} s; wrote " + ", ".join(str(p) for p in paths.values()))
 
     _demo = DemoSettings
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["DEFAULT_BASELINES", "DEFAULT_MODEL", "DEFAULT_THREADS", "SPLITS", "CalibrateSettings", "DemoSettings",
-           "EvalError", "EvalSettings", "baseline_percent"]
+           "EvalError", "EvalSettings", "PositionSettings", "baseline_percent"]
 
 SPLITS = {
     "test": "wikitext-2-raw/wiki.test.raw",   # reporting split (raw text, CRLF line ends)
@@ -100,3 +100,51 @@ class CalibrateSettings:
     out_dir: Path | None = None
     """Folder of the table; None: the codec's shipped tables folder (``codec/tables``), where it finds
     them."""
+
+
+@dataclass(frozen=True)
+class PositionSettings:
+    """What `kvcast.codec.position.run_position_eval` (``kvcast eval position``) measures. The defaults fill
+    SmolLM2's 8,192-token window: 8 chunks x 1,000 tokens of context, then 128 continuation tokens."""
+
+    chunk_tokens: int = 1000
+    chunks: int = 8
+    continuation_tokens: int = 128
+    wikitext_documents: int = 2
+    """Passages of WikiText-2 test (or of `text_file`)."""
+    longchat_documents: int = 2
+    """Prompts of CacheGen's LongChat set (``cachegen-longchat/longchat.jsonl``)."""
+    levels: tuple[str, ...] | None = None
+    """Lossy levels measured (None: every codec level but ``raw``)."""
+    plan_levels: tuple[str, str] = ("kvcast-2", "cachegen-2")
+    """Levels a and b of the mixed plans and the text cases (a measured level stands in for one not measured)."""
+    positions: tuple[int, ...] | None = None
+    """Chunk indices measured one at a time (None: every chunk); the check interpolates the others by distance."""
+    plans: bool = True
+    text_penalty: bool = True
+    datasets: Path | None = None
+    text_file: Path | None = None
+    model: str = DEFAULT_MODEL
+    tables: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.chunk_tokens < 1 or self.chunks < 2 or self.continuation_tokens < 1:
+            raise EvalError("chunk_tokens and continuation_tokens must be positive and chunks at least 2")
+        if self.wikitext_documents < 0 or self.longchat_documents < 0 or \
+                self.wikitext_documents + self.longchat_documents < 1:
+            raise EvalError("measure at least one document")
+        if self.text_file is not None and self.longchat_documents:
+            raise EvalError("a text file replaces the datasets: set longchat_documents to 0")
+        if len(self.plan_levels) != 2:
+            raise EvalError("plan_levels names two levels")
+        if self.positions is not None and (not self.positions or
+                                           any(not 0 <= i < self.chunks for i in self.positions)):
+            raise EvalError(f"positions must be chunk indices in 0..{self.chunks - 1}, got {self.positions}")
+
+    def measured_chunks(self) -> tuple[int, ...]:
+        """The chunks measured one at a time, in order."""
+        return tuple(range(self.chunks)) if self.positions is None else tuple(sorted(set(self.positions)))
+
+    @property
+    def context_tokens(self) -> int:
+        return self.chunks * self.chunk_tokens

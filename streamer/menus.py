@@ -4,6 +4,13 @@ A profile measured on a small real model (bits per value, quality loss per level
 a chunk's size at a level is ``values x bits_per_value / 8`` where ``values = tokens x 2 (K and V) x layers x
 kv_heads x head_dim`` of the *target* model. Decode time is ``values / decode speed``; recompute time comes
 from `RecomputeCost`.
+
+A chunk's quality loss at a level is the profile's loss at the chunk's distance from the end of the target
+context (`Profile.quality_loss_at`): tokens from the chunk's centre to the context's last token, the same count
+of tokens whatever the context's length, clamped to the measured range (a curve measured on SmolLM2's 8K window
+gives every chunk of a 16K Mistral context farther than its farthest point that point's loss; the chunk that
+starts at token 0 takes the first-chunk measurement, attention sinks included). A profile without position data
+gives every chunk its level's flat loss.
 """
 
 from __future__ import annotations
@@ -237,7 +244,8 @@ def build_menus(profile: Profile, shape: ModelShape, context_tokens: int, chunk_
     `levels` restricts the menu to some of the profile's levels (set names and level names, see
     `resolve_levels`), kept in the profile's order, which need not be monotone in size or quality. The
     ``raw`` level's size follows the model shape's ``raw_bytes_per_value``; the other levels use the
-    profile's bits per value.
+    profile's bits per value. Each chunk's quality loss is the profile's loss at the chunk's distance from the
+    context's end (`Profile.quality_loss_at`; the level's flat loss without position data).
     """
     if context_tokens <= 0 or chunk_tokens <= 0:
         raise ValueError(f"context_tokens and chunk_tokens must be > 0, got {context_tokens}, {chunk_tokens}")
@@ -253,9 +261,12 @@ def build_menus(profile: Profile, shape: ModelShape, context_tokens: int, chunk_
     for index, start in enumerate(range(0, context_tokens, chunk_tokens)):
         tokens = min(chunk_tokens, context_tokens - start)
         values = tokens * shape.values_per_token
+        distance = context_tokens - (start + tokens / 2)
+        first = start == 0 and tokens < context_tokens
         options = tuple(
             LevelOption(level=r.level, nbytes=math.ceil(values * b / 8.0),
-                        decode_s=0.0 if v is None else values / v, quality_loss=r.quality_loss)
+                        decode_s=0.0 if v is None else values / v,
+                        quality_loss=profile.quality_loss_at(r.level, distance, first_chunk=first))
             for r, b, v in zip(rows, bits, speeds, strict=True))
         menus.append(ChunkMenu(index=index, start_token=start, tokens=tokens, levels=options,
                                recompute_s=recompute.prefill_s(start, tokens)))

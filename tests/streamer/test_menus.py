@@ -120,7 +120,7 @@ def test_menus_scale_the_profile_to_the_target_model():
     row = menus[0].option("cachegen-2")
     assert row.nbytes == math.ceil(values * p.level("cachegen-2").bits_per_value / 8)
     assert row.decode_s == pytest.approx(values / default_decode_speeds()["cachegen-2"])
-    assert row.quality_loss == p.level("cachegen-2").quality_loss
+    assert row.quality_loss == p.quality_loss_at("cachegen-2", 4000 - 768, first_chunk=True)
     assert menus[0].option("raw").nbytes == 1536 * shape.raw_bytes_per_token
     assert menus[0].option("raw").decode_s == 0.0
     assert menus[2].recompute_s == pytest.approx(cost.prefill_s(3072, 928))
@@ -199,3 +199,122 @@ def test_profile_lossy_prefix_ratio_is_read_checked_and_resolved(tmp_path):
         Profile.from_json_dict(data, "x.json")
     with pytest.raises(ValueError, match="lossy_prefix_ratio"):
         SimulationConfig(lossy_prefix_ratio=math.inf)
+
+
+# ----------------------------------------------------------------------------------------------- by position
+
+
+def _with_positions(levels=("cachegen-2", "kvcast-2"), first=True, penalty=0.25) -> dict:
+    """The default profile's JSON with a small position_quality entry: loss falls with distance."""
+    data = default_profile().to_json_dict()
+    data.pop("position_quality", None)
+    data.pop("text_over_lossy_prefix_penalty", None)
+    curves = {}
+    for n, level in enumerate(levels):
+        entry = {"points": [{"distance_tokens": 3500, "quality_loss": 0.01 * (n + 1), "kl_per_token": 0.00125},
+                            {"distance_tokens": 500, "quality_loss": 0.09 * (n + 1), "top1_agreement": 0.9},
+                            {"distance_tokens": 1500, "quality_loss": 0.03 * (n + 1)}]}
+        if first:
+            entry["first_chunk"] = {"distance_tokens": 7500, "quality_loss": 0.5 * (n + 1)}
+            entry["additivity_factor"] = 2.0 + n
+        curves[level] = entry
+    data["position_quality"] = {"context_tokens": 8000, "chunk_tokens": 1000, "documents": 3, "levels": curves}
+    if penalty is not None:
+        data["text_over_lossy_prefix_penalty"] = penalty
+    return data
+
+
+def test_profile_round_trip_with_and_without_position_quality(tmp_path):
+    old = default_profile().to_json_dict()
+    old.pop("position_quality", None)
+    old.pop("text_over_lossy_prefix_penalty", None)
+    plain = Profile.from_json_dict(old)  # a profile written before the field existed
+    assert plain.position_quality is None and plain.text_over_lossy_prefix_penalty is None
+    assert plain.to_json_dict() == json.loads(json.dumps(old))  # nothing added on the way out
+    p = Profile.from_json_dict(_with_positions())
+    assert p.text_over_lossy_prefix_penalty == 0.25 and p.position_quality.documents == 3
+    assert [pt.distance_tokens for pt in p.position_quality.curve("kvcast-2").points] == [500, 1500, 3500]
+    path = tmp_path / "p.json"
+    p.save(path)
+    q = Profile.load(path)
+    assert q == p and q.position_quality.curve("cachegen-2").first_chunk.quality_loss == 0.5
+    assert q.position_quality.curve("kvcast-2").additivity_factor == 3.0
+    assert q.restricted(["raw", "kvcast-2"]).position_quality == p.position_quality
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d["position_quality"].pop("context_tokens"), r"position_quality.context_tokens must be"),
+    (lambda d: d["position_quality"].update(levels={}), r"position_quality.levels must be a non-empty"),
+    (lambda d: d["position_quality"]["levels"].update(nope={"points": [{"distance_tokens": 1,
+                                                                        "quality_loss": 0}]}),
+     "'nope' is not a level"),
+    (lambda d: d["position_quality"]["levels"]["kvcast-2"].update(points=[]), r"kvcast-2.points must be"),
+    (lambda d: d["position_quality"]["levels"]["kvcast-2"]["points"][1].update(distance_tokens=3500),
+     "appears twice"),
+    (lambda d: d["position_quality"]["levels"]["kvcast-2"]["points"][0].update(quality_loss=-1), ">= 0"),
+    (lambda d: d["position_quality"]["levels"]["kvcast-2"]["points"][0].pop("distance_tokens"),
+     r"points\[0\].distance_tokens is missing"),
+    (lambda d: d["position_quality"]["levels"]["kvcast-2"]["first_chunk"].update(top1_agreement=2),
+     r"first_chunk.top1_agreement must be in \[0, 1\]"),
+    (lambda d: d["position_quality"]["levels"]["kvcast-2"].update(additivity_factor=0),
+     r"kvcast-2.additivity_factor must be > 0"),
+    (lambda d: d.update(text_over_lossy_prefix_penalty=-0.1), "text_over_lossy_prefix_penalty must be >= 0"),
+    (lambda d: d.update(text_over_lossy_prefix_penalty="x"), "text_over_lossy_prefix_penalty must be a finite"),
+])
+def test_malformed_position_quality_names_the_field(tmp_path, mutate, message):
+    data = _with_positions()
+    mutate(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match=message):
+        Profile.load(path)
+
+
+def test_position_loss_interpolates_linearly_and_clamps_outside_the_measured_range():
+    p = Profile.from_json_dict(_with_positions())
+    at = p.quality_loss_at
+    assert at("cachegen-2", 500) == pytest.approx(0.09) and at("cachegen-2", 3500) == pytest.approx(0.01)
+    assert at("cachegen-2", 1000) == pytest.approx(0.06)        # halfway between 0.09 and 0.03
+    assert at("cachegen-2", 2000) == pytest.approx(0.025)       # a quarter of the way from 0.03 to 0.01
+    assert at("cachegen-2", 0) == pytest.approx(0.09)           # nearer than the nearest point: clamped
+    assert at("cachegen-2", 15_000) == pytest.approx(0.01)      # a 16K context's far chunks: the farthest point
+    assert at("cachegen-2", 15_000, first_chunk=True) == 0.5    # the chunk holding the sinks
+    assert at("kvcast-2", 1000) == pytest.approx(0.12)
+    # no curve: the level's flat loss, wherever the chunk is
+    assert at("int8", 10, first_chunk=True) == at("int8", 9000) == p.level("int8").quality_loss
+    no_first = Profile.from_json_dict(_with_positions(first=False))
+    assert no_first.quality_loss_at("cachegen-2", 7500, first_chunk=True) == pytest.approx(0.01)
+
+
+def test_menus_give_each_chunk_the_loss_at_its_distance_from_the_end():
+    p = Profile.from_json_dict(_with_positions())
+    shape, cost = ModelShape.named("mistral-7b"), recompute_cost("h100/mistral-7b")
+    menus = build_menus(p, shape, 16_000, 1000, cost)
+    losses = [m.option("cachegen-2").quality_loss for m in menus]
+    assert losses[0] == 0.5                                      # first chunk: measured apart (sinks)
+    assert losses[-1] == pytest.approx(0.09)                     # centre 500 tokens from the end
+    assert losses[-2] == pytest.approx(0.03) and losses[-3] == pytest.approx(0.02)
+    assert losses[1:-3] == [pytest.approx(0.01)] * 12            # beyond 3,500 tokens: clamped
+    assert all(a <= b for a, b in zip(losses[1:], losses[2:]))   # falls with distance
+    flat = {m.option("int8").quality_loss for m in menus}
+    assert flat == {p.level("int8").quality_loss}                # no curve: one number for every chunk
+    # the same chunk layout on an old profile: every chunk gets the flat loss
+    old = Profile.from_json_dict({k: v for k, v in _with_positions().items() if k != "position_quality"})
+    assert {m.option("cachegen-2").quality_loss for m in build_menus(old, shape, 16_000, 1000, cost)} == \
+        {old.level("cachegen-2").quality_loss}
+    # a one-chunk context is not a "first chunk" of several: it takes the curve at its centre
+    (one,) = build_menus(p, shape, 1000, 1000, cost)
+    assert one.option("cachegen-2").quality_loss == pytest.approx(0.09)
+
+
+def test_shipped_profile_has_a_measured_position_curve_for_every_lossy_level():
+    from kvcast import codec
+    p = default_profile()
+    assert p.position_quality is not None and p.position_quality.documents >= 3
+    assert p.position_quality.context_tokens == 8000
+    for level in codec.levels():
+        curve = p.position_quality.curve(level)
+        assert (curve is None) == (level == "raw"), level
+        if curve is not None:
+            assert len(curve.points) >= 4 and curve.first_chunk is not None
+    assert p.text_over_lossy_prefix_penalty is not None and p.text_over_lossy_prefix_penalty >= 0

@@ -46,11 +46,16 @@ def test_simulate_writes_summary_tables_logs_and_plots(trace_dir, tmp_path):
     by = {s["policy"]: s for s in summary}
     assert by["text"]["quality_loss_mean"] == 0.0 and by["text"]["bytes_mean"] == 0.0
     assert by["raw"]["bytes_mean"] > by["fixed:cachegen-2"]["bytes_mean"] > 0
+    from kvcast.streamer.menus import MODEL_SHAPES, build_menus, recompute_cost
     from kvcast.streamer.profile import default_profile
 
-    assert by["fixed:cachegen-2"]["quality_loss_mean"] == \
-        pytest.approx(default_profile().level("cachegen-2").quality_loss)
     sessions = [json.loads(line) for line in (out / "sessions.jsonl").read_text().splitlines()]
+    for s in (s for s in sessions if s["policy"] == "fixed:cachegen-2"):
+        # each chunk's loss at its distance from the end, token-weighted (the menus' position-dependent loss)
+        menus = build_menus(default_profile(), MODEL_SHAPES["mistral-7b"], s["context_tokens"], 1536,
+                            recompute_cost("h100/mistral-7b"))
+        expected = sum(m.option("cachegen-2").quality_loss * m.tokens for m in menus) / s["context_tokens"]
+        assert s["quality_loss"] == pytest.approx(expected)
     assert len(sessions) == 2 * 3 * 5
     chunks = [json.loads(line) for line in (out / "chunks.jsonl").read_text().splitlines()]
     assert len(chunks) == sum(s["chunks"] for s in sessions)
