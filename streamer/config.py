@@ -139,13 +139,16 @@ class SimulationConfig:
         return default_profile() if self.profile is None else Profile.load(self.profile)
 
     def resolved_lossy_prefix_ratio(self, profile: Profile) -> float:
-        """`lossy_prefix_ratio`, else `profile`'s, else the default (0)."""
+        """`lossy_prefix_ratio`, else `profile`'s, else the profile's measured ``text_over_lossy_prefix_penalty``
+        (`kvcast eval position`: the same ratio measured on the model), else the default (0)."""
         from kvcast.policies.base import DEFAULT_LOSSY_PREFIX_RATIO
 
         if self.lossy_prefix_ratio is not None:
             return self.lossy_prefix_ratio
         if profile.lossy_prefix_ratio is not None:
             return profile.lossy_prefix_ratio
+        if profile.text_over_lossy_prefix_penalty is not None:
+            return profile.text_over_lossy_prefix_penalty
         return DEFAULT_LOSSY_PREFIX_RATIO
 
     def to_json_dict(self) -> dict[str, Any]:

@@ -185,8 +185,11 @@ def test_profile_lossy_prefix_ratio_is_read_checked_and_resolved(tmp_path):
     from kvcast.streamer.config import SimulationConfig
 
     p = default_profile()
-    assert p.lossy_prefix_ratio is None  # not measured yet: the simulator scores text as lossless
-    assert SimulationConfig().resolved_lossy_prefix_ratio(p) == 0.0
+    # the shipped profile holds the measured penalty (kvcast eval position), which scoring uses by default
+    assert p.lossy_prefix_ratio is None and p.text_over_lossy_prefix_penalty > 0
+    assert SimulationConfig().resolved_lossy_prefix_ratio(p) == p.text_over_lossy_prefix_penalty
+    from dataclasses import replace
+    assert SimulationConfig().resolved_lossy_prefix_ratio(replace(p, text_over_lossy_prefix_penalty=None)) == 0.0
     data = p.to_json_dict()
     data["lossy_prefix_ratio"] = 0.4
     measured = Profile.from_json_dict(data, "x.json")
