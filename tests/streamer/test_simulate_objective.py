@@ -26,7 +26,9 @@ def simulate(args):
 
 def test_objective_ttft_reaches_the_planners_and_the_summary(trace_dir, tmp_path):
     common = ["--traces", str(trace_dir), "--contexts", "3", "--context-tokens", "8192-12288", "--workers", "1",
-              "--slo", "2.0", "--scaling", "none", "--no-chunk-log"]
+              "--slo", "2.0", "--scaling", "none", "--no-chunk-log",
+              # the planners' objective counts text as lossless: score it so (no lossy-prefix penalty)
+              "--lossy-prefix-ratio", "0"]
     budget = 0.004
     done = simulate([*common, "--policies", "text,mpc,hybrid,oracle,oracle:objective=slo", "--objective", "ttft",
                      "--quality-budget", str(budget), "--out", str(tmp_path / "ttft")])
