@@ -24,24 +24,9 @@ from __future__ import annotations
 
 from kvcast.policies.base import Observation, Session, by_quality, smallest, undominated_levels
 from kvcast.policies.inorder import InOrderPolicy
+from kvcast.policies.planning.options import parse_options
 
 __all__ = ["RatePolicy"]
-
-
-def parse_abr_options(options: str | None, name: str, defaults: dict[str, float], bare: str) -> dict[str, float]:
-    """``key=value+...`` (a bare number sets `bare`) over `defaults`; ValueError on unknown keys or non-numbers."""
-    out = dict(defaults)
-    for part in (options.split("+") if options else ()):
-        key, sep, value = part.partition("=")
-        if not sep:
-            key, value = bare, part
-        if key not in out:
-            raise ValueError(f"{name}: unknown option {key!r}; known: {', '.join(out)}")
-        try:
-            out[key] = float(value)
-        except ValueError:
-            raise ValueError(f"{name}: {key} must be a number, got {value!r}") from None
-    return out
 
 
 class RatePolicy(InOrderPolicy):
@@ -50,7 +35,7 @@ class RatePolicy(InOrderPolicy):
     name = "rate"
 
     def __init__(self, options: str | None = None) -> None:
-        opts = parse_abr_options(options, "rate", {"safety": 0.9, "window": 5}, "safety")
+        opts = parse_options(options, {"safety": 0.9, "window": 5}, "rate")
         self.safety, self.window = opts["safety"], int(opts["window"])
         if not 0 < self.safety <= 1 or self.window < 1 or self.window != opts["window"]:
             raise ValueError(f"rate: safety must be in (0, 1] and window an integer >= 1, got {opts}")

@@ -33,7 +33,7 @@ import math
 
 from kvcast.policies.base import Observation, Session, undominated_levels
 from kvcast.policies.inorder import InOrderPolicy
-from kvcast.policies.rate import parse_abr_options
+from kvcast.policies.planning.options import parse_options
 
 __all__ = ["SlackPolicy", "size_ladder"]
 
@@ -55,7 +55,7 @@ class SlackPolicy(InOrderPolicy):
     name = "slack"
 
     def __init__(self, options: str | None = None) -> None:
-        opts = parse_abr_options(options, "slack", {"reservoir": 0.1, "cushion": 0.9, "window": 5}, "reservoir")
+        opts = parse_options(options, {"reservoir": 0.1, "cushion": 0.9, "window": 5}, "slack")
         self.reservoir, self.cushion, self.window = opts["reservoir"], opts["cushion"], int(opts["window"])
         if not (self.reservoir >= 0 and self.cushion > 0) or self.window < 1 or self.window != opts["window"]:
             raise ValueError(f"slack: reservoir must be >= 0, cushion > 0 and window an integer >= 1, got {opts}")

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from kvcast.streamer.simulate import TraceOutcome, TraceTask, run_trace_task
+from kvcast.streamer.simulate import TraceOutcome, TraceTask, run_tasks_in_processes, run_trace_task
 from kvcast.traces.trace import Trace
 
 __all__ = ["EXECUTORS", "ExecutorError", "ray_session", "run_tasks"]
@@ -78,10 +77,6 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
         ray.shutdown()
 
 
-def _run_task(task: TraceTask) -> TraceOutcome:
-    return run_trace_task(task)
-
-
 def _run_with_trace(trace: Trace, task: TraceTask) -> TraceOutcome:
     """A Ray task: the trace comes from the object store, the rest of the task by value."""
     return run_trace_task(replace(task, trace=trace))
@@ -99,26 +94,7 @@ def run_tasks(tasks: Sequence[TraceTask], *, executor: str = "process", workers:
     if executor == "ray":
         yield from _run_on_ray(tasks, workers, ray_address)
         return
-    if workers is None:
-        workers = os.cpu_count() or 1
-    if workers <= 1 or len(tasks) <= 1:
-        from kvcast.policies.registry import default_registry
-
-        registry = default_registry()
-        for task in tasks:
-            yield run_trace_task(task, registry)
-        return
-    with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
-        futures = [pool.submit(_run_task, task) for task in tasks]
-        done = False
-        try:
-            for future in futures:
-                yield future.result()
-            done = True
-        finally:
-            if not done:  # an error or an abandoned generator: do not run the rest
-                for future in futures:
-                    future.cancel()
+    yield from run_tasks_in_processes(tasks, workers)
 
 
 def _run_on_ray(tasks: Sequence[TraceTask], workers: int | None, address: str | None) -> Iterator[TraceOutcome]:

@@ -32,7 +32,7 @@ from kvcast.streamer.menus import build_menus, with_recompute_scale
 from kvcast.traces.trace import Trace
 
 __all__ = ["SimulationConfig", "SessionSetup", "history_mean_bps", "plan_sessions", "run_sweep",
-           "session_in_virtual_time", "simulate_session"]
+           "run_tasks_in_processes", "session_in_virtual_time", "simulate_session"]
 
 
 @dataclass(frozen=True)
@@ -241,6 +241,29 @@ def _run_task(task: TraceTask) -> TraceOutcome:
     return run_trace_task(task)
 
 
+def run_tasks_in_processes(tasks: Sequence[TraceTask], workers: int | None = None) -> Iterator[TraceOutcome]:
+    """Run `tasks` on `workers` processes (None: one per CPU; 1, or a single task: in this process) and yield
+    their outcomes in task order; an error or an abandoned generator cancels the tasks not yet started."""
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if workers <= 1 or len(tasks) <= 1:
+        registry = default_registry()
+        for task in tasks:
+            yield run_trace_task(task, registry)
+        return
+    with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+        futures = [pool.submit(_run_task, task) for task in tasks]
+        done = False
+        try:
+            for future in futures:
+                yield future.result()
+            done = True
+        finally:
+            if not done:
+                for future in futures:
+                    future.cancel()
+
+
 def run_sweep(traces: Sequence[Trace], config: SimulationConfig, *, workers: int | None = None,
               chunk_log: bool = True, on_outcome: Callable[[TraceOutcome], None] | None = None,
               ) -> Iterator[TraceOutcome]:
@@ -250,15 +273,7 @@ def run_sweep(traces: Sequence[Trace], config: SimulationConfig, *, workers: int
     """
     keys = trace_keys(traces)
     tasks = [TraceTask(t, i, k, config, chunk_log) for i, (t, k) in enumerate(zip(traces, keys, strict=True))]
-    if workers is None:
-        workers = os.cpu_count() or 1
-    if workers <= 1 or len(tasks) <= 1:
-        registry = default_registry()
-        for task in tasks:
-            yield run_trace_task(task, registry)
-        return
-    with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
-        yield from pool.map(_run_task, tasks)
+    yield from run_tasks_in_processes(tasks, workers)
 
 
 def with_overrides(config: SimulationConfig, **changes: Any) -> SimulationConfig:
