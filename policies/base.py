@@ -26,9 +26,9 @@ The execution model that observations describe (the engine in `streamer/` implem
 
 A policy author subclasses `Policy`, implements `decide`, and registers it with
 `kvcast.policies.registry.PolicyRegistry.register` (or a ``kvcast.policies`` entry point in a third-party
-package). Both executors, the engine and `kvcast.policies.dryrun`, check every answer with
-`validate_decision` and raise `PolicyError` (`PolicyStalled` for a policy that would wait forever) with the
-same message for the same bug.
+package; ``docs/writing-a-policy.md`` walks through one). Both executors, the engine and
+`kvcast.policies.dryrun`, check every answer with `validate_decision` and raise `PolicyError`
+(`PolicyStalled` for a policy that would wait forever) with the same message for the same bug.
 
 A two-chunk session, and a policy that loads every chunk at one level while the link is idle:
 

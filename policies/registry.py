@@ -8,12 +8,29 @@ Factories are resolved lazily: kvcast's policies are ``"module:Class"`` strings 
 factory) and entry points are kept unloaded, so a policy's module is imported only when that policy is
 created, and `PolicyRegistry.names` imports none of them.
 
+Plug-ins. Another package adds a policy with an entry point in the group ``kvcast.policies`` (`ENTRY_POINT_GROUP`)
+of its ``pyproject.toml``::
+
+    [project.entry-points."kvcast.policies"]
+    loss-budget = "kvcast_policy_example:LossBudgetPolicy"
+
+(``docs/writing-a-policy.md`` walks through one.) The rules, all checked when the name is *used*, so that one
+broken plug-in never stops the other policies:
+
+* A plug-in that fails to import, or names no attribute of its module, raises `PolicyPluginError` naming the
+  policy, the package and the entry point, with the import error as its cause.
+* A name is kvcast's or one package's: an entry point that reuses a built-in name, or the name of another
+  package's entry point, makes that name ambiguous, and creating it raises `PolicyPluginError` naming every
+  package that claims it (rename the entry point). Nothing silently runs another policy than the one meant.
+* An entry point whose name could never be asked for (empty, or with ``:`` or ``,``) is left out; an unknown
+  name's error lists it.
+
 >>> registry = default_registry()
 >>> policy = registry.create("fixed:int8")
 >>> type(policy).__name__, policy.level
 ('FixedLevelPolicy', 'int8')
->>> "mpc" in registry.names()
-True
+>>> "mpc" in registry.names(), registry.origin("mpc")
+(True, 'kvcast')
 >>> registry.create("nope")  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 kvcast.policies.registry.UnknownPolicyError: "unknown policy 'nope'; known: cachegen, cachegen-code, ...
@@ -27,11 +44,12 @@ from importlib.metadata import EntryPoint, entry_points
 
 from kvcast.policies.base import Policy
 
-__all__ = ["BUILTIN_POLICIES", "ENTRY_POINT_GROUP", "PolicyFactory", "PolicyRegistry", "UnknownPolicyError",
-           "default_registry"]
+__all__ = ["BUILTIN_POLICIES", "ENTRY_POINT_GROUP", "PolicyFactory", "PolicyPluginError", "PolicyRegistry",
+           "UnknownPolicyError", "default_registry"]
 
 PolicyFactory = Callable[..., Policy]
 ENTRY_POINT_GROUP = "kvcast.policies"
+"""The entry-point group of third-party policies: ``name = "module:Class"``."""
 
 BUILTIN_POLICIES: Mapping[str, str] = {
     "fixed": "kvcast.policies.fixed:FixedLevelPolicy",
@@ -56,6 +74,11 @@ class UnknownPolicyError(KeyError):
     """The spec names no registered policy."""
 
 
+class PolicyPluginError(ValueError):
+    """A policy name cannot be created because of a plug-in: its entry point does not load, or two packages
+    (or a package and kvcast) claim the name. The message names the packages."""
+
+
 def _import_target(target: str) -> PolicyFactory:
     """The object that ``"module:attribute"`` names (the attribute may be dotted)."""
     module_name, sep, attribute = target.partition(":")
@@ -67,6 +90,16 @@ def _import_target(target: str) -> PolicyFactory:
     return obj
 
 
+def _entry_point_origin(ep: EntryPoint) -> str:
+    """Where an entry point comes from, for messages: its package and its line."""
+    package = ep.dist.name if ep.dist is not None else "an unnamed package"
+    return f"package {package!r} (entry point {ep.name} = {ep.value!r} in group {ep.group!r})"
+
+
+def _bad_name(name: str) -> bool:
+    return not name or ":" in name or "," in name
+
+
 class PolicyRegistry:
     """Maps policy names to factories ``factory(argument: str | None) -> Policy``.
 
@@ -76,17 +109,25 @@ class PolicyRegistry:
 
     def __init__(self) -> None:
         self._factories: dict[str, PolicyFactory | str | EntryPoint] = {}
+        self._origins: dict[str, str] = {}
+        self._claims: dict[str, list[str]] = {}
+        """Per name claimed more than once (by entry points): every claimant, the first one included."""
+        self._unusable: list[str] = []
+        """Entry points left out because their name can never be asked for."""
 
-    def register(self, name: str, factory: PolicyFactory | str | EntryPoint | None = None):
+    def register(self, name: str, factory: PolicyFactory | str | EntryPoint | None = None, *,
+                 origin: str = "registered"):
         """Register `factory` under `name`; usable as a decorator on a Policy subclass.
 
-        `factory` may be a ``"module:attribute"`` string (imported when the policy is first created)."""
+        `factory` may be a ``"module:attribute"`` string (imported when the policy is first created).
+        `origin` says where it comes from, in messages and in `origin`."""
         def add(f):
-            if not name or ":" in name or "," in name:
+            if _bad_name(name):
                 raise ValueError(f"bad policy name {name!r}: non-empty, no ':' or ','")
             if name in self._factories:
                 raise ValueError(f"policy {name!r} is already registered")
             self._factories[name] = f
+            self._origins[name] = origin
             return f
         return add(factory) if factory is not None else add
 
@@ -94,16 +135,42 @@ class PolicyRegistry:
         """Registered names, sorted; imports no policy module."""
         return sorted(self._factories)
 
-    def factory(self, name: str) -> PolicyFactory:
-        """The factory of `name`, imported now if it was registered by path or entry point."""
+    def origin(self, name: str) -> str:
+        """Where `name` comes from: ``"kvcast"`` for a built-in, the package and entry point for a plug-in,
+        ``"registered"`` (or `register`'s `origin`) for one added with `register`; imports nothing."""
+        self._lookup(name)
+        return self._origins[name]
+
+    def _lookup(self, name: str) -> PolicyFactory | str | EntryPoint:
         try:
-            factory = self._factories[name]
+            return self._factories[name]
         except KeyError:
-            raise UnknownPolicyError(f"unknown policy {name!r}; known: {', '.join(self.names())}") from None
+            ignored = "".join(f"; ignored for its name: {o}" for o in self._unusable)
+            raise UnknownPolicyError(f"unknown policy {name!r}; known: {', '.join(self.names())}{ignored}") \
+                from None
+
+    def factory(self, name: str) -> PolicyFactory:
+        """The factory of `name`, imported now if it was registered by path or entry point.
+
+        `UnknownPolicyError` for a name nobody registered; `PolicyPluginError` for a plug-in that does not
+        load or a name that several packages claim."""
+        factory = self._lookup(name)
+        claims = self._claims.get(name)
+        if claims:
+            raise PolicyPluginError(f"policy name {name!r} is claimed {len(claims)} times: by "
+                                    f"{' and by '.join(claims)}; rename the plug-in's entry point")
         if isinstance(factory, str):
             factory = self._factories[name] = _import_target(factory)
         elif isinstance(factory, EntryPoint):
-            factory = self._factories[name] = factory.load()
+            try:
+                loaded = factory.load()
+            except Exception as exc:
+                raise PolicyPluginError(f"policy {name!r} from {_entry_point_origin(factory)} does not load: "
+                                        f"{type(exc).__name__}: {exc}") from exc
+            if not callable(loaded):
+                raise PolicyPluginError(f"policy {name!r} from {_entry_point_origin(factory)} names "
+                                        f"{type(loaded).__name__} {loaded!r}, not a Policy class or factory")
+            factory = self._factories[name] = loaded
         return factory
 
     def create(self, spec: str) -> Policy:
@@ -112,20 +179,28 @@ class PolicyRegistry:
         factory = self.factory(name)
         policy = factory(arg) if arg else factory()
         if not isinstance(policy, Policy):
-            raise TypeError(f"factory of {name!r} returned {type(policy).__name__}, not a Policy")
+            raise TypeError(f"factory of {name!r} ({self.origin(name)}) returned {type(policy).__name__}, "
+                            "not a Policy")
         return policy
 
     def load_entry_points(self) -> None:
-        """Register every ``kvcast.policies`` entry point not registered yet (loaded on first use)."""
+        """Register every installed ``kvcast.policies`` entry point, unloaded (see the module's rules: a name
+        claimed twice becomes an error when used; a name that cannot be asked for is left out)."""
         for ep in entry_points(group=ENTRY_POINT_GROUP):
-            if ep.name not in self._factories:
-                self.register(ep.name, ep)
+            origin = _entry_point_origin(ep)
+            if _bad_name(ep.name):
+                if origin not in self._unusable:
+                    self._unusable.append(origin)
+            elif ep.name not in self._factories:
+                self.register(ep.name, ep, origin=origin)
+            elif origin != self._origins[ep.name] and origin not in self._claims.get(ep.name, ()):
+                self._claims[ep.name] = [*(self._claims.get(ep.name) or [self._origins[ep.name]]), origin]
 
 
 def default_registry() -> PolicyRegistry:
     """A registry with kvcast's built-in policies and installed third-party ones; imports none of them."""
     registry = PolicyRegistry()
     for name, target in BUILTIN_POLICIES.items():
-        registry.register(name, target)
+        registry.register(name, target, origin="kvcast")
     registry.load_entry_points()
     return registry

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvcast.netsim import SimPyLink, VirtualTimeLoop
-from kvcast.policies.base import TEXT, ChunkMenu, LevelOption, Observation, Session, ThroughputSample
+from kvcast.policies.base import TEXT, ChunkMenu, LevelOption, Observation, Policy, Session, ThroughputSample
 from kvcast.policies.cachegen import CacheGenPolicy
 from kvcast.policies.cachegen_code import CacheGenCodePolicy
-from kvcast.policies.registry import PolicyRegistry, UnknownPolicyError, default_registry
+from kvcast.policies.registry import PolicyPluginError, PolicyRegistry, UnknownPolicyError, default_registry
 from kvcast.policies.text import TextPolicy
 from kvcast.streamer.engine import StreamingEngine
 from kvcast.streamer.menus import ModelShape, build_menus, recompute_cost
@@ -95,18 +95,89 @@ def test_registry_resolves_paths_lazily_and_keeps_unknown_policy_errors():
         reg.create("bad")
 
 
-def test_entry_points_are_registered_unloaded_and_loaded_on_create(monkeypatch):
-    from importlib.metadata import EntryPoint
+def install_fake_plugin(site, package: str, entry_points: dict[str, str]) -> None:
+    """Write a distribution's metadata into `site` (on sys.path): `package` with `entry_points` in the
+    kvcast.policies group, as pip would install them (no code: the entry points name existing modules)."""
+    info = site / f"{package.replace('-', '_')}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 1.0\n")
+    lines = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[kvcast.policies]\n{lines}")
 
-    from kvcast.policies import registry as registry_module
 
-    eps = [EntryPoint("third-party", "kvcast.policies.text:TextPolicy", registry_module.ENTRY_POINT_GROUP),
-           EntryPoint("mpc", "kvcast.policies.no_such_module:Shadow", registry_module.ENTRY_POINT_GROUP)]
-    monkeypatch.setattr(registry_module, "entry_points", lambda group: [e for e in eps if e.group == group])
-    reg = registry_module.default_registry()
-    assert "third-party" in reg.names()
-    assert isinstance(reg.create("third-party"), TextPolicy)
-    assert type(reg.create("mpc")).__name__ == "MpcPolicy"  # a built-in name is not taken over
+@pytest.fixture
+def plugin_site(tmp_path, monkeypatch):
+    """An empty site folder first on sys.path: `install_fake_plugin` puts packages into it."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_entry_points_are_registered_unloaded_and_loaded_on_create(plugin_site):
+    install_fake_plugin(plugin_site, "third-party", {"third": "kvcast.policies.text:TextPolicy"})
+    reg = default_registry()
+    assert "third" in reg.names()
+    assert reg.origin("third") == ("package 'third-party' (entry point third = 'kvcast.policies.text:TextPolicy' "
+                                   "in group 'kvcast.policies')")
+    assert reg.origin("mpc") == "kvcast"
+    assert isinstance(reg.create("third"), TextPolicy)
+    assert "package 'third-party'" in reg.origin("third")  # still named after loading
+    reg.load_entry_points()  # again: the same entry point is no second claim
+    assert isinstance(reg.create("third"), TextPolicy)
+
+
+def test_a_broken_plugin_names_its_package_and_spares_the_others(plugin_site):
+    install_fake_plugin(plugin_site, "broken-pkg", {"broken": "kvcast_no_such_module:Policy",
+                                                    "missing": "kvcast.policies.text:NoSuchClass",
+                                                    "constant": "kvcast.policies.registry:ENTRY_POINT_GROUP"})
+    reg = default_registry()  # nothing is imported yet: no error
+    assert {"broken", "missing", "constant"} <= set(reg.names())
+    with pytest.raises(PolicyPluginError, match=r"policy 'broken' from package 'broken-pkg' \(entry point broken = "
+                       r"'kvcast_no_such_module:Policy' .*\) does not load: ModuleNotFoundError") as info:
+        reg.create("broken")
+    assert isinstance(info.value.__cause__, ModuleNotFoundError) and isinstance(info.value, ValueError)
+    with pytest.raises(PolicyPluginError, match="'missing' from package 'broken-pkg'.*AttributeError"):
+        reg.create("missing")
+    with pytest.raises(PolicyPluginError, match="'constant' from package 'broken-pkg'.* names str 'kvcast.policies'"):
+        reg.create("constant")
+    assert isinstance(reg.create("text"), TextPolicy)
+
+
+def test_a_name_claimed_twice_is_an_error_when_used(plugin_site):
+    install_fake_plugin(plugin_site, "shadow-pkg", {"mpc": "kvcast.policies.text:TextPolicy",
+                                                    "twice": "kvcast.policies.text:TextPolicy"})
+    install_fake_plugin(plugin_site, "other-pkg", {"twice": "kvcast.policies.raw:RawPolicy"})
+    reg = default_registry()
+    assert reg.names().count("mpc") == 1 and "twice" in reg.names()
+    with pytest.raises(PolicyPluginError, match=r"policy name 'mpc' is claimed 2 times: by kvcast and by package "
+                       r"'shadow-pkg' .*; rename the plug-in's entry point"):
+        reg.create("mpc")  # never silently kvcast's mpc, nor the plug-in's
+    with pytest.raises(PolicyPluginError, match="'twice' is claimed 2 times: by package '(shadow|other)-pkg'.* and "
+                       "by package '(shadow|other)-pkg'") as info:
+        reg.create("twice")
+    assert "shadow-pkg" in str(info.value) and "other-pkg" in str(info.value)
+    assert isinstance(reg.create("hybrid"), Policy)
+
+
+def test_an_entry_point_that_cannot_be_named_is_left_out_and_reported(plugin_site):
+    install_fake_plugin(plugin_site, "colon-pkg", {"a:b": "kvcast.policies.text:TextPolicy"})
+    reg = default_registry()
+    assert "a:b" not in reg.names() and "a" not in reg.names()
+    with pytest.raises(UnknownPolicyError, match="unknown policy 'a'; known: .*; ignored for its name: package "
+                       "'colon-pkg' \\(entry point a:b = "):
+        reg.create("a:b")
+
+
+def test_the_simulate_command_names_a_broken_plugin(plugin_site, tmp_path):
+    from typer.testing import CliRunner
+
+    from kvcast.cli import app
+
+    install_fake_plugin(plugin_site, "broken-pkg", {"broken": "kvcast_no_such_module:Policy"})
+    result = CliRunner().invoke(app, ["simulate", "--policies", "text,broken", "--out", str(tmp_path / "out")],
+                                env={"COLUMNS": "300"})
+    assert result.exit_code == 2
+    assert "policy 'broken' from package 'broken-pkg'" in result.output
+    assert "No module named 'kvcast_no_such_module'" in result.output
 
 
 @pytest.mark.parametrize("tput_bps, expected", [
