@@ -1,31 +1,33 @@
 #!/usr/bin/env python
-"""Policy-quality evaluation on real throughput traces: SLO violations and quality loss per policy and menu.
+"""Policy evaluation over operating points: ``kvcast sweep`` on real traces, three menus, every comparison
+paired on the same sessions, each gain attributed to its cause.
 
-Runs ``kvcast simulate`` over the real traces of ``../shared/traces`` (FCC, Norway HSDPA, Belgium 4G, Lumos
-4G and 5G), each trace scaled to a mean drawn log-uniformly in 1-10 Gbps, Mistral-7B-sized chunks of
-12-20K-token contexts, H100 recompute costs, the shipped (measured) codec profile and the default 0.6 s SLO
-(text-only misses it in ~90% of sessions), once per *menu* (``--levels`` of ``kvcast simulate``):
+Runs ``kvcast sweep`` once per *menu* (``--levels``), on the same sessions (same seed, traces, contexts):
 
-* ``cachegen``: CacheGen's levels cachegen-3, -2, -1 (CacheGen's menu);
-* ``kvcast``: kvcast's levels kvcast-4, -3, -2, -1.
+* ``cachegen``: CacheGen's levels only (cachegen-3, -2, -1);
+* ``kvcast``: kvcast's levels only (kvcast-4, -3, -2, -1);
+* ``baselines``: raw and int8 only, for Cake as published (16-bit KV), the 8-bit fetch and text recompute.
 
-Each menu is one codec's levels only, so every controller on it chooses among the same levels; the ``raw``
-baseline runs only on a menu that has ``raw``.
+On each codec menu every controller chooses among exactly the same levels, so a comparison within a menu
+isolates the controller, and the same controller across menus isolates the codec. The sweep moves one axis at
+a time around the base point (SLO 0.6 s, GPU share 1, bandwidth scale 1, RTT 10 ms, 12-20K-token contexts).
 
-Every menu runs on the same (trace, context) sessions (same seed), so comparisons across menus are paired
-too. The CacheGen controllers (``cachegen``, ``cachegen-code``) use CacheGen's levels; on the kvcast menu,
-which has none, they run their rule on kvcast's levels (CacheGen's controller with kvcast's codec). Then it
-summarises:
+Attribution, per operating point, as paired differences (95% bootstrap CI over traces):
 
-* per menu, every policy over all sessions and per trace source (violation rate, mean quality loss, 95%
-  bootstrap CIs over traces), and paired differences against ``cachegen`` and against the ``oracle``;
-* across menus, paired on the same sessions: each policy on the kvcast menu minus the same policy on the
-  CacheGen menu, and the planning controllers on the kvcast menu minus CacheGen (``cachegen`` on its menu).
+* **Cake's split**: ``cake-cachegen`` minus ``cachegen`` on CacheGen's menu (the same greedy level rule, plus
+  recomputing the front while loading the back);
+* **planning**: ``hybrid`` and ``mpc`` minus ``cake-cachegen``, on each menu (a cost-model planner instead of
+  Cake's split with the greedy rule);
+* **kvcast's levels**: the same controller on kvcast's menu minus CacheGen's;
+* **in all**: ``hybrid`` on kvcast's menu minus CacheGen as published (``cachegen`` on its menu) and minus
+  Cake as published (``cake`` at 16-bit), and the best of the ``cake`` variants;
+* **the second objective** (least TTFT within a quality budget): TTFT against ``text``, ``cake`` and
+  ``cake-cachegen``.
 
-Writes ``OUT/<menu>/`` (simulate's outputs), ``OUT/evaluation.json``, ``OUT/evaluation.md`` and
-``OUT/pareto.png``, and prints the markdown. Usage::
+Writes ``OUT/<menu>/`` (each sweep's outputs), ``OUT/evaluation.json``, ``OUT/evaluation.md`` and
+``OUT/attribution.png``, and prints the markdown. Usage::
 
-    python scripts/policy_eval.py [--out results/policy-eval] [--menus cachegen,kvcast] [--contexts 20]
+    python scripts/policy_eval.py [--out results/policy-eval] [--contexts 10] [--skip-sweep]
 """
 
 from __future__ import annotations
@@ -37,17 +39,37 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 SOURCES = ("fcc", "norway_hsdpa", "belgium_4g", "lumos5g")
-BASE_POLICIES = ("text", "raw", "fixed:{fixed}", "cachegen", "cachegen-code", "mpc", "hybrid", "oracle")
-FIXED_LEVEL = {"cachegen": "cachegen-2", "kvcast": "kvcast-2"}
-"""The fixed-level baseline of each menu (kvcast-2 has cachegen-2's top-1 agreement, 86%)."""
-PLANNERS = ("mpc", "hybrid", "oracle")
+BUDGETS = (0.0002, 0.002)
+"""Quality budgets (mean KL per token) of the second objective: about Cake's at kvcast-4 (near-lossless), and
+ten times that."""
+CODEC_POLICIES = (
+    "text", "cachegen", "cachegen-code", "cake", "cake:inflight=1", "cake-cachegen", "rate", "slack", "mpc",
+    "hybrid", "oracle",
+    *(f"{p}:objective=ttft+quality_budget={b:g}" for b in BUDGETS for p in ("mpc", "hybrid", "oracle")),
+)
+MENUS = {
+    "cachegen": CODEC_POLICIES,
+    "kvcast": CODEC_POLICIES,
+    "baselines": ("text", "raw", "fixed:int8", "cake", "cake:inflight=1", "cake:int8", "cake:level=int8+inflight=1"),
+}
+AXES = {"--slo": "0.3,0.6,1,2", "--gpu-share": "0.25,0.5,1", "--bandwidth-scale": "0.25,0.5,1,2,4",
+        "--rtt-ms": "1,10,50", "--context-tokens": "4096,8192,16384"}
+AXIS_KEYS = {"slo_s": "SLO (s)", "gpu_share": "GPU share", "bandwidth_scale": "bandwidth scale",
+             "rtt_ms": "RTT (ms)", "context_tokens": "context tokens"}
+FIELDS = ("violated", "quality_loss", "ttft_s")
 RESAMPLES = 2000
+"""Bootstrap resamples of `paired` (scripts/learned_eval.py)."""
+
+
+# Shared with scripts/learned_eval.py (which imports this file as a module).
 
 
 def source_of(row: dict) -> str:
@@ -57,33 +79,6 @@ def source_of(row: dict) -> str:
     if folder == "lumos5g":
         return "lumos_4g" if path.name.startswith("4g") else "lumos_5g"
     return folder
-
-
-def menu_policies(menu: str, same_mu_weight: float | None) -> tuple[str, ...]:
-    from kvcast.streamer.menus import resolve_levels
-    from kvcast.streamer.profile import default_profile
-
-    on_menu = set(resolve_levels(default_profile(), menu))
-    policies = tuple(p.format(fixed=FIXED_LEVEL.get(menu, "raw")) for p in BASE_POLICIES
-                     if p != "raw" or "raw" in on_menu)
-    if same_mu_weight is not None:
-        policies += (f"mpc:weight={same_mu_weight:.4g}",)
-    return policies
-
-
-def same_mu_weight(menu: str, reference: str = "cachegen") -> float | None:
-    """mpc's overrun weight on `menu` that gives it the overrun price ``mu`` it has on the `reference` menu
-    (``mu = weight * q_span / SLO``, ``q_span`` the largest loss on the menu), or None if they are equal."""
-    from kvcast.streamer.menus import resolve_levels
-    from kvcast.streamer.profile import default_profile
-
-    profile = default_profile()
-
-    def span(spec: str) -> float:
-        return max(profile.level(n).quality_loss for n in resolve_levels(profile, spec))
-
-    ratio = span(reference) / span(menu)
-    return None if abs(ratio - 1.0) < 1e-9 else 20.0 * ratio
 
 
 def paired(sessions: list[dict], policy: str, reference: str, seed: int = 0) -> dict:
@@ -123,190 +118,281 @@ def fmt_ci(value: float, ci: list[float], digits: int) -> str:
     return f"{value:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
-def table(summary: list[dict], levels: dict[str, dict[str, float]] | None = None) -> list[str]:
-    head = ("| policy | sessions | SLO violations [95% CI] | quality loss (KL/token) [95% CI] "
-            "| TTFT mean (s) | text share |")
-    sep = "|---|---:|---:|---:|---:|---:|"
-    if levels is not None:
-        head += " loaded chunks by level |"
-        sep += "---|"
-    lines = [head, sep]
+def ttft_policy(planner: str, budget: float) -> str:
+    return f"{planner}:objective=ttft+quality_budget={budget:g}"
+
+
+def comparisons() -> list[tuple[str, str, str, str]]:
+    """(group, label, policy, reference): every paired comparison, policies tagged ``menu/policy``."""
+    rows = [("Cake's split", "cake-cachegen - cachegen (CacheGen's levels)", "cachegen/cake-cachegen",
+             "cachegen/cachegen")]
+    for menu in ("cachegen", "kvcast"):
+        for planner in ("hybrid", "mpc"):
+            rows.append(("planning", f"{planner} - cake-cachegen ({menu} levels)", f"{menu}/{planner}",
+                         f"{menu}/cake-cachegen"))
+    for policy in ("cake-cachegen", "hybrid", "mpc", "oracle", "cake"):
+        rows.append(("kvcast's levels", f"{policy}: kvcast's - CacheGen's levels", f"kvcast/{policy}",
+                     f"cachegen/{policy}"))
+    rows += [("in all", "kvcast hybrid - CacheGen (cachegen on its levels)", "kvcast/hybrid", "cachegen/cachegen"),
+             ("in all", "kvcast hybrid - Cake as published (cake, 16-bit)", "kvcast/hybrid", "baselines/cake"),
+             ("in all", "kvcast hybrid - cake:inflight=1 at 16-bit", "kvcast/hybrid",
+              "baselines/cake:inflight=1"),
+             ("in all", "kvcast hybrid - kvcast cake-cachegen", "kvcast/hybrid", "kvcast/cake-cachegen"),
+             ("gap to the oracle", "kvcast hybrid - kvcast oracle", "kvcast/hybrid", "kvcast/oracle")]
+    for budget in BUDGETS:
+        for planner in ("hybrid", "mpc"):
+            p = f"kvcast/{ttft_policy(planner, budget)}"
+            for ref in ("kvcast/text", "kvcast/cake", "kvcast/cake:inflight=1", "kvcast/cake-cachegen",
+                        f"cachegen/{ttft_policy(planner, budget)}"):
+                rows.append((f"least TTFT, budget {budget:g}", f"{p.split('/')[1].split(':')[0]} ({budget:g}) - {ref}",
+                             p, ref))
+    return rows
+
+
+def run_sweeps(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    walls = {}
+    for menu, policies in MENUS.items():
+        command = [sys.executable, "-c", "from kvcast.cli import app; app()", "sweep", "--levels", menu,
+                   "--policies", ",".join(policies), "--contexts", str(args.contexts), "--seed", str(args.seed),
+                   "--resamples", str(args.resamples), "--out", str(out / menu)]
+        for flag, values in AXES.items():
+            command += [flag, values]
+        for source in SOURCES:
+            command += ["--traces", os.path.join(args.shared, "traces", source)]
+        if args.workers:
+            command += ["--workers", str(args.workers)]
+        if not args.skip_sweep:
+            start = time.perf_counter()
+            subprocess.run(command, check=True)
+            walls[menu] = time.perf_counter() - start
+        walls.setdefault(menu, None)
+    return walls
+
+
+def load_sessions(out: Path) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """Sessions by point, policies tagged ``menu/policy``; and each point's axis values. Checks that every menu
+    played the very same sessions at every point."""
+    by_point: dict[str, list[dict]] = defaultdict(list)
+    values: dict[str, dict] = {}
+    keys: dict[tuple, tuple] = {}
+    for menu in MENUS:
+        summary = json.loads((out / menu / "summary.json").read_text())
+        for point in summary["points"]:
+            values.setdefault(point["point"], point["values"] | {"on_axes": point["on_axes"]})
+            assert json.dumps(values[point["point"]] | {"on_axes": None}, sort_keys=True) == json.dumps(
+                point["values"] | {"on_axes": None}, sort_keys=True), f"{menu}: point {point['point']} differs"
+        with open(out / menu / "sessions.jsonl") as f:
+            for line in f:
+                s = json.loads(line)
+                k = (s["point"], s["trace_index"], s["context"])
+                ref = keys.setdefault(k, (s["offset_s"], s["scale_factor"], s["trace"], s["context_tokens"]))
+                assert ref == (s["offset_s"], s["scale_factor"], s["trace"], s["context_tokens"]), \
+                    f"sessions differ across menus at {k}"
+                s["policy"] = f"{menu}/{s['policy']}"
+                by_point[s["point"]].append(s)
+    return by_point, values
+
+
+def point_summaries(by_point: dict[str, list[dict]], seed: int, resamples: int) -> dict[str, list[dict]]:
+    from kvcast.streamer.report import summarize
+
+    return {p: summarize(rows, seed=seed, resamples=resamples) for p, rows in by_point.items()}
+
+
+def attribute(by_point: dict[str, list[dict]], seed: int, resamples: int) -> list[dict]:
+    from kvcast.streamer.report import paired_difference
+
+    results = []
+    for point, rows in sorted(by_point.items()):
+        for group, label, policy, reference in comparisons():
+            entry = {"point": point, "group": group, "label": label, "policy": policy, "reference": reference}
+            for field in FIELDS:
+                entry[field] = paired_difference(rows, policy, reference, field, seed=seed, resamples=resamples)
+            results.append(entry)
+    return results
+
+
+def fmt(d: dict, digits: int, scale: float = 1.0) -> str:
+    lo, hi = d["ci95"]
+    star = "" if lo <= 0 <= hi else "*"
+    return f"{d['mean'] * scale:+.{digits}f} [{lo * scale:+.{digits}f}, {hi * scale:+.{digits}f}]{star}"
+
+
+def point_label(values: dict) -> str:
+    return (f"SLO {values['slo_s']:g} s, GPU {values['gpu_share']:g}, bw x{values['bandwidth_scale']:g}, "
+            f"RTT {values['rtt_ms']:g} ms, {values['context_tokens']} tok")
+
+
+def axis_of(values: dict) -> str:
+    on = values["on_axes"]
+    return AXIS_KEYS.get(on[0], on[0]) if len(on) == 1 else "base"
+
+
+def policy_table(summary: list[dict], menus: tuple[str, ...]) -> list[str]:
+    lines = ["| menu/policy | SLO violations [95% CI] | quality loss (KL/token) [95% CI] | TTFT mean (s) "
+             "| TTFT p50 (s) | text share |", "|---|---:|---:|---:|---:|---:|"]
     for s in summary:
-        viol = fmt_ci(s["slo_violation_rate"], s["slo_violation_rate_ci95"], 3)
-        qual = fmt_ci(s["quality_loss_mean"], s["quality_loss_mean_ci95"], 4)
-        line = (f"| `{s['policy']}` | {s['sessions']} | {viol} | {qual} | {s['ttft_mean_s']:.3f} "
-                f"| {s['text_chunk_share']:.2f} |")
-        if levels is not None:
-            shares = levels.get(s["policy"], {})
-            line += " " + (", ".join(f"{k} {v:.0%}" for k, v in shares.items() if v >= 0.005) or "-") + " |"
-        lines.append(line)
+        if s["policy"].split("/")[0] not in menus:
+            continue
+        v, vl, vh = s["slo_violation_rate"], *s["slo_violation_rate_ci95"]
+        q, ql, qh = s["quality_loss_mean"], *s["quality_loss_mean_ci95"]
+        lines.append(f"| `{s['policy']}` | {v:.3f} [{vl:.3f}, {vh:.3f}] | {q:.4f} [{ql:.4f}, {qh:.4f}] "
+                     f"| {s['ttft_mean_s']:.3f} | {s['ttft_p50_s']:.3f} | {s['text_chunk_share']:.2f} |")
     return lines
 
 
-def paired_lines(pairs: list[dict]) -> list[str]:
-    lines = ["| policy | vs | violation-rate difference | quality-loss difference | sessions better / worse "
-             "| quality-loss difference where both meet the SLO (sessions) |", "|---|---|---:|---:|---:|---:|"]
-    for p in pairs:
-        viol = fmt_ci(p["violation_diff"], p["violation_diff_ci95"], 3)
-        qual = fmt_ci(p["quality_diff"], p["quality_diff_ci95"], 4)
-        both = ("-" if p["quality_diff_both_met"] is None else
-                f"{fmt_ci(p['quality_diff_both_met'], p['quality_diff_both_met_ci95'], 4)} "
-                f"({p['sessions_both_met']})")
-        lines.append(f"| `{p['policy']}` | `{p['reference']}` | {viol} | {qual} "
-                     f"| {p['sessions_fewer_violations']} / {p['sessions_more_violations']} | {both} |")
+def attribution_table(entries: list[dict], values: dict[str, dict], group_filter) -> list[str]:
+    lines = ["| point | comparison | violations (points) | quality loss (KL/token) | TTFT mean (ms) |",
+             "|---|---|---:|---:|---:|"]
+    for e in entries:
+        if not group_filter(e):
+            continue
+        lines.append(f"| {e['point']} ({axis_of(values[e['point']])}: {point_label(values[e['point']])}) "
+                     f"| {e['label']} | {fmt(e['violated'], 1, 100)} | {fmt(e['quality_loss'], 4)} "
+                     f"| {fmt(e['ttft_s'], 0, 1000)} |")
     return lines
 
 
-def level_shares(run_dir: Path) -> dict[str, dict[str, float]]:
-    """Per policy, the share of *loaded* chunks at each level (from simulate's chunks.jsonl)."""
-    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    path = run_dir / "chunks.jsonl"
-    if not path.exists():
-        return {}
-    with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            if row["action"] != "text":
-                counts[row["policy"]][row["action"]] += 1
-    out = {}
-    for policy, c in counts.items():
-        total = sum(c.values())
-        out[policy] = {k: v / total for k, v in sorted(c.items(), key=lambda kv: -kv[1])}
-    return out
+COMPACT_POLICIES = ("baselines/text", "baselines/cake:level=int8+inflight=1", "cachegen/cachegen",
+                    "cachegen/cake-cachegen", "kvcast/cake-cachegen", "cachegen/hybrid", "kvcast/hybrid",
+                    "kvcast/mpc", "kvcast/oracle")
+"""The policies of the compact per-point table (Cake: its best near-lossless variant, int8 with one request
+in flight)."""
+COMPACT_COMPARISONS = (("Cake's split", "cachegen/cake-cachegen", "cachegen/cachegen"),
+                       ("planning, CacheGen levels", "cachegen/hybrid", "cachegen/cake-cachegen"),
+                       ("planning, kvcast levels", "kvcast/hybrid", "kvcast/cake-cachegen"),
+                       ("kvcast's levels", "kvcast/hybrid", "cachegen/hybrid"),
+                       ("in all", "kvcast/hybrid", "cachegen/cachegen"))
 
 
-def plot(results: dict[str, dict], path: Path) -> None:
-    """Violations vs quality loss per policy, one marker per menu, an arrow from the first menu to the others
-    (text, raw, fixed levels and option variants are left out: the tables have them)."""
+def compact_tables(summaries: dict[str, list[dict]], entries: list[dict], values: dict[str, dict]) -> list[str]:
+    """Two tables, one row per point: violations / loss of the main policies; the five attributions."""
+    short = {"baselines/text": "text", "baselines/cake:level=int8+inflight=1": "Cake, int8, 1 in flight",
+             "cachegen/cachegen": "CacheGen", "cachegen/cake-cachegen": "cake-cachegen (CG)",
+             "kvcast/cake-cachegen": "cake-cachegen (kv)", "cachegen/hybrid": "hybrid (CG)",
+             "kvcast/hybrid": "hybrid (kv)", "kvcast/mpc": "mpc (kv)", "kvcast/oracle": "oracle (kv)"}
+    order = sorted(values, key=lambda p: (axis_of(values[p]) != "base", p))
+    lines = ["| point | " + " | ".join(short[p] for p in COMPACT_POLICIES) + " |",
+             "|---|" + "---:|" * len(COMPACT_POLICIES)]
+    for point in order:
+        by = {s["policy"]: s for s in summaries[point]}
+        cells = [f"{by[p]['slo_violation_rate']:.3f} / {by[p]['quality_loss_mean']:.4f}" for p in COMPACT_POLICIES]
+        lines.append(f"| {_short_point(values[point])} | " + " | ".join(cells) + " |")
+    index = {(e["policy"], e["reference"], e["point"]): e for e in entries}
+    lines += ["", "| point | " + " | ".join(c[0] for c in COMPACT_COMPARISONS) + " |",
+              "|---|" + "---:|" * len(COMPACT_COMPARISONS)]
+    for point in order:
+        cells = []
+        for _, policy, reference in COMPACT_COMPARISONS:
+            e = index[(policy, reference, point)]
+            cells.append(f"{fmt(e['violated'], 1, 100)}<br>{fmt(e['quality_loss'], 4)}")
+        lines.append(f"| {_short_point(values[point])} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _short_point(values: dict) -> str:
+    axis = axis_of(values)
+    if axis == "base":
+        return "base"
+    key = next(k for k, v in AXIS_KEYS.items() if v == axis)
+    return f"{axis} {values[key]}"
+
+
+def plot(entries: list[dict], values: dict[str, dict], path: Path) -> None:
+    """Per axis (columns), the violation (top) and quality-loss (bottom) differences of the four causes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = ["o", "s", "^", "D"]
-    colors = {"cachegen": "tab:red", "cachegen-code": "tab:orange", "mpc": "tab:blue", "hybrid": "tab:green",
-              "oracle": "black"}
-    fig, ax = plt.subplots(figsize=(8, 5))
-    points: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for m, (menu, block) in enumerate(results.items()):
-        for s in block["overall"]:
-            name = s["policy"]
-            if name not in colors:
-                continue
-            x, y = s["quality_loss_mean"], s["slo_violation_rate"]
-            (xl, xh), (yl, yh) = s["quality_loss_mean_ci95"], s["slo_violation_rate_ci95"]
-            ax.errorbar([x], [y], xerr=[[max(x - xl, 0)], [max(xh - x, 0)]],
-                        yerr=[[max(y - yl, 0)], [max(yh - y, 0)]], fmt=markers[m % len(markers)],
-                        color=colors[name], capsize=3, markersize=7,
-                        markerfacecolor="white" if m == 0 else colors[name],
-                        label=f"{name}, {menu} menu")
-            points[name].append((x, y))
-    for name, pts in points.items():
-        for a, b in zip(pts, pts[1:]):
-            ax.annotate("", xy=b, xytext=a, arrowprops={"arrowstyle": "->", "color": colors[name], "alpha": 0.5})
-    ax.set_xscale("log")
-    ax.set_xlabel("mean quality loss, KL per token (log scale; lower is better)")
-    ax.set_ylabel("SLO-violation rate (lower is better)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="center right")
-    ax.set_title("SLO violations vs quality loss, 4,220 sessions per point (95% bootstrap CIs over traces)\n"
-                 "arrows: from CacheGen's levels to kvcast's levels on the menu, same policy and sessions",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    lines = {"Cake's split (cake-cachegen - cachegen, CacheGen levels)": "cachegen/cake-cachegen|cachegen/cachegen",
+             "planning (hybrid - cake-cachegen, kvcast levels)": "kvcast/hybrid|kvcast/cake-cachegen",
+             "kvcast's levels (hybrid, kvcast - CacheGen levels)": "kvcast/hybrid|cachegen/hybrid",
+             "in all (kvcast hybrid - cachegen)": "kvcast/hybrid|cachegen/cachegen"}
+    colors = ["tab:orange", "tab:blue", "tab:green", "black"]
+    axes_present = [a for a in AXIS_KEYS if any(a in v["on_axes"] for v in values.values())]
+    fig, grid = plt.subplots(2, len(axes_present), figsize=(3.2 * len(axes_present), 6.2), squeeze=False)
+    index = {(e["policy"] + "|" + e["reference"], e["point"]): e for e in entries}
+    for col, axis in enumerate(axes_present):
+        points = sorted((p for p, v in values.items() if axis in v["on_axes"]),
+                        key=lambda p: _axis_value(values[p][axis]))
+        xs = [_axis_value(values[p][axis]) for p in points]
+        for (label, key), color in zip(lines.items(), colors):
+            for row, (field, scale) in enumerate((("violated", 100), ("quality_loss", 1))):
+                ds = [index[(key, p)][field] for p in points]
+                means = [d["mean"] * scale for d in ds]
+                lo = [(d["mean"] - d["ci95"][0]) * scale for d in ds]
+                hi = [(d["ci95"][1] - d["mean"]) * scale for d in ds]
+                grid[row][col].errorbar(xs, means, yerr=[lo, hi], color=color, marker="o", capsize=3,
+                                        label=label if col == 0 and row == 0 else None, markersize=4)
+        for row, ylabel in enumerate(("SLO violations, difference (points)", "quality loss, difference (KL/token)")):
+            ax = grid[row][col]
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.grid(alpha=0.3)
+            if axis in ("bandwidth_scale", "gpu_share"):
+                ax.set_xscale("log", base=2)
+            if col == 0:
+                ax.set_ylabel(ylabel, fontsize=8)
+            if row == 1:
+                ax.set_xlabel(AXIS_KEYS[axis])
+    fig.legend(loc="upper center", ncol=2, fontsize=8)
+    fig.suptitle("Paired differences per operating point (below 0: better; 95% bootstrap CI over traces)",
+                 fontsize=9, y=0.9)
+    fig.tight_layout(rect=(0, 0, 1, 0.88))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def simulate(menu: str, policies: tuple[str, ...], out: Path, args) -> list[str]:
-    command = [sys.executable, "-m", "kvcast.cli", "simulate", "--policies", ",".join(policies),
-               "--levels", menu, "--out", str(out), "--contexts", str(args.contexts), "--seed", str(args.seed)]
-    for source in SOURCES:
-        command += ["--traces", os.path.join(args.shared, "traces", source)]
-    if args.workers:
-        command += ["--workers", str(args.workers)]
-    if not args.skip_simulate:
-        subprocess.run(command, check=True)
-    return command
+def _axis_value(value: Any) -> float:
+    if isinstance(value, str) and "-" in value:
+        lo, hi = value.split("-")
+        return (float(lo) + float(hi)) / 2
+    return float(value)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="results/policy-eval")
-    ap.add_argument("--menus", default="cachegen,kvcast", help="--levels of each run (the first is the reference)")
-    ap.add_argument("--contexts", type=int, default=20)
+    ap.add_argument("--contexts", type=int, default=10)
     ap.add_argument("--shared", default=os.path.join("..", "shared"), help="the shared data folder")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resamples", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--skip-simulate", action="store_true", help="summarise existing OUT/<menu>/sessions.jsonl")
+    ap.add_argument("--skip-sweep", action="store_true", help="summarise existing OUT/<menu>/ outputs")
     args = ap.parse_args()
-    from kvcast.streamer.report import summarize
-
     out = Path(args.out)
-    menus = [m.strip() for m in args.menus.split(",") if m.strip()]
-    reference_menu = menus[0]
-    results: dict[str, dict] = {}
-    tagged: list[dict] = []  # every session, policy tagged "<menu>/<policy>", for cross-menu pairs
-    keys: dict[str, dict] = {}
-    for menu in menus:
-        policies = menu_policies(menu, same_mu_weight(menu, reference_menu) if menu != reference_menu else None)
-        menu_out = out / menu
-        command = simulate(menu, policies, menu_out, args)
-        sessions = [json.loads(line) for line in (menu_out / "sessions.jsonl").read_text().splitlines() if line]
-        for s in sessions:  # the menus must run the very same sessions
-            k = (s["trace_index"], s["context"])
-            ref = keys.setdefault(k, {"offset_s": s["offset_s"], "scale_factor": s["scale_factor"],
-                                      "trace": s["trace"]})
-            assert (ref["offset_s"], ref["scale_factor"], ref["trace"]) == \
-                (s["offset_s"], s["scale_factor"], s["trace"]), f"sessions differ across menus at {k}"
-            tagged.append({**s, "policy": f"{menu}/{s['policy']}"})
-        overall = summarize(sessions, seed=args.seed)
-        by_source = {}
-        for source in sorted({source_of(s) for s in sessions}):
-            rows = [s for s in sessions if source_of(s) == source]
-            by_source[source] = {"traces": len({s["trace_index"] for s in rows}),
-                                 "summary": summarize(rows, seed=args.seed),
-                                 "paired": [paired(rows, p, "cachegen", args.seed) for p in PLANNERS]}
-        pairs = [paired(sessions, p, ref, args.seed) for ref in ("cachegen", "oracle") for p in policies
-                 if p != ref]
-        run = json.loads((menu_out / "run.json").read_text()) if (menu_out / "run.json").exists() else {}
-        results[menu] = {"policies": list(policies), "menu_levels": run.get("menu_levels"),
-                         "simulate_command": " ".join(command[2:]), "simulate_wall_s": run.get("wall_s"),
-                         "sessions": len(sessions), "chunks": run.get("chunks"), "overall": overall,
-                         "by_source": by_source, "paired": pairs, "level_shares": level_shares(menu_out)}
-    cross = []
-    for menu in menus[1:]:
-        common = [p for p in results[menu]["policies"] if p in results[reference_menu]["policies"]]
-        cross += [paired(tagged, f"{menu}/{p}", f"{reference_menu}/{p}", args.seed) for p in common]
-        cross += [paired(tagged, f"{menu}/{p}", f"{reference_menu}/cachegen", args.seed) for p in PLANNERS]
+    walls = run_sweeps(args, out)
+    by_point, values = load_sessions(out)
+    summaries = point_summaries(by_point, args.seed, args.resamples)
+    entries = attribute(by_point, args.seed, args.resamples)
+    runs = {m: json.loads((out / m / "run.json").read_text()) for m in MENUS}
     result = {"command": " ".join(["python", "scripts/policy_eval.py"] + sys.argv[1:]),
               "date": datetime.date.today().isoformat(),
               "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python "
                          f"{platform.python_version()}",
-              "menus": results, "cross_menu": cross}
+              "menus": {m: {"policies": list(p), "wall_s": walls[m], "run": runs[m]} for m, p in MENUS.items()},
+              "points": values, "summaries": summaries, "attribution": entries}
     (out / "evaluation.json").write_text(json.dumps(result, indent=1))
-    plot(results, out / "pareto.png")
+    plot(entries, values, out / "attribution.png")
 
     md = [f"Command: `{result['command']}`", f"Machine: {result['machine']}; date {result['date']}.", ""]
-    for menu, block in results.items():
-        md += [f"## Menu `{menu}`: {', '.join(block['menu_levels'] or [])}", "",
-               f"Runs `kvcast {block['simulate_command'].split(' ', 1)[1]}` ({block['sessions']} sessions, "
-               f"{block['chunks']} chunks, {block['simulate_wall_s'] or 0:.0f} s).", "", "### All sessions", ""]
-        md += table(block["overall"], block["level_shares"])
-        md += ["", "### Paired differences (same trace and context; 95% bootstrap CI over traces)", ""]
-        md += paired_lines(block["paired"])
-        for source, sb in block["by_source"].items():
-            md += ["", f"### {menu} menu, {source} ({sb['traces']} traces)", ""] + table(sb["summary"])
-            md.append("")
-            for p in sb["paired"]:
-                viol = fmt_ci(p["violation_diff"], p["violation_diff_ci95"], 3)
-                qual = fmt_ci(p["quality_diff"], p["quality_diff_ci95"], 4)
-                md.append(f"Paired vs `cachegen`: `{p['policy']}` violations {viol}, quality loss {qual}.  ")
-        md.append("")
-    if cross:
-        md += ["## Across menus (same sessions; 95% bootstrap CI over traces)", ""] + paired_lines(cross)
+    for menu, block in result["menus"].items():
+        run = block["run"]
+        md.append(f"* menu `{menu}`: {run.get('sessions')} sessions, {run.get('chunks')} chunks, "
+                  f"{run.get('wall_s', 0):.0f} s")
+    md.append("")
+    md += ["## Per point: SLO violations / mean quality loss (KL/token)", ""]
+    md += compact_tables(summaries, entries, values)
+    md += ["", "## Attribution at every point (paired; * = 95% CI excludes 0)", ""]
+    md += attribution_table(entries, values, lambda e: not e["group"].startswith("least TTFT"))
+    md += ["", "## The second objective (least TTFT within a quality budget)", ""]
+    md += attribution_table(entries, values, lambda e: e["group"].startswith("least TTFT"))
+    for point in sorted(summaries):
+        md += ["", f"## {point}: {axis_of(values[point])} ({point_label(values[point])})", ""]
+        md += policy_table(summaries[point], tuple(MENUS))
     text = "\n".join(md) + "\n"
     (out / "evaluation.md").write_text(text)
-    print(text)
+    print(text[:4000])
 
 
 if __name__ == "__main__":
