@@ -221,3 +221,78 @@ def test_the_example_policy_is_found_by_its_entry_point_in_a_fresh_process(tmp_p
     out = subprocess.run(["python", "-c", code], cwd=workdir, env=env, check=True, capture_output=True,
                          text=True).stdout
     assert out.startswith("LossBudgetPolicy package 'kvcast-policy-example' (entry point loss-budget = ")
+
+
+# Every `kvcast ...` line of every doc names a command and options that exist. Guides in `GUIDES` run in full;
+# the other pages hold long runs (sweeps of many minutes, servers, GPU benchmarks) that no test runs, so their
+# command lines are checked against the CLI instead: a renamed option or command fails here.
+
+DOCS = (*sorted((REPO_ROOT / "docs").glob("*.md")), REPO_ROOT / "README.md", REPO_ROOT / "traces" / "README.md")
+_PLACEHOLDER = re.compile(r"^[A-Z_<\[]|\.\.\.")
+
+
+def kvcast_invocations(doc: Path) -> list[tuple[int, list[str]]]:
+    """(line, words after ``kvcast``) of each kvcast command in `doc`'s shell blocks and in its inline code
+    spans that start with ``kvcast`` followed by a lowercase command name."""
+    found = []
+    for command in doc_commands(doc) if doc.suffix == ".md" else []:
+        text = command.text.replace("\\\n", " ")
+        for segment in re.split(r"&&|\|\||;|\|", text.split("\n")[0]):
+            words = segment.split("#", 1)[0].split()
+            while words and "=" in words[0] and not words[0].startswith("-"):
+                words = words[1:]  # VAR=value prefixes
+            if words and words[0] == "kvcast":
+                found.append((command.line, words[1:]))
+    for number, line in enumerate(doc.read_text().splitlines(), 1):
+        for span in re.findall(r"`(kvcast [a-z][^`]*)`", line):
+            found.append((number, span.split()[1:]))
+    return found
+
+
+def _resolve(words: list[str]):
+    """The click command the words name, and the words left for it."""
+    import typer
+
+    from kvcast.cli import app
+
+    command = typer.main.get_command(app)
+    rest = list(words)
+    while rest and hasattr(command, "commands") and rest[0] in command.commands:
+        command = command.commands[rest.pop(0)]
+    return command, rest
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: str(d.relative_to(REPO_ROOT)))
+def test_every_documented_kvcast_command_and_option_exists(doc):
+    problems = []
+    for line, words in kvcast_invocations(doc):
+        if not words or words[0].startswith("-"):
+            continue  # `kvcast --help`, or the bare command
+        command, rest = _resolve(words)
+        if hasattr(command, "commands") and rest and not rest[0].startswith("-") \
+                and not _PLACEHOLDER.search(rest[0]):
+            problems.append(f"{doc.name}:{line}: `kvcast {' '.join(words)}`: no command {rest[0]!r}")
+            continue
+        options = {o for p in command.params for o in (*p.opts, *p.secondary_opts)} | {"--help"}
+        for word in rest:
+            if word.startswith("--"):
+                name = word.split("=", 1)[0].rstrip("]),.")
+                if name not in options and not _PLACEHOLDER.search(name[2:]):
+                    problems.append(f"{doc.name}:{line}: `kvcast {' '.join(words)}`: no option {name}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("body, problem", [
+    ("```bash\nkvcast simulate --policyz text\n```\n", "no option --policyz"),
+    ("Run `kvcast simulat --out x` first.\n", "no command 'simulat'"),
+    ("```bash\nkvcast store putt --store out/store doc.txt\n```\n", "no command 'putt'"),
+    ("```bash\nMPLBACKEND=Agg kvcast sweep --slo 0.3 --gpu-shares 1 && echo\n```\n", "no option --gpu-shares"),
+])
+def test_the_command_check_catches_a_wrong_command_or_option(tmp_path, body, problem):
+    doc = tmp_path / "guide.md"
+    doc.write_text(body)
+    with pytest.raises(AssertionError, match=re.escape(problem)):
+        test_every_documented_kvcast_command_and_option_exists(doc)
+    doc.write_text("```bash\nkvcast sweep --slo 0.3 --gpu-share 1 --out x   # fine\nkvcast store ls --store DIR\n"
+                   "```\n`kvcast calibrate host`, `kvcast COMMAND --help`, `kvcast --help`\n")
+    test_every_documented_kvcast_command_and_option_exists(doc)
