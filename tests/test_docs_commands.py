@@ -43,6 +43,7 @@ class Guide:
 
 GUIDES = (
     Guide("docs/writing-a-policy.md", copy_into=("examples/kvcast-policy-example",)),
+    Guide("docs/index.md", copy_into=("traces/default",)),
 )
 
 
