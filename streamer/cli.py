@@ -119,6 +119,12 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         = _span(_SIM.mean_gbps),
         rtt_ms: Annotated[float, typer.Option(help="Round-trip time per chunk request (ms).")]
         = _SIM.rtt_s * 1e3,
+        gpu_share: Annotated[float, typer.Option(
+            help="Recompute's share of the GPU: every recompute time divided by it (1: a dedicated GPU; as a "
+                 "point of kvcast sweep --gpu-share).")] = _SIM.gpu_share,
+        bandwidth_scale: Annotated[float, typer.Option(
+            help="Factor on every trace bandwidth, after --scaling (the prior throughput scales too; as a point "
+                 "of kvcast sweep --bandwidth-scale).")] = _SIM.bandwidth_scale,
         efficiency: Annotated[float, typer.Option(help="Payload bytes per wire byte.")] = _SIM.efficiency,
         overhead_bytes: Annotated[int, typer.Option(help="Extra bytes per request.")] = _SIM.overhead_bytes,
         prior_window: Annotated[float, typer.Option(
@@ -157,19 +163,23 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         console = Console(stderr=True)
         if on_bad_trace not in ("error", "skip"):
             raise typer.BadParameter("--on-bad-trace must be 'error' or 'skip'")
+        from kvcast.streamer.sweep_config import OperatingPoint, check_value
+
         try:
             specs = with_objective(comma_list(policies), objective, quality_budget, level_floor)
-            config = SimulationConfig(
+            # the operating point's settings are applied as a point of `kvcast sweep` applies them
+            point = OperatingPoint(slo_s=slo, gpu_share=check_value("gpu_share", gpu_share),
+                                   bandwidth_scale=check_value("bandwidth_scale", bandwidth_scale),
+                                   rtt_ms=rtt_ms, context_tokens=_range(context_tokens, "--context-tokens", int))
+            config = point.config(SimulationConfig(
                 policies=specs, model=model, gpu=gpu,
                 recompute=recompute, profile=None if profile is None else str(profile),
                 host_profile=None if host_profile is None else str(host_profile),
                 levels=None if not levels else tuple(x.strip() for x in levels.split(",")),
-                chunk_tokens=chunk_tokens, context_tokens=_range(context_tokens, "--context-tokens", int),
-                contexts=contexts, slo_s=slo, scaling=scaling,
-                mean_gbps=_range(mean_gbps, "--mean-gbps", float),
-                rtt_s=rtt_ms / 1e3, efficiency=efficiency, overhead_bytes=overhead_bytes,
-                prior_window_s=prior_window, query_prefill_s=query_prefill, seed=seed,
-                lossy_prefix_ratio=lossy_prefix_ratio)
+                chunk_tokens=chunk_tokens, contexts=contexts, scaling=scaling,
+                mean_gbps=_range(mean_gbps, "--mean-gbps", float), efficiency=efficiency,
+                overhead_bytes=overhead_bytes, prior_window_s=prior_window, query_prefill_s=query_prefill,
+                seed=seed, lossy_prefix_ratio=lossy_prefix_ratio))
             _check_config(config)
         except (ValueError, KeyError) as exc:
             fail(str(exc))
@@ -433,7 +443,9 @@ def run_simulation(traces: list[Any], config: Any, out: Path, *, workers: int | 
     summary = summarize(sessions, seed=config.seed)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     title = (f"{len(traces)} traces x {config.contexts} contexts, SLO {config.slo_s:g} s, {config.model}, "
-             f"{config.gpu}, levels {','.join(config.levels) if config.levels else 'all'}")
+             f"{config.gpu}" + (f" at GPU share {config.gpu_share:g}" if config.gpu_share != 1 else "")
+             + (f", bandwidth x{config.bandwidth_scale:g}" if config.bandwidth_scale != 1 else "")
+             + f", levels {','.join(config.levels) if config.levels else 'all'}")
     (out / "summary.md").write_text(f"# kvcast simulate: {title}\n\n95% bootstrap CIs in brackets.\n\n"
                                     + markdown_table(summary))
     plot_ttft_cdf(sessions, out / "ttft_cdf.png", slo_s=config.slo_s)

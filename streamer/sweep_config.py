@@ -41,7 +41,7 @@ from typing import Any
 from kvcast.streamer.config import SimulationConfig
 
 __all__ = ["AXES", "BASE_POINT", "AxisSpec", "OperatingPoint", "PlannedPoint", "RegimeSettings", "SweepError",
-           "REGIME_GBPS", "format_tokens", "parse_axis", "parse_base", "parse_list", "plan_points"]
+           "REGIME_GBPS", "check_value", "format_tokens", "parse_axis", "parse_base", "parse_list", "plan_points"]
 
 
 class SweepError(ValueError):
@@ -133,11 +133,30 @@ def _number(axis: AxisSpec, item: str) -> float:
     except ValueError:
         raise SweepError(f"{axis.option}: {item!r} is not a number (give a comma-separated list, "
                          f"e.g. {axis.example})") from None
+    return _in_range(axis, value, repr(item))
+
+
+def _in_range(axis: AxisSpec, value: float, shown: str) -> float:
     low_ok = value >= axis.minimum if axis.inclusive else value > axis.minimum
     if not (math.isfinite(value) and low_ok):
         bound = ">=" if axis.inclusive else ">"
-        raise SweepError(f"{axis.option}: {item!r} must be finite and {bound} {axis.minimum:g}")
+        raise SweepError(f"{axis.option}: {shown} must be finite and {bound} {axis.minimum:g}")
     return value
+
+
+def check_value(name: str, value: float) -> float:
+    """`value` if it is a valid single value of numeric axis `name` (e.g. ``kvcast simulate --gpu-share``), checked
+    as a listed value is; SweepError naming the option otherwise.
+
+    >>> check_value("gpu_share", 0.5)
+    0.5
+    >>> check_value("bandwidth_scale", float("inf"))
+    Traceback (most recent call last):
+    kvcast.streamer.sweep_config.SweepError: --bandwidth-scale: inf must be finite and > 0
+    """
+    if name not in AXES or name == "context_tokens":
+        raise SweepError(f"not a numeric sweep axis: {name!r}")
+    return _in_range(AXES[name], float(value), format(value, "g"))
 
 
 def _tokens(axis: AxisSpec, item: str) -> tuple[int, int]:

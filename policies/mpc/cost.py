@@ -10,9 +10,9 @@ computed by the same floating-point expressions here, in the enumerator and in t
 bit-identical costs; `tests/policies/test_advanced.py` checks both equalities on random cases.
 
 Under ``objective=ttft`` (`MpcProblem.ttft_first`) a cost is the key ``(max(0, Q - budget), TTFT, Q)``,
-compared lexicographically (`_ttft_split_key`); the tail's best split is again found in O(log m)
-(`_ttft_tail_evaluator`): the excess only falls with ``s``, and the TTFT falls until the text chain
-crosses the link chain and rises after it.
+compared lexicographically. The objectives differ in two places only: how a split is scored (the end of
+`_split_cost`) and which few splits `tail_evaluator` tries (the excess only falls with ``s``, and the TTFT
+falls until the text chain crosses the link chain and rises after it).
 """
 
 from __future__ import annotations
@@ -29,50 +29,37 @@ __all__ = ["Cost", "evaluators", "final_cost", "plan_cost", "plan_tail_level", "
            "tail_split"]
 
 _INF = math.inf
+_NEG_INF = -math.inf
 
 
-def _split_cost(p: MpcProblem, b: int, s: int, link: float, ready: float, q: float) -> float:
-    """Cost when the tail's first `s` chunks are recomputed and the others loaded at level `b`."""
-    a_s = ready + p.tail_rp[s]
-    tb = p.tail_tb[b][s]
-    t = a_s
-    if tb != -_INF:  # some tail chunk is loaded
-        b_s = link + tb
-        if b_s > t:
-            t = b_s
-    if p.top > t:
-        t = p.top
-    over = t - p.slo_s
-    return (q + p.tail_ws[b][s]) * p.qscale + (p.mu * over if over > 0.0 else 0.0)
+def _split_cost(p: MpcProblem, lvl: int, s: int, link: float, ready: float, q: float) -> Cost:
+    """The cost when the tail's first `s` chunks are recomputed and the others loaded at level `lvl`, from the
+    state after the horizon (its prefix-ready time `ready` with the fold applied).
 
-
-def _ttft_split_key(p: MpcProblem, b: int, s: int, link: float, ready: float, q: float
-                    ) -> tuple[float, float, float]:
-    """``objective=ttft``: the key when the tail's first `s` chunks are recomputed and the others loaded
-    at level `b`."""
+    Both objectives take the TTFT ``t`` (the text chain, the link chain and the decided chunks above, whichever
+    ends last) and the scaled loss ``qn``; ``objective=slo`` scores ``qn + mu * max(0, t - SLO)``,
+    ``objective=ttft`` the key ``(max(0, qn - budget), t, qn)``. `tail_evaluator`'s closures compute these
+    very expressions (inlined for speed), so all see the same floats; the tests check that they agree.
+    """
     t = ready + p.tail_rp[s]
-    tb = p.tail_tb[b][s]
-    if tb != -_INF:  # some tail chunk is loaded
-        b_s = link + tb
-        if b_s > t:
-            t = b_s
+    x = p.tail_tb[lvl][s]
+    if x != -_INF:  # some tail chunk is loaded
+        x = link + x
+        if x > t:
+            t = x
     if p.top > t:
         t = p.top
-    qn = (q + p.tail_ws[b][s]) * p.qscale
-    over = qn - p.budget
-    return (over if over > 0.0 else 0.0, t, qn)
+    qn = (q + p.tail_ws[lvl][s]) * p.qscale
+    if p.ttft_first:
+        over = qn - p.budget
+        return (over if over > 0.0 else 0.0, t, qn)
+    over = t - p.slo_s
+    return qn + (p.mu * over if over > 0.0 else 0.0)
 
 
 def tail_split(p: MpcProblem, b: int, link: float, ready: float, q: float) -> tuple[int, Cost]:
     """Reference: the best split of the tail (first of the least cost) by trying every split."""
-    if p.ttft_first:
-        best_s, best_key = 0, p.worst
-        for s in range(len(p.tail_rp)):
-            k = _ttft_split_key(p, b, s, link, ready, q)
-            if k < best_key:
-                best_s, best_key = s, k
-        return best_s, best_key
-    best_s, best = 0, _INF
+    best_s, best = 0, p.worst
     for s in range(len(p.tail_rp)):
         c = _split_cost(p, b, s, link, ready, q)
         if c < best:
@@ -80,27 +67,13 @@ def tail_split(p: MpcProblem, b: int, link: float, ready: float, q: float) -> tu
     return best_s, best
 
 
-def _ttft_tail_evaluator(p: MpcProblem, b: int):
-    """``objective=ttft``: ``f(link, ready, q)``, the least key over the tail's splits in O(log m), the
-    same tuple as `tail_split`.
-
-    The excess ``max(0, (q + ws[s]) * qs - budget)`` is non-increasing in ``s``: the splits of least excess
-    are those from ``s0`` on. The TTFT is ``max(link + tb[s], top)`` before the text chain crosses the link
-    chain (``s < sc``: non-increasing) and ``max(ready + rp[s], top)`` from there (non-decreasing); the
-    loss ``Q`` falls with ``s``. So the least TTFT from ``s0`` on is at ``max(s0, sc - 1)`` or ``max(s0,
-    sc)``, and the least key is there or at the last split whose text chain still ends by that TTFT.
-    """
-    lvl = p.text_tail_level if b == p.n_levels else b
-    rp, tb, ws = p.tail_rp, p.tail_tb[lvl], p.tail_ws[lvl]
-    m = len(rp) - 1
-    top, qs, budget = p.top, p.qscale, p.budget
-    fold = p.fold[p.horizon]
-    neg = -_INF
-
+def _ttft_key(rp: Sequence[float], tb: Sequence[float], ws: Sequence[float], top: float, qs: float,
+              budget: float):
+    """``key(s, link, ready, q)``: `_split_cost` under ``objective=ttft`` for one tail level's tables."""
     def key(s: int, link: float, ready: float, q: float) -> tuple[float, float, float]:
         t = ready + rp[s]
         x = tb[s]
-        if x != neg:
+        if x != _NEG_INF:
             x = link + x
             if x > t:
                 t = x
@@ -109,10 +82,78 @@ def _ttft_tail_evaluator(p: MpcProblem, b: int):
         qn = (q + ws[s]) * qs
         over = qn - budget
         return (over if over > 0.0 else 0.0, t, qn)
+    return key
 
-    def fast(link: float, ready: float, q: float) -> tuple[float, float, float]:
+
+def tail_evaluator(p: MpcProblem, b: int):
+    """``f(link, ready, q)``: the cost after the last horizon step took action `b` (fold and tail
+    included), with the tail's best split found in O(log m) instead of O(m): the same cost (float or key)
+    as `tail_split`, which tries every split, by `_split_cost`'s expressions (inlined: this is the search's
+    hottest code).
+
+    Both objectives: the text chain ``ready + rp[s]`` grows with ``s`` and the link chain ``link + tb[s]``
+    shrinks, both monotone under rounding; ``sc`` is the first split where they cross (the text chain ends
+    last), so the TTFT is non-increasing in ``s`` before ``sc`` and non-decreasing from it. The loss falls with
+    ``s``. What differs is which few splits can hold the least cost:
+
+    * ``objective=slo``: before ``sc``, and after it while the TTFT stays within ``max(SLO, top)`` (``sc <= s <
+      su``), the cost can only fall with ``s``; from ``su`` on every extra text chunk adds ``mu * r`` of
+      overrun, clearly more than its quality saves when ``tail_fast``, so the cost rises. The least cost is
+      at ``sc - 1``, ``su - 1`` or ``su``. (Where a level is not ``tail_fast``: every split is tried.)
+    * ``objective=ttft``: the excess ``max(0, (q + ws[s]) * qs - budget)`` is non-increasing in ``s``: the
+      splits of least excess are those from ``s0`` on. The least TTFT from ``s0`` on is at ``max(s0, sc - 1)``
+      or ``max(s0, sc)``, and the least key is there or at the last split whose text chain still ends by that
+      TTFT (the least loss at that TTFT).
+    """
+    lvl = p.text_tail_level if b == p.n_levels else b
+    rp, tb, ws = p.tail_rp, p.tail_tb[lvl], p.tail_ws[lvl]
+    m = len(rp) - 1
+    fold = p.fold[p.horizon]
+    if not p.tail_fast[lvl]:  # (only under objective=slo)
+        def slow(link: float, ready: float, q: float) -> Cost:
+            return tail_split(p, lvl, link, ready if ready > fold else fold, q)[1]
+        return slow
+    top, qs, slo, mu = p.top, p.qscale, p.slo_s, p.mu
+    limit = slo if slo > top else top
+    budget = p.budget
+    key = _ttft_key(rp, tb, ws, top, qs, budget) if p.ttft_first else None  # objective=ttft's split key
+
+    def fast(link: float, ready: float, q: float) -> Cost:
         if fold > ready:
             ready = fold
+        lo, hi = 0, m  # sc: first s with ready + rp[s] >= link + tb[s] (true at s = m: no loads)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            t = tb[mid]
+            if t == _NEG_INF or ready + rp[mid] >= link + t:
+                hi = mid
+            else:
+                lo = mid + 1
+        sc = lo
+        if key is None:  # objective=slo
+            lo, hi = sc, m + 1  # su: first s >= sc with ready + rp[s] > max(slo, top)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if ready + rp[mid] > limit:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            best = _INF
+            for s in (sc - 1, lo - 1, lo):
+                if 0 <= s <= m:  # _split_cost, inlined
+                    t = ready + rp[s]
+                    x = tb[s]
+                    if x != _NEG_INF:
+                        x = link + x
+                        if x > t:
+                            t = x
+                    if top > t:
+                        t = top
+                    over = t - slo
+                    c = (q + ws[s]) * qs + (mu * over if over > 0.0 else 0.0)
+                    if c < best:
+                        best = c
+            return best
         over = (q + ws[m]) * qs - budget
         least = over if over > 0.0 else 0.0
         lo, hi = 0, m  # s0: first s whose excess is the least (that of s = m)
@@ -124,15 +165,6 @@ def _ttft_tail_evaluator(p: MpcProblem, b: int):
             else:
                 lo = mid + 1
         s0 = lo
-        lo, hi = 0, m  # sc: first s with ready + rp[s] >= link + tb[s] (true at s = m: no loads)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            t = tb[mid]
-            if t == neg or ready + rp[mid] >= link + t:
-                hi = mid
-            else:
-                lo = mid + 1
-        sc = lo
         first = sc - 1 if sc - 1 > s0 else s0  # least TTFT before the crossing, from s0 on
         second = sc if sc > s0 else s0  # ... and after it
         best = key(first, link, ready, q)
@@ -140,11 +172,11 @@ def _ttft_tail_evaluator(p: MpcProblem, b: int):
             other = key(second, link, ready, q)
             if other < best:
                 best = other
-        limit = best[1]
+        least_ttft = best[1]
         lo, hi = second, m + 1  # the last s >= second whose text chain ends by the least TTFT
         while lo < hi:
             mid = (lo + hi) // 2
-            if ready + rp[mid] > limit:
+            if ready + rp[mid] > least_ttft:
                 hi = mid
             else:
                 lo = mid + 1
@@ -152,69 +184,6 @@ def _ttft_tail_evaluator(p: MpcProblem, b: int):
             other = key(lo - 1, link, ready, q)
             if other < best:
                 best = other
-        return best
-    return fast
-
-
-def tail_evaluator(p: MpcProblem, b: int):
-    """``f(link, ready, q)``: the cost after the last horizon step took action `b` (fold and tail
-    included), with the tail's best split found in O(log m) instead of O(m).
-
-    The text chain ``ready + rp[s]`` grows with ``s`` and the link chain ``link + tb[s]`` shrinks, both
-    monotone under rounding. Before they cross (``s < sc``) and after it while the TTFT stays within
-    ``max(SLO, top)`` (``sc <= s < su``) the cost can only fall with ``s``; from ``su`` on every extra text
-    chunk adds ``mu * r`` of overrun, clearly more than its quality saves when ``tail_fast``, so the cost
-    rises. The least cost is therefore at ``sc - 1``, ``su - 1`` or ``su``, computed with the very
-    expressions of `_split_cost`: the same floats as `tail_split`, which tries every split.
-    """
-    if p.ttft_first:
-        return _ttft_tail_evaluator(p, b)
-    lvl = p.text_tail_level if b == p.n_levels else b
-    rp, tb, ws = p.tail_rp, p.tail_tb[lvl], p.tail_ws[lvl]
-    m = len(rp) - 1
-    top, slo, mu, qs = p.top, p.slo_s, p.mu, p.qscale
-    fold = p.fold[p.horizon]
-    limit = slo if slo > top else top
-    neg = -_INF
-    if not p.tail_fast[lvl]:
-        def slow(link: float, ready: float, q: float) -> float:
-            return tail_split(p, lvl, link, ready if ready > fold else fold, q)[1]
-        return slow
-
-    def fast(link: float, ready: float, q: float) -> float:
-        if fold > ready:
-            ready = fold
-        lo, hi = 0, m  # first s with ready + rp[s] >= link + tb[s] (true at s = m: no loads)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            t = tb[mid]
-            if t == neg or ready + rp[mid] >= link + t:
-                hi = mid
-            else:
-                lo = mid + 1
-        sc = lo
-        lo, hi = sc, m + 1  # first s >= sc with ready + rp[s] > max(slo, top)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if ready + rp[mid] > limit:
-                hi = mid
-            else:
-                lo = mid + 1
-        best = _INF
-        for s in (sc - 1, lo - 1, lo):
-            if 0 <= s <= m:
-                t = ready + rp[s]
-                x = tb[s]
-                if x != neg:
-                    x = link + x
-                    if x > t:
-                        t = x
-                if top > t:
-                    t = top
-                over = t - slo
-                c = (q + ws[s]) * qs + (mu * over if over > 0.0 else 0.0)
-                if c < best:
-                    best = c
         return best
     return fast
 

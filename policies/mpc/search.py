@@ -16,10 +16,11 @@ exactly by branch-and-bound.
 * Costs come from the expressions of `kvcast.policies.mpc.cost` (the tail's split in O(log m)), so the
   search sees the enumerator's floats bit for bit; `tests/policies/test_advanced.py` checks plan equality
   on random cases.
-* ``objective=ttft`` (`_search_ttft`): the same depth-first branch-and-bound over keys ``(excess, TTFT, Q)``
-  compared lexicographically. The key is non-decreasing in every state component too, so `_bound` is again
-  a lower bound; a load child whose loss alone puts the excess over the incumbent's is skipped. Ties
-  resolve in enumeration order as above.
+* ``objective=ttft``: the same depth-first branch-and-bound over keys ``(excess, TTFT, Q)`` compared
+  lexicographically. The key is non-decreasing in every state component too, so `_bound` is again a lower
+  bound; a load child whose loss alone puts the excess over the incumbent's is skipped (under
+  ``objective=slo``: whose loss alone exceeds the incumbent's cost). The surrogate bound, which bounds
+  ``Q + mu * overrun``, is ``objective=slo``'s alone. Ties resolve in enumeration order as above.
 """
 
 from __future__ import annotations
@@ -108,44 +109,45 @@ def search_plan(p: MpcProblem, hints: Sequence[Sequence[int]] = ()) -> tuple[tup
     `hints` are candidate plans that seed the incumbent (for example the previous decision's plan shifted
     by one step); they change the speed, never the result.
     """
-    if p.ttft_first:
-        return _search_ttft(p, hints)
     h = p.horizon
     if h == 0:
         return (), plan_cost(p, (), False)
     n_act = p.n_actions
     text = p.n_levels
-    best_plan: tuple[int, ...] = ()
-    best_cost = _INF
+    ttft_first = p.ttft_first
     order = action_order(p)
 
     def rank(plan: Sequence[int]) -> tuple[int, ...]:  # position in enumeration order
         return tuple((a + 1) % n_act for a in plan)
 
+    best_plan: tuple[int, ...] = ()
+    best = p.worst
     candidates = [tuple(x) for x in hints if len(x) == h and all(0 <= a < n_act for a in x)]
     if not candidates or h == 1:
         candidates += [(a,) * h for a in order]
     for plan in candidates:
         c = plan_cost(p, plan, False)
-        if c < best_cost or (c == best_cost and rank(plan) < rank(best_plan)) or not best_plan:
-            best_plan, best_cost = plan, c
+        if c < best or (c == best and rank(plan) < rank(best_plan)) or not best_plan:
+            best_plan, best = plan, c
     if h == 1:
-        return best_plan, best_cost  # the uniform plans are all the plans
+        return best_plan, best  # the uniform plans are all the plans
     tau, decs, wqs, rs = p.tau, p.dec, p.wq, p.r
-    link0, dec0, ready0 = p.link0, p.dec0, p.ready0
+    link0, dec0, ready0, q0 = p.link0, p.dec0, p.ready0, p.q0
     last = h - 1
     mu, qs, slo = p.mu, p.qscale, p.slo_s
+    budget = p.budget
+    limit = best[0] if ttft_first else best  # what a load child's loss alone is held against (below)
     fold = p.fold
     f_last = fold[last]
     mu_theta = [mu * t for t in _THETAS]
     mu_other = [mu * (1.0 - t) for t in _THETAS]
-    root_bound = [_bound(p, b, link0, dec0, ready0, 0.0) for b in range(n_act)]
+    root_bound = [_bound(p, b, link0, dec0, ready0, q0) for b in range(n_act)]
     prefix = [0] * h
     steps = None
     margin = 1e-9 * (mu * (slo + abs(p.top if p.top > -_INF else 0.0)) + 1.0)
     backwards = order[::-1]  # pushed so that children pop in enumeration order
     for b in sorted(range(n_act), key=lambda b: (root_bound[b], (b + 1) % n_act)):
-        if root_bound[b] > best_cost:
+        if root_bound[b] > best:
             break  # roots are sorted by their bound
         prefix[last] = b
         is_text = b == text
@@ -154,7 +156,7 @@ def search_plan(p: MpcProblem, hints: Sequence[Sequence[int]] = ()) -> tuple[tup
             r_last, t_last, w_last = rs[last], 0.0, 0.0
         else:
             r_last, t_last, w_last = 0.0, tau[last][b], wqs[last][b]
-        surrogate = h > 2 and t_last < _INF
+        surrogate = not ttft_first and h > 2 and t_last < _INF  # a bound on Q + mu * overrun
         if surrogate:
             if steps is None:
                 steps = _surrogate_steps(p)
@@ -163,9 +165,9 @@ def search_plan(p: MpcProblem, hints: Sequence[Sequence[int]] = ()) -> tuple[tup
             extra = [[e + st for e, st in zip(ends, row)] for row in steps]
             w = max(mt * ready0 + mo * link0 + x
                     for mt, mo, x in zip(mu_theta, mu_other, extra[0])) - mu * slo
-            if w - margin * (1.0 + mu * (ready0 + link0)) > best_cost:
+            if w - margin * (1.0 + mu * (ready0 + link0)) > best:
                 continue
-        stack = [(0, a, link0, dec0, ready0, 0.0) for a in backwards]
+        stack = [(0, a, link0, dec0, ready0, q0) for a in backwards]
         pop, push = stack.pop, stack.append
         while stack:
             k, a, link, dec, ready, q = pop()
@@ -190,10 +192,11 @@ def search_plan(p: MpcProblem, hints: Sequence[Sequence[int]] = ()) -> tuple[tup
                 d2 = (l2 if l2 > dec else dec) + decs[last][b]
                 v = tail_cost(l2, d2 if d2 > rr else rr, q + w_last)
             if k + 1 == last:
-                if v < best_cost or (v == best_cost and rank(prefix) < rank(best_plan)):
-                    best_cost, best_plan = v, tuple(prefix)
+                if v < best or (v == best and rank(prefix) < rank(best_plan)):
+                    best, best_plan = v, tuple(prefix)
+                    limit = best[0] if ttft_first else best
                 continue
-            if v > best_cost:
+            if v > best:
                 continue
             if surrogate and link < _INF:
                 # cost >= qs*Q + mu*(TTFT - slo) and TTFT >= any convex mix of the text and link chains;
@@ -207,102 +210,22 @@ def search_plan(p: MpcProblem, hints: Sequence[Sequence[int]] = ()) -> tuple[tup
                 x -= margin * (1.0 + mu * (ready + link))
                 if x > v:
                     v = x
-                    if v > best_cost:
+                    if v > best:
                         continue
-            if v == best_cost and rank(prefix[:k + 1]) > rank(best_plan[:k + 1]):
-                continue
-            # Children; a load child whose quality alone (same float operations as its cost) exceeds the
-            # incumbent is skipped before its step is computed.
-            nxt = wqs[k + 1]
-            for a2 in backwards:
-                if a2 != text and ((q + nxt[a2]) + w_last) * qs > best_cost:
-                    continue
-                push((k + 1, a2, link, dec, ready, q))
-    return best_plan, best_cost
-
-
-def _search_ttft(p: MpcProblem, hints: Sequence[Sequence[int]]) -> tuple[tuple[int, ...], Cost]:
-    """`search_plan` for ``objective=ttft`` (keys ``(excess, TTFT, Q)``); see the module docstring."""
-    h = p.horizon
-    if h == 0:
-        return (), plan_cost(p, (), False)
-    n_act = p.n_actions
-    text = p.n_levels
-    order = action_order(p)
-
-    def rank(plan: Sequence[int]) -> tuple[int, ...]:  # position in enumeration order
-        return tuple((a + 1) % n_act for a in plan)
-
-    best_plan: tuple[int, ...] = ()
-    best = p.worst
-    candidates = [tuple(x) for x in hints if len(x) == h and all(0 <= a < n_act for a in x)]
-    if not candidates or h == 1:
-        candidates += [(a,) * h for a in order]
-    for plan in candidates:
-        c = plan_cost(p, plan, False)
-        if c < best or (c == best and rank(plan) < rank(best_plan)) or not best_plan:
-            best_plan, best = plan, c
-    if h == 1:
-        return best_plan, best
-    tau, decs, wqs, rs = p.tau, p.dec, p.wq, p.r
-    link0, dec0, ready0, q0 = p.link0, p.dec0, p.ready0, p.q0
-    last = h - 1
-    qs, budget = p.qscale, p.budget
-    fold = p.fold
-    f_last = fold[last]
-    root_bound = [_bound(p, b, link0, dec0, ready0, q0) for b in range(n_act)]
-    prefix = [0] * h
-    backwards = order[::-1]  # pushed so that children pop in enumeration order
-    for b in sorted(range(n_act), key=lambda b: (root_bound[b], (b + 1) % n_act)):
-        if root_bound[b] > best:
-            break  # roots are sorted by their bound
-        prefix[last] = b
-        is_text = b == text
-        tail_cost = evaluators(p)[b]
-        if is_text:
-            r_last, t_last, w_last = rs[last], 0.0, 0.0
-        else:
-            r_last, t_last, w_last = 0.0, tau[last][b], wqs[last][b]
-        stack = [(0, a, link0, dec0, ready0, q0) for a in backwards]
-        pop, push = stack.pop, stack.append
-        while stack:
-            k, a, link, dec, ready, q = pop()
-            if k and fold[k] > ready:
-                ready = fold[k]
-            if a == text:
-                ready = ready + rs[k]
-            else:
-                link = link + tau[k][a]
-                dec = (link if link > dec else dec) + decs[k][a]
-                if dec > ready:
-                    ready = dec
-                q = q + wqs[k][a]
-            prefix[k] = a
-            # The key of taking b now and then the tail: the leaf's at depth h-2, a lower bound above it
-            # (the expressions of plan_cost, so the tuples are identical).
-            rr = f_last if f_last > ready else ready
-            if is_text:
-                v = tail_cost(link, rr + r_last, q)
-            else:
-                l2 = link + t_last
-                d2 = (l2 if l2 > dec else dec) + decs[last][b]
-                v = tail_cost(l2, d2 if d2 > rr else rr, q + w_last)
-            if k + 1 == last:
-                if v < best or (v == best and rank(prefix) < rank(best_plan)):
-                    best, best_plan = v, tuple(prefix)
-                continue
-            if v > best:
-                continue
             if v == best and rank(prefix[:k + 1]) > rank(best_plan[:k + 1]):
                 continue
-            # Children; a load child whose loss alone (the same float operations as its key) puts the
-            # excess over the incumbent's is skipped before its step is computed.
+            # Children; a load child whose loss alone (the same float operations as its cost) already exceeds
+            # the incumbent's cost (objective=ttft: puts the excess over the incumbent's) is skipped before its
+            # step is computed.
             nxt = wqs[k + 1]
-            limit = best[0]
-            for a2 in backwards:
-                if a2 != text:
-                    over = ((q + nxt[a2]) + w_last) * qs - budget
-                    if over > limit:
+            if ttft_first:
+                for a2 in backwards:
+                    if a2 != text and ((q + nxt[a2]) + w_last) * qs - budget > limit:
                         continue
-                push((k + 1, a2, link, dec, ready, q))
+                    push((k + 1, a2, link, dec, ready, q))
+            else:
+                for a2 in backwards:
+                    if a2 != text and ((q + nxt[a2]) + w_last) * qs > limit:
+                        continue
+                    push((k + 1, a2, link, dec, ready, q))
     return best_plan, best

@@ -164,6 +164,46 @@ def test_sync_vector_env_steps_and_resets():
     envs.close()
 
 
+def _make_small_env():
+    return KvcastEnv(config=SMALL)
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_async_vector_env_matches_sync_vector_env(context):
+    """AsyncVectorEnv (workers made from pickled factories; ``spawn`` pickles them whole) plays the very episodes
+    of SyncVectorEnv for the same seeds and actions, across episode ends (autoreset), in bounded time."""
+    import multiprocessing
+
+    if context not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {context} start method here")
+    factories = [_make_small_env, lambda: KvcastEnv(config=SMALL)]  # a module function and a lambda
+    sync = gymnasium.vector.SyncVectorEnv(factories)
+    parallel = gymnasium.vector.AsyncVectorEnv(factories, context=context)
+    try:
+        expected, infos = sync.reset(seed=[11, 12])
+        parallel.reset_async(seed=[11, 12])
+        got, got_infos = parallel.reset_wait(timeout=120)
+        assert got.shape == expected.shape == (2, *parallel.single_observation_space.shape)
+        assert got.dtype == np.float32 and np.array_equal(got, expected)
+        assert np.array_equal(got_infos["action_mask"], infos["action_mask"])
+        rng = np.random.default_rng(0)
+        ended = np.zeros(2, dtype=int)
+        for _ in range(40):
+            actions = np.array([rng.choice(np.flatnonzero(m)) if m.any() else 0 for m in infos["action_mask"]])
+            expected, rewards, terminated, truncated, infos = sync.step(actions)
+            parallel.step_async(actions)
+            got, got_rewards, got_terminated, got_truncated, got_infos = parallel.step_wait(timeout=60)
+            assert got.shape == (2, *parallel.single_observation_space.shape) and rewards.shape == (2,)
+            assert np.array_equal(got, expected) and np.array_equal(got_rewards, rewards)
+            assert np.array_equal(got_terminated, terminated) and not got_truncated.any()
+            assert np.array_equal(got_infos["action_mask"], infos["action_mask"])
+            ended += terminated
+        assert (ended >= 1).all()  # both envs finished an episode and went on with the next
+    finally:
+        parallel.close(terminate=True)
+        sync.close()
+
+
 def test_core_imports_without_gymnasium():
     """Blocking gymnasium: the core (simulate, the learned policy) imports; the env names the extra."""
     code = (

@@ -187,3 +187,44 @@ def test_sweep_yields_in_trace_order():
     config = SimulationConfig(policies=("text",), contexts=1, context_tokens=(2000, 2000))
     outcomes = list(run_sweep(traces, config, workers=2, chunk_log=False))
     assert [o.trace_index for o in outcomes] == [0, 1, 2]
+
+
+def test_simulate_at_a_gpu_share_and_bandwidth_scale_is_the_sweeps_point(trace_dir, tmp_path):
+    """`kvcast simulate --gpu-share 0.5` plays exactly the sessions of `kvcast sweep`'s gpu-share 0.5 point (and
+    likewise --bandwidth-scale 2), row for row; and both differ from the default (the options take effect)."""
+    common = ["--traces", str(trace_dir), "--policies", "text,raw,cachegen,hybrid", "--contexts", "2",
+              "--seed", "5", "--workers", "1"]
+    swept = CliRunner().invoke(app, ["sweep", *common, "--gpu-share", "0.5", "--bandwidth-scale", "2",
+                                     "--base", "context-tokens=3000-9000", "--out", str(tmp_path / "sweep"),
+                                     "--resamples", "20"])
+    assert swept.exit_code == 0, swept.output
+    sweep_rows: dict[str, list[dict]] = {}
+    for line in (tmp_path / "sweep" / "sessions.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        key = "gpu" if row["axis_gpu_share"] == 0.5 else "bw" if row["axis_bandwidth_scale"] == 2 else "base"
+        sweep_rows.setdefault(key, []).append({k: v for k, v in row.items()
+                                               if k != "point" and not k.startswith("axis_")})
+    for key, option, value in (("gpu", "--gpu-share", "0.5"), ("bw", "--bandwidth-scale", "2"),
+                               ("base", "--gpu-share", "1")):
+        out = tmp_path / key
+        done = simulate([*common, "--context-tokens", "3000-9000", option, value, "--out", str(out),
+                         "--no-chunk-log"])
+        assert done.exit_code == 0, done.output
+        rows = [json.loads(line) for line in (out / "sessions.jsonl").read_text().splitlines()]
+        assert rows == sweep_rows[key], key
+    texts = {key: [r["ttft_s"] for r in rows if r["policy"] == "text"] for key, rows in sweep_rows.items()}
+    assert texts["gpu"] == pytest.approx([2 * t for t in texts["base"]])
+    run = json.loads((tmp_path / "gpu" / "run.json").read_text())
+    assert run["config"]["gpu_share"] == 0.5 and run["config"]["bandwidth_scale"] == 1.0
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--gpu-share", "0", "--gpu-share: 0 must be finite and > 0"),
+    ("--gpu-share", "-0.5", "--gpu-share: -0.5 must be finite and > 0"),
+    ("--bandwidth-scale", "inf", "--bandwidth-scale: inf must be finite and > 0"),
+    ("--bandwidth-scale", "nan", "--bandwidth-scale: nan must be finite and > 0"),
+])
+def test_bad_gpu_share_and_bandwidth_scale_are_named(tmp_path, option, value, message):
+    done = simulate(["--policies", "text", option, value, "--out", str(tmp_path / "x")])
+    assert done.exit_code == 2 and message in " ".join(done.output.split()), done.output
+    assert not (tmp_path / "x" / "sessions.jsonl").exists()
