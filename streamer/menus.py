@@ -257,6 +257,7 @@ def build_menus(profile: Profile, shape: ModelShape, context_tokens: int, chunk_
     else:  # a host profile's measured values per second (levels it did not time: `default_decode_speed`)
         speeds = [decode_speeds.get(r.level, default_decode_speed) for r in rows]
     bits = [8.0 * shape.raw_bytes_per_value if r.level == "raw" else r.bits_per_value for r in rows]
+    curves = [profile.position_curve(r.level) for r in rows]  # resolved once: `Profile.quality_loss_at`, faster
     menus = []
     for index, start in enumerate(range(0, context_tokens, chunk_tokens)):
         tokens = min(chunk_tokens, context_tokens - start)
@@ -266,8 +267,8 @@ def build_menus(profile: Profile, shape: ModelShape, context_tokens: int, chunk_
         options = tuple(
             LevelOption(level=r.level, nbytes=math.ceil(values * b / 8.0),
                         decode_s=0.0 if v is None else values / v,
-                        quality_loss=profile.quality_loss_at(r.level, distance, first_chunk=first))
-            for r, b, v in zip(rows, bits, speeds, strict=True))
+                        quality_loss=r.quality_loss if c is None else c.quality_loss(distance, first_chunk=first))
+            for r, b, v, c in zip(rows, bits, speeds, curves, strict=True))
         menus.append(ChunkMenu(index=index, start_token=start, tokens=tokens, levels=options,
                                recompute_s=recompute.prefill_s(start, tokens)))
     return tuple(menus)

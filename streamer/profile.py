@@ -234,10 +234,14 @@ class Profile:
         `first_chunk`: it starts at token 0 of a context of several chunks); the flat ``quality_loss`` for a level
         without a curve."""
         row = self.level(level)
-        curve = self.position_quality.curve(level) if self.position_quality is not None else None
+        curve = self.position_curve(level)
         if curve is None:
             return row.quality_loss
         return curve.quality_loss(distance_tokens, first_chunk=first_chunk)
+
+    def position_curve(self, level: str) -> PositionCurve | None:
+        """`level`'s loss-by-position curve (None: the level's loss is flat)."""
+        return self.position_quality.curve(level) if self.position_quality is not None else None
 
     # ------------------------------------------------------------------ JSON
     def to_json_dict(self) -> dict[str, Any]:
