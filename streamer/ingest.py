@@ -94,7 +94,7 @@ def resolve_levels(levels: Sequence[str] | None) -> list[str]:
 
 def put_context(store: Store, context_id: str, text: str | Sequence[int], *, model: Any = None,
                 levels: Sequence[str] | None = None, chunk_tokens: int = PutSettings.chunk_tokens,
-                progress: bool = False, tables: Any = None, threads: int | None = None) -> PutResult:
+                progress: bool = False, tables: Any = None, threads: int | None = None, kv: Any = None) -> PutResult:
     """Prefill `text` (a string, tokenized without special tokens, or token ids) on `model` and store its KV
     in `store` as context `context_id`: every chunk of `chunk_tokens` tokens at every level of `levels`
     (default: all codec levels; ``raw`` always), then the manifest, replacing any earlier one of the context.
@@ -103,6 +103,8 @@ def put_context(store: Store, context_id: str, text: str | Sequence[int], *, mod
     None for SmolLM2-135M-Instruct. ``kvcast-*`` levels are stored only when `tables` (a
     `kvcast.codec.TableRegistry`; default: the shipped tables) has the model's sensitivity table; the others
     are reported in `PutResult.skipped`. `progress` shows a progress bar on stderr; `threads` sets torch's.
+    `kv` is the KV of the context's tokens when the caller has prefilled them on `model` already (then the model
+    does not run again); None: it is prefilled here if some object is missing.
 
     Raises `IngestError` (nothing written) for bad input, `kvcast.codec.model.ModelUnavailable` when the model
     cannot be loaded, and `StoreError` when the store fails (objects written so far stay, unreferenced, until
@@ -125,6 +127,7 @@ def put_context(store: Store, context_id: str, text: str | Sequence[int], *, mod
     import torch
 
     from kvcast import codec
+    from kvcast.codec.hf import kv_tokens, slice_kv
     from kvcast.codec.model import LoadedModel, load_model
 
     if threads:
@@ -132,6 +135,8 @@ def put_context(store: Store, context_id: str, text: str | Sequence[int], *, mod
     loaded = model if isinstance(model, LoadedModel) else load_model(model, progress=progress)
     ids = _token_ids(loaded, text)
     n = len(ids)
+    if kv is not None and kv_tokens(kv) != n:
+        raise IngestError(f"the KV given holds {kv_tokens(kv)} tokens; the context has {n}")
     fingerprint = loaded.fingerprint()
     signature = getattr(fingerprint, "kv_signature", None)
     key_model = {**fingerprint.to_dict(), "kv_signature": signature.digest if signature is not None else None,
@@ -168,8 +173,8 @@ def put_context(store: Store, context_id: str, text: str | Sequence[int], *, mod
                 reused += 1
                 advance(f"chunk {i + 1}/{len(ranges)} {level}: stored")
         if len(entries) < len(keys):
-            kv = _prefill(loaded.model, ids)
-            from kvcast.codec.hf import slice_kv
+            if kv is None:
+                kv = _prefill(loaded.model, ids)
 
             for i, (start, stop) in enumerate(ranges):
                 part = None

@@ -37,7 +37,7 @@ from kvcast.streamer.resources import Compute, Decoder, Done
 from kvcast.streamer.store import Manifest, Store, StoreError
 
 __all__ = ["CodecDecoder", "ContextAssembly", "HostProfile", "LiveError", "LiveResult", "ModelCompute", "StoreLink",
-           "answer", "live_menus", "load_context"]
+           "answer", "live_menus", "load_context", "prefill_chunk"]
 
 
 class LiveError(RuntimeError):
@@ -79,6 +79,18 @@ class ContextAssembly:
         kv = self.prefix(len(self.chunk_tokens))
         assert kv is not None
         return kv
+
+
+def prefill_chunk(model: Any, token_ids: Sequence[int] | torch.Tensor, prefix: KV | None) -> KV:
+    """The KV of `token_ids` prefilled by `model` on the cache `prefix` (the KV of every token before them; None
+    at the context's start): what a chunk recomputed from its text holds, lossy prefix included."""
+    param = next(model.parameters())
+    ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(1, -1).to(param.device)
+    cache = None if prefix is None else cache_from_kv(prefix, model.config, dtype=param.dtype)
+    start = 0 if prefix is None else kv_tokens(prefix)
+    with torch.no_grad():
+        out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
+    return [(k[:, :, start:], v[:, :, start:]) for k, v in kv_from_cache(out.cache)]
 
 
 def _concat(parts: Sequence[KV]) -> KV:
@@ -156,14 +168,7 @@ class ModelCompute(Compute):
     def _prefill(self, chunk: int) -> None:
         start = self.chunk_starts[chunk]
         stop = start + self.assembly.chunk_tokens[chunk]
-        prefix = self.assembly.prefix(chunk)
-        dtype = next(self.model.parameters()).dtype
-        cache = None if prefix is None else cache_from_kv(prefix, self.model.config, dtype=dtype)
-        with torch.no_grad():
-            out = self.model(self.token_ids[start:stop].unsqueeze(0), cache=cache, use_cache=True,
-                             logits_to_keep=1)
-        kv = [(k[:, :, start:stop], v[:, :, start:stop]) for k, v in kv_from_cache(out.cache)]
-        self.assembly.put(chunk, kv)
+        self.assembly.put(chunk, prefill_chunk(self.model, self.token_ids[start:stop], self.assembly.prefix(chunk)))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -270,9 +275,9 @@ def answer(model: Any, kv: KV, prompt_ids: Sequence[int], *, max_new_tokens: int
            ) -> tuple[list[int], Any, float]:
     """Greedy continuation of `prompt_ids` after the context `kv`: the new token ids, the first step's logits
     (``[vocab]``) and the seconds to the first token (the prompt's prefill on the loaded cache)."""
-    dtype = next(model.parameters()).dtype
-    cache = cache_from_kv(kv, model.config, dtype=dtype)
-    ids = torch.as_tensor([list(prompt_ids)], dtype=torch.long)
+    param = next(model.parameters())
+    cache = cache_from_kv(kv, model.config, dtype=param.dtype)
+    ids = torch.as_tensor([list(prompt_ids)], dtype=torch.long, device=param.device)
     out_ids: list[int] = []
     first_logits = None
     t0 = time.perf_counter()
@@ -287,5 +292,5 @@ def answer(model: Any, kv: KV, prompt_ids: Sequence[int], *, max_new_tokens: int
             nxt = int(logits.argmax())
             out_ids.append(nxt)
             cache = out.cache
-            ids = torch.tensor([[nxt]], dtype=torch.long)
+            ids = torch.tensor([[nxt]], dtype=torch.long, device=param.device)
     return out_ids, first_logits, first_step_s
