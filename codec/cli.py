@@ -1,4 +1,5 @@
-"""`kvcast bench codec`, `kvcast eval codec`, `kvcast demo`, `kvcast calibrate`; `kvcast.cli` calls `register`.
+"""`kvcast bench codec`, `kvcast eval codec`, `kvcast eval demo`, `kvcast calibrate`; `kvcast.cli` calls
+`register`.
 
 Every default comes from `kvcast.codec.settings` or `kvcast.codec.bench.CodecBenchSettings`; conventions:
 `kvcast.clitools`.
@@ -232,7 +233,7 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> dic
 
     _demo = DemoSettings
 
-    @app.command("demo")
+    @evaluate.command("demo")
     def demo(
         out: Annotated[Path, typer.Option(help="Output folder.")] = _demo.out,
         tokens: Annotated[int, typer.Option(help="Context tokens.")] = _demo.context_tokens,
@@ -246,8 +247,8 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> dic
         tables: Annotated[Path | None, typer.Option(help=_TABLES_HELP)] = _demo.tables,
         threads: Annotated[int, typer.Option(help=_THREADS_HELP)] = _demo.threads,
     ) -> None:
-        """The main job on embedded defaults: a real passage's KV through every codec level on SmolLM2-135M (or
-        --model)."""
+        """One real passage's KV through every codec level on SmolLM2-135M (or --model): size, speed, agreement.
+        (kvcast demo runs the whole of kvcast.)"""
         from kvcast.codec.demo import run_demo
         from kvcast.codec.evaluate import EvalError
         from kvcast.codec.model import ModelUnavailable

@@ -14,7 +14,7 @@ import typer
 
 from kvcast.codec import cli as codec_cli
 from kvcast.streamer import cli as streamer_cli
-from kvcast.streamer import fetch_cli, serve_cli, store_cli, sweep_cli
+from kvcast.streamer import demo_cli, fetch_cli, serve_cli, store_cli, sweep_cli
 from kvcast.traces import cli as traces_cli
 
 app = typer.Typer(help="kvcast: KV-cache codec, streaming engine, network simulation and controllers.",
@@ -26,7 +26,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(eval_app, name="eval")
 
 _groups = {}
-for _part in (traces_cli, codec_cli, streamer_cli, sweep_cli, store_cli, serve_cli):
+for _part in (traces_cli, codec_cli, streamer_cli, sweep_cli, store_cli, serve_cli, demo_cli):
     _groups.update(_part.register(app=app, bench=bench_app, evaluate=eval_app) or {})
 app.command("fetch")(fetch_cli.fetch)
 _groups["calibrate"].command("host")(fetch_cli.calibrate_host)

@@ -166,11 +166,11 @@ def test_bench_and_codec_defaults_are_their_settings_defaults():
     from kvcast.traces.bench import TracesBenchSettings
 
     for path, settings in ((("bench", "sim"), SimBenchSettings()), (("bench", "mpc"), MpcBenchSettings()),
-                           (("bench", "codec"), CodecBenchSettings()), (("demo",), DemoSettings()),
+                           (("bench", "codec"), CodecBenchSettings()), (("eval", "demo"), DemoSettings()),
                            (("calibrate",), CalibrateSettings())):
         params = _params(*path)
         for name, value in vars(settings).items():
-            cli = {"context_tokens": "tokens"}.get(name, name) if path == ("demo",) else name
+            cli = {"context_tokens": "tokens"}.get(name, name) if path == ("eval", "demo") else name
             if cli in params and not isinstance(value, tuple) and value is not None:
                 assert params[cli].default == value, (path, name)
     assert _params("bench", "sim")["sweep_policies"].default == ",".join(SimBenchSettings.sweep_policies)

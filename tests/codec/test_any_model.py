@@ -1,4 +1,4 @@
-"""`kvcast calibrate`, `kvcast eval codec` and `kvcast demo` on models other than SmolLM2 (``--model DIR``).
+"""`kvcast calibrate`, `kvcast eval codec` and `kvcast eval demo` on models other than SmolLM2 (``--model DIR``).
 
 Tiny random Qwen2 and Gemma models with a byte-level tokenizer (`tests.factories.save_tiny_model`), run through
 the real CLI in-process: calibrate writes a table named after the model that fits it and drives the kvcast-*
@@ -109,7 +109,7 @@ def test_eval_codec_skips_kvcast_levels_without_a_table_and_uses_tables(setup, t
 
 def test_demo_runs_on_the_model_and_skips_kvcast_levels(setup, tmp_path):
     out = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", "--model", str(setup["models"]["gemma"]), "--tokens", "64",
+    result = CliRunner().invoke(app, ["eval", "demo", "--model", str(setup["models"]["gemma"]), "--tokens", "64",
                                       "--next-tokens", "8", "--levels", "raw,int8,kvcast-1", "--text-file",
                                       str(setup["text"]), "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -122,7 +122,7 @@ def test_demo_runs_on_the_model_and_skips_kvcast_levels(setup, tmp_path):
 @pytest.mark.parametrize("command", [
     ["calibrate", *SMALL],
     ["eval", "codec", *SMALL, "--levels", "raw", "--baselines", ""],
-    ["demo", "--tokens", "64", "--next-tokens", "8", "--levels", "raw"],
+    ["eval", "demo", "--tokens", "64", "--next-tokens", "8", "--levels", "raw"],
 ])
 def test_a_missing_model_exits_2_naming_it(setup, command, tmp_path):
     missing = tmp_path / "no-such-model"

