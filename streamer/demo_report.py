@@ -143,8 +143,8 @@ def build_document(results: dict[str, Any], plots: dict[str, Path], out: Path) -
         f"Every context of the run ({len(results['contexts'])}), stored in {config['chunk_tokens']}-token chunks at "
         f"every level, loaded over a constant {m['gbps']:g} Gbps link ({config['live_rtt_ms']:g} ms RTT) with this "
         f"host's measured decode and prefill costs (`kvcast calibrate host`'s measurement: {model['name']} on this "
-        f"CPU), SLO {m['slo_s']:g} s; one simulated session per method and context. KV size: bytes loaded against fetching "
-        "every chunk at int8; TTFT: mean over the contexts, against text recompute and int8 fetch on the same link. "
+        f"CPU), SLO {m['slo_s']:g} s; one simulated session per method and context. KV size: bytes loaded against "
+        "fetching every chunk at int8; TTFT: mean over the contexts, against text recompute and int8 fetch on the same link. "
         "Quality is measured on the real model with each session's actions applied to the stored objects (text chunks "
         "recomputed over the chunks before them): ΔPPL, top-1 agreement and KL per token of the continuation against "
         "the exact cache (passages), line-retrieval accuracy and agreement with the exact cache's answer (questions).")
