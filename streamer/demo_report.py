@@ -140,14 +140,15 @@ def build_document(results: dict[str, Any], plots: dict[str, Path], out: Path) -
     doc.heading("Headline: CacheGen's comparison, measured on this host")
     m = head["measured"]
     doc.paragraph(
-        f"Every context of the run ({len(results['contexts'])}), stored in {config['chunk_tokens']}-token chunks at "
-        f"every level, loaded over a constant {m['gbps']:g} Gbps link ({config['live_rtt_ms']:g} ms RTT) with this "
-        f"host's measured decode and prefill costs (`kvcast calibrate host`'s measurement: {model['name']} on this "
-        f"CPU), SLO {m['slo_s']:g} s; one simulated session per method and context. KV size: bytes loaded against "
-        "fetching every chunk at int8; TTFT: mean over the contexts, against text recompute and int8 fetch on the same link. "
-        "Quality is measured on the real model with each session's actions applied to the stored objects (text chunks "
-        "recomputed over the chunks before them): ΔPPL, top-1 agreement and KL per token of the continuation against "
-        "the exact cache (passages), line-retrieval accuracy and agreement with the exact cache's answer (questions).")
+        f"Every context of the run ({len(results['contexts'])}), stored in {config['chunk_tokens']}-token chunks "
+        f"at every level, loaded over a constant {m['gbps']:g} Gbps link ({config['live_rtt_ms']:g} ms RTT) with "
+        f"this host's measured decode and prefill costs (`kvcast calibrate host`'s measurement: {model['name']} on "
+        f"this CPU), SLO {m['slo_s']:g} s; one simulated session per method and context. KV size: bytes loaded "
+        "against fetching every chunk at int8; TTFT: mean over the contexts, against text recompute and int8 fetch "
+        "on the same link. Quality is measured on the real model with each session's actions applied to the stored "
+        "objects (text chunks recomputed over the chunks before them): ΔPPL, top-1 agreement and KL per token of the "
+        "continuation against the exact cache (passages), line-retrieval accuracy and agreement with the exact "
+        "cache's answer (questions).")
     _headline_table(doc, m["rows"], scaled=False)
     for gpu, table in head["scaled"].items():
         doc.heading(f"Headline, scaled: a Mistral-7B-sized deployment on the {gpu.upper()} cost model", 3)
