@@ -73,13 +73,14 @@ class DemoConfig:
     threads: int = 1
     """torch threads (0: torch's default). One leaves a core to the coder processes and the server."""
     text_contexts: int = 3
-    """Passages whose continuation is scored (perplexity change, top-1 agreement, KL)."""
+    """Passages whose continuation is scored (perplexity change, top-1 agreement, KL); at least one."""
     context_tokens: int = 2048
     """Tokens of each passage's context."""
     next_tokens: int = 128
     """Continuation tokens scored on each passage's (decoded) cache, teacher-forced."""
-    qa_contexts: int = 2
-    """Line-retrieval cases (LongChat's ``lines`` task) answered on each cache."""
+    qa_contexts: int = 4
+    """Line-retrieval cases (LongChat's ``lines`` task) answered on each cache (0: none; the live run then continues
+    a passage)."""
     qa_lines: int = 40
     """Lines of each line-retrieval record (LongChat's 200-line records are cut to this many around the asked
     line)."""
@@ -97,7 +98,7 @@ class DemoConfig:
     """TTFT target of the scaled deployment (simulation over the traces and the scaled headline table)."""
     contexts_per_trace: int = 10
     """Contexts per trace in the simulation."""
-    max_traces: int = 40
+    max_traces: int = 80
     """Traces simulated at most (taken in turn from each source folder)."""
     headline_gbps: float = 3.0
     """Bandwidth of the headline tables (a constant link), where TTFTs are compared."""
@@ -125,11 +126,11 @@ class DemoConfig:
     """Simulation worker processes (0: one per CPU)."""
 
     def __post_init__(self) -> None:
-        for key in ("text_contexts", "qa_contexts"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
-        if self.text_contexts + self.qa_contexts < 1:
-            raise ValueError("the demo needs at least one context (text_contexts + qa_contexts >= 1)")
+        if self.text_contexts < 1:
+            raise ValueError(f"text_contexts must be >= 1 (perplexity and the rate-distortion plot need a passage), "
+                             f"got {self.text_contexts}")
+        if self.qa_contexts < 0:
+            raise ValueError(f"qa_contexts must be >= 0, got {self.qa_contexts}")
         for key in ("context_tokens", "next_tokens", "qa_lines", "answer_tokens", "chunk_tokens",
                     "contexts_per_trace", "max_traces", "scaled_context_tokens", "host_repeats"):
             value = getattr(self, key)

@@ -132,8 +132,9 @@ def _text_contexts(config: DemoConfig, tokenizer: Any) -> tuple[list[DemoContext
                                     source=f"{path.name} at character {passage.char_offset:,}"))
     where = ("kvcast's generated encyclopedia (kvcast.codec.corpus, test split; no ../shared/datasets)" if generated
              else f"WikiText-2 test ({path})")
-    return contexts, f"{len(contexts)} passages of {config.context_tokens:,} tokens + {config.next_tokens} scored " \
-                     f"tokens from {where}", not generated
+    plural = "s" if len(contexts) != 1 else ""
+    return contexts, f"{len(contexts)} passage{plural} of {config.context_tokens:,} tokens + {config.next_tokens} " \
+                     f"scored tokens from {where}", not generated
 
 
 def _longchat_cases(path: Path, config: DemoConfig) -> list[tuple[str, str, str, str]]:
@@ -192,7 +193,7 @@ def _qa_contexts(config: DemoConfig, tokenizer: Any) -> tuple[list[DemoContext],
         contexts.append(DemoContext(f"qa-{i}", "qa", _encode(tokenizer, record), question=prompt,
                                     question_ids=_encode(tokenizer, prompt), expected_answer=expected,
                                     source=f"asks for line {name}"))
-    return contexts, f"{len(contexts)} questions from {where}", shared
+    return contexts, f"{len(contexts)} question{'s' if len(contexts) != 1 else ''} from {where}", shared
 
 
 def _traces(config: DemoConfig) -> tuple[list[Trace], str, bool]:

@@ -52,8 +52,9 @@ def size_target(levels: Sequence[dict[str, Any]], chunk_tokens: int, scaled_chun
     within = [r for r in levels if r.get("ppl_change") is not None and r["ppl_change"] <= PPL_LIMIT]
     candidates = [r for r in within if r["level"].startswith("kvcast-")]
     cg = max((r for r in within if r["level"].startswith("cachegen-")), key=ratio, default=None)
-    cg_text = (f"; CacheGen's best such level, {cg['level']}, is {ratio(cg):.2f}x ({ratio(cg, 'bits_per_value'):.2f}x)"
-               if cg else "; no CacheGen level stays within it")
+    cg_text = (f"; CacheGen's best such level, {cg['level']}, is {ratio(cg):.2f}x ({ratio(cg, 'bits_per_value'):.2f}x "
+               f"in {chunk_tokens}-token chunks) at {cg['ppl_change']:+.2%}" if cg else
+               "; no CacheGen level stays within it")
     if not candidates:
         if not any(r["level"].startswith("kvcast-") and r.get("ppl_change") is not None for r in levels):
             return {"id": "size", "target": target, "result": "no kvcast level's perplexity was measured (no text "
@@ -89,7 +90,9 @@ def ttft_target(tables: dict[str, list[HeadlineRow]], gbps: float) -> dict[str, 
         details[gpu] = {"policy": best.spec, "ttft_s": best.ttft_s, "text_ttft_s": by_spec["text"].ttft_s,
                         "int8_ttft_s": by_spec["fixed:int8"].ttft_s, "vs_text_x": best.ttft_vs_text_x,
                         "vs_int8_x": best.ttft_vs_int8_x, "met": met}
-        parts.append(f"{gpu}: {best.label} {best.ttft_s:.3f} s, {best.ttft_vs_text_x:.2f}x vs text "
+        ppl = best.quality.get("ppl_change")
+        at = "" if ppl is None else f" at {ppl:+.2%} perplexity"
+        parts.append(f"{gpu}: {best.label} {best.ttft_s:.3f} s{at}, {best.ttft_vs_text_x:.2f}x vs text "
                      f"({by_spec['text'].ttft_s:.3f} s) and {best.ttft_vs_int8_x:.2f}x vs int8 "
                      f"({by_spec['fixed:int8'].ttft_s:.3f} s): {'met' if met else 'missed'}")
     return {"id": "ttft", "target": target, "result": "; ".join(parts),

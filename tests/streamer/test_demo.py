@@ -47,7 +47,7 @@ def test_config_defaults_and_quick_preset():
     assert {p.split(":")[0] for p in DEMO_POLICIES if p != NEAR_LOSSLESS} == registered
 
 
-@pytest.mark.parametrize("change", [dict(text_contexts=0, qa_contexts=0), dict(chunk_tokens=0),
+@pytest.mark.parametrize("change", [dict(text_contexts=0), dict(qa_contexts=-1), dict(chunk_tokens=0),
                                     dict(headline_gbps=float("nan")), dict(host_positions=1),
                                     dict(baselines=("recent-x",)), dict(live_rtt_ms=-1.0), dict(policies=())])
 def test_config_rejects_bad_values(change):
