@@ -3,7 +3,7 @@ CLI reads the defaults without importing torch or numpy).
 
 The demo (`kvcast.streamer.demo.run_demo`) prefills real contexts on SmolLM2-135M, stores every chunk at every
 level, measures sizes and quality, simulates every built-in policy over traces, streams one context live through
-``kvcast serve`` and writes a report. `DemoConfig()` is the full run (about ten minutes on two shared cores);
+``kvcast serve`` and writes a report. `DemoConfig()` is the full run (about six minutes on two shared cores);
 `DemoConfig.quick()` the small one CI runs end to end (a few minutes).
 
 >>> DemoConfig().text_contexts, DemoConfig.quick().text_contexts

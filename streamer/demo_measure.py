@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -147,8 +147,7 @@ class ContextMeasurer:
             if all(a == TEXT for a in key[1]):  # every chunk recomputed from the exact prefix: the exact cache
                 exact = measured.exact
                 self._plans[key] = PlanQuality(sums=self._exact_sums(measured), answer=exact.answer,
-                                               correct=exact.correct, same_as_exact=True) \
-                    if measured.context.kind == "qa" else PlanQuality(sums=self._exact_sums(measured))
+                                               correct=exact.correct, same_as_exact=exact.same_as_exact)
             else:
                 self._plans[key] = self._score(measured, self._assemble(measured, key[1]))
         return self._plans[key]
@@ -226,8 +225,6 @@ class ContextMeasurer:
 def profile_with_measured_sizes(profile: Profile, bits_per_value: dict[str, float], note: str) -> Profile:
     """`profile` restricted to the levels of `bits_per_value`, each level's ``bits_per_value`` replaced by the
     measured one (sizes from this run, quality and speeds from `profile`); `note` is appended to its note."""
-    from dataclasses import replace
-
     rows = tuple(replace(row, bits_per_value=bits_per_value[row.level], bits_per_value_payload=None)
                  for row in profile.levels if row.level in bits_per_value)
     names = {r.level for r in rows}
