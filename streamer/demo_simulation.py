@@ -46,11 +46,13 @@ class TraceSimulation:
 
 def simulate_traces(traces: Sequence[Trace], profile: Profile, profile_path: Path, config: DemoConfig, out: Path,
                     on_trace: Callable[[int, int], None] | None = None) -> TraceSimulation:
-    """Simulate `config.policies` over `traces` with the profile at `profile_path` (`profile`, already loaded);
-    `on_trace(done, total)` after each trace."""
+    """Simulate `config.policies` over `traces` with the profile at `profile_path` (`profile`, already loaded;
+    a ``fixed:<level>`` whose level the run did not measure is left out); `on_trace(done, total)` after each
+    trace."""
     import time
 
-    named = [(name, resolve_spec(name, profile)) for name in config.policies]
+    named = [(name, resolve_spec(name, profile)) for name in config.policies
+             if not name.startswith("fixed:") or name.split(":", 1)[1] in profile.level_names]  # levels measured
     named = [(name, spec) for name, spec in named if spec is not None]
     label = {spec: name for name, spec in named}
     sim = SimulationConfig(policies=tuple(spec for _, spec in named), profile=str(profile_path),

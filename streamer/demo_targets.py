@@ -82,7 +82,7 @@ def ttft_target(tables: dict[str, list[HeadlineRow]], gbps: float) -> dict[str, 
         by_spec = {r.spec: r for r in rows}
         found = [by_spec[s] for s in _CONTROLLERS if s in by_spec]
         if not found or "text" not in by_spec or "fixed:int8" not in by_spec:
-            parts.append(f"{gpu}: not measured")
+            parts.append(f"{gpu}: not measured (the table needs text, int8 and a kvcast controller)")
             continue
         best = min(found, key=lambda r: r.ttft_s)
         met = (best.ttft_vs_text_x or 0) >= TTFT_TARGET_X and (best.ttft_vs_int8_x or 0) >= TTFT_TARGET_X
