@@ -209,6 +209,10 @@ def _notes(config: DemoConfig, results: dict[str, Any]) -> list[str]:
     if results.get("quick"):
         notes.append("`--quick`: one short passage and one question: the numbers show the mechanics, with wide "
                      "error; run `kvcast demo` for the full report.")
+    if not results["data"].get("shared_datasets", True):
+        notes.append("No datasets folder was found (`../shared/datasets` or `--datasets`): the passages are kvcast's "
+                     "generated corpus, whose templated sentences the model predicts far better than real prose, so "
+                     "the perplexity changes, and the size target that rests on them, are not established here.")
     if not results["data"]["real_traces"]:
         notes.append("No real traces were found (`../shared/traces` or `--traces`): the simulation ran on kvcast's "
                      "synthetic traces, so the SLO target, which names real traces, is not established here.")
@@ -357,7 +361,8 @@ def run_demo(config: DemoConfig, console: Any = None, *, quick: bool = False) ->
             results["targets"] = evaluate_targets(rows, scaled_rows, config.headline_gbps, simulation,
                                                   near_lossless_loss, data.real_traces,
                                                   chunk_tokens=config.chunk_tokens,
-                                                  scaled_chunk_tokens=SimulationConfig.chunk_tokens)
+                                                  scaled_chunk_tokens=SimulationConfig.chunk_tokens,
+                                                  real_text=data.shared_datasets)
             plots = write_plots(results, simulation.sessions, out, live.outputs.get("timeline"))
     machine["load_average_end"] = _load_average()
     results["notes"] = _notes(config, results)

@@ -36,10 +36,12 @@ TTFT_TARGET_X = 3.2
 _CONTROLLERS = ("mpc", "hybrid", NEAR_LOSSLESS)
 
 
-def size_target(levels: Sequence[dict[str, Any]], chunk_tokens: int, scaled_chunk_tokens: int) -> dict[str, Any]:
+def size_target(levels: Sequence[dict[str, Any]], chunk_tokens: int, scaled_chunk_tokens: int,
+                real_text: bool = True) -> dict[str, Any]:
     """Target 1 from the run's per-level rows (``level``, ``bits_per_value``, ``bits_per_value_scaled``,
     ``ppl_change``): decided on objects of the deployment's `scaled_chunk_tokens` tokens, the run's own
-    `chunk_tokens`-token objects reported beside."""
+    `chunk_tokens`-token objects reported beside. Without `real_text` (kvcast's generated corpus, whose templated
+    sentences the model predicts far better than real prose) the result says the target is not established."""
     by_level = {r["level"]: r for r in levels}
     target = (f"kvcast's best level >= {SIZE_TARGET_X}x smaller than 8-bit (int8) at <= {PPL_LIMIT:.0%} perplexity "
               "increase")
@@ -63,10 +65,12 @@ def size_target(levels: Sequence[dict[str, Any]], chunk_tokens: int, scaled_chun
                 "result": f"no kvcast level stays within {PPL_LIMIT:.0%} perplexity increase on this run" + cg_text}
     best = max(candidates, key=ratio)
     x = ratio(best)
-    return {"id": "size", "target": target, "met": x >= SIZE_TARGET_X,
+    caveat = "" if real_text else (" (on kvcast's generated corpus, templated text the model predicts far better "
+                                   "than real prose: not established for real text)")
+    return {"id": "size", "target": target, "met": x >= SIZE_TARGET_X, "real_text": real_text,
             "result": f"{best['level']}: {x:.2f}x smaller than int8 in {scaled_chunk_tokens:,}-token objects "
                       f"({ratio(best, 'bits_per_value'):.2f}x in this run's {chunk_tokens}-token chunks) at "
-                      f"{best['ppl_change']:+.2%} perplexity" + cg_text,
+                      f"{best['ppl_change']:+.2%} perplexity" + cg_text + caveat,
             "details": {"level": best["level"], "x_smaller_than_int8": x,
                         "x_smaller_than_int8_run_chunks": ratio(best, "bits_per_value"),
                         "ppl_change": best["ppl_change"], "cachegen_level": cg["level"] if cg else None,
@@ -136,6 +140,6 @@ def slo_target(simulation: TraceSimulation, near_lossless_loss: float | None, re
 
 def evaluate_targets(levels: Sequence[dict[str, Any]], scaled: dict[str, list[HeadlineRow]], gbps: float,
                      simulation: TraceSimulation, near_lossless_loss: float | None, real_traces: bool, *,
-                     chunk_tokens: int, scaled_chunk_tokens: int) -> list[dict[str, Any]]:
-    return [size_target(levels, chunk_tokens, scaled_chunk_tokens), ttft_target(scaled, gbps),
+                     chunk_tokens: int, scaled_chunk_tokens: int, real_text: bool = True) -> list[dict[str, Any]]:
+    return [size_target(levels, chunk_tokens, scaled_chunk_tokens, real_text), ttft_target(scaled, gbps),
             slo_target(simulation, near_lossless_loss, real_traces)]

@@ -229,6 +229,9 @@ def test_size_target_takes_the_smallest_kvcast_level_within_one_percent():
     t = size_target(rows, 256, 1536)
     assert t["met"] is True and t["details"]["level"] == "kvcast-2"
     assert size_target([r for r in rows if r["level"] != "int8"], 256, 1536)["met"] is None
+    generated = size_target(rows, 256, 1536, real_text=False)  # kvcast's generated corpus: said, not hidden
+    assert generated["real_text"] is False and "not established for real text" in generated["result"]
+    assert "generated corpus" not in t["result"]
 
 
 def _row(spec, ttft, label=None):
