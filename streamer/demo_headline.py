@@ -19,7 +19,7 @@ context's chunks by relative position (`map_actions`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,6 +143,18 @@ def _session_summary(sessions: Sequence[SessionResult]) -> tuple[float, float, f
             sum(s.text_chunks for s in sessions) / chunks if chunks else 0.0)
 
 
+def _runnable_specs(profile: Profile, on_row: Any = None) -> Iterator[tuple[str, str, str, str]]:
+    """(spec, label, family, the spec to create) of each headline method `profile` can run, calling
+    `on_row(label)` before each."""
+    for spec, label, family in headline_specs(profile.level_names):
+        policy_spec = resolve_spec(spec, profile)
+        if policy_spec is None:
+            continue
+        if on_row is not None:
+            on_row(label)
+        yield spec, label, family, policy_spec
+
+
 def host_table(measured: Sequence[MeasuredContext], host: HostProfile, profile: Profile, config: DemoConfig,
                registry: PolicyRegistry, measurer: ContextMeasurer, on_row: Any = None) -> list[HeadlineRow]:
     """The measured table: per method, one session per context on this host's menus at the headline bandwidth,
@@ -150,12 +162,7 @@ def host_table(measured: Sequence[MeasuredContext], host: HostProfile, profile: 
     trace = constant_trace(config.headline_gbps)
     menus = {m.context_id: live_menus(m.manifest, host) for m in measured}
     rows = []
-    for spec, label, family in headline_specs(profile.level_names):
-        policy_spec = resolve_spec(spec, profile)
-        if policy_spec is None:
-            continue
-        if on_row is not None:
-            on_row(label)
+    for spec, label, family, policy_spec in _runnable_specs(profile, on_row):
         sessions, parts = [], []
         for m in measured:
             session = simulate_session(registry.create(policy_spec), menus[m.context_id], trace,
@@ -181,12 +188,7 @@ def scaled_table(measured: Sequence[MeasuredContext], profile: Profile, config: 
     trace = constant_trace(config.headline_gbps)
     ratio = sim.resolved_lossy_prefix_ratio(profile)
     rows = []
-    for spec, label, family in headline_specs(profile.level_names):
-        policy_spec = resolve_spec(spec, profile)
-        if policy_spec is None:
-            continue
-        if on_row is not None:
-            on_row(label)
+    for spec, label, family, policy_spec in _runnable_specs(profile, on_row):
         session = simulate_session(registry.create(policy_spec), menus, trace, slo_s=config.slo_s, rtt_s=sim.rtt_s,
                                    efficiency=sim.efficiency, overhead_bytes=sim.overhead_bytes,
                                    prior_throughput_bps=trace.mean_bps, label=spec, lossy_prefix_ratio=ratio)
