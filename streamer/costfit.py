@@ -35,7 +35,8 @@ def nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Exact non-negative least squares ``argmin_{x >= 0} |a x - y|`` for a few columns.
 
     The optimum is the unconstrained least-squares solution on its own support, so trying every support
-    (2^n of them; n = 3 here) and keeping the best feasible one is exact. Columns are normalised first."""
+    (2^n of them; n = 3 here) and keeping the best feasible one is exact. Columns are normalised first; a
+    support whose coefficients overflow once unscaled (a column of subnormal values) is not a solution."""
     a = np.asarray(a, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if a.ndim != 2 or y.shape != (a.shape[0],):
@@ -59,10 +60,14 @@ def nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
                 continue
             x = np.zeros(n)
             x[cols] = sol
+            with np.errstate(over="ignore"):
+                unscaled = x / norms
+            if not np.isfinite(unscaled).all():
+                continue  # a near-zero column would need a coefficient beyond float range: not a solution
             r = float(np.sum((an @ x - y) ** 2))
             if r < best_r * (1 - 1e-12):
-                best_x, best_r = x, r
-    return best_x / norms
+                best_x, best_r = unscaled, r
+    return best_x
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tests.factories import REPO_ROOT
@@ -39,12 +39,15 @@ finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False)
 @given(st.integers(3, 12).flatmap(lambda m: st.tuples(
     st.lists(st.lists(finite, min_size=3, max_size=3), min_size=m, max_size=m),
     st.lists(finite, min_size=m, max_size=m))))
+# Columns of subnormal values: their least-squares coefficient overflows to inf once unscaled.
+@example(([[-1.1125369292536007e-308, 1.0, 1.0]] * 5, [0.0, 0.0, 0.0, 0.0, -10.0]))
+@example(([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, -1.1125369292536007e-308]], [0.0, 0.0, -2.0]))
 def test_nnls_satisfies_the_optimality_conditions(data):
     a, y = (np.array(v, dtype=float) for v in data)
     x = cal.nnls(a, y)
     grad = a.T @ (a @ x - y)
     scale = 1e-6 * (1 + np.abs(a).sum() * (1 + np.abs(y).sum() + np.abs(a @ x).sum()))  # float round-off of the solver
-    assert (x >= 0).all()
+    assert np.isfinite(x).all() and (x >= 0).all()
     assert (grad >= -scale).all()  # no descent direction into the feasible set
     assert np.all(np.abs(x * grad) <= scale * (1 + np.abs(x)))  # complementary slackness
 
