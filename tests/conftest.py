@@ -6,10 +6,19 @@ Shared plain helpers (test data, test policies, paths) are in `tests.factories`.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
+from hypothesis import settings
 
 from tests.factories import SHARED_DIR
+
+# Hypothesis profiles: "dev" (the default) explores new random examples on every run, which is how new bugs are
+# found; "ci" (`.ci/run` sets HYPOTHESIS_PROFILE=ci) draws the same examples on every run of the same code, so a
+# CI verdict can be reproduced exactly. Failing cases found in development are pinned with @example.
+settings.register_profile("dev")
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
