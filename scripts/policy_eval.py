@@ -144,8 +144,7 @@ def comparisons() -> list[tuple[str, str, str, str]]:
             p = f"kvcast/{ttft_policy(planner, budget)}"
             for ref in ("kvcast/text", "kvcast/cake", "kvcast/cake:inflight=1", "kvcast/cake-cachegen",
                         f"cachegen/{ttft_policy(planner, budget)}"):
-                rows.append((f"least TTFT, budget {budget:g}", f"{p.split('/')[1].split(':')[0]} ({budget:g}) - {ref}",
-                             p, ref))
+                rows.append((f"least TTFT, budget {budget:g}", f"{planner} ({budget:g}) - {ref}", p, ref))
     return rows
 
 
@@ -178,9 +177,8 @@ def load_sessions(out: Path) -> tuple[dict[str, list[dict]], dict[str, dict]]:
     for menu in MENUS:
         summary = json.loads((out / menu / "summary.json").read_text())
         for point in summary["points"]:
-            values.setdefault(point["point"], point["values"] | {"on_axes": point["on_axes"]})
-            assert json.dumps(values[point["point"]] | {"on_axes": None}, sort_keys=True) == json.dumps(
-                point["values"] | {"on_axes": None}, sort_keys=True), f"{menu}: point {point['point']} differs"
+            first = values.setdefault(point["point"], point["values"] | {"on_axes": point["on_axes"]})
+            assert first == point["values"] | {"on_axes": first["on_axes"]}, f"{menu}: point {point['point']} differs"
         with open(out / menu / "sessions.jsonl") as f:
             for line in f:
                 s = json.loads(line)
@@ -305,21 +303,22 @@ def plot(entries: list[dict], values: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = {"Cake's split (cake-cachegen - cachegen, CacheGen levels)": "cachegen/cake-cachegen|cachegen/cachegen",
-             "planning (hybrid - cake-cachegen, kvcast levels)": "kvcast/hybrid|kvcast/cake-cachegen",
-             "kvcast's levels (hybrid, kvcast - CacheGen levels)": "kvcast/hybrid|cachegen/hybrid",
-             "in all (kvcast hybrid - cachegen)": "kvcast/hybrid|cachegen/cachegen"}
+    lines = {"Cake's split (cake-cachegen - cachegen, CacheGen levels)":
+             ("cachegen/cake-cachegen", "cachegen/cachegen"),
+             "planning (hybrid - cake-cachegen, kvcast levels)": ("kvcast/hybrid", "kvcast/cake-cachegen"),
+             "kvcast's levels (hybrid, kvcast - CacheGen levels)": ("kvcast/hybrid", "cachegen/hybrid"),
+             "in all (kvcast hybrid - cachegen)": ("kvcast/hybrid", "cachegen/cachegen")}
     colors = ["tab:orange", "tab:blue", "tab:green", "black"]
     axes_present = [a for a in AXIS_KEYS if any(a in v["on_axes"] for v in values.values())]
     fig, grid = plt.subplots(2, len(axes_present), figsize=(3.2 * len(axes_present), 6.2), squeeze=False)
-    index = {(e["policy"] + "|" + e["reference"], e["point"]): e for e in entries}
+    index = {(e["policy"], e["reference"], e["point"]): e for e in entries}
     for col, axis in enumerate(axes_present):
         points = sorted((p for p, v in values.items() if axis in v["on_axes"]),
                         key=lambda p: _axis_value(values[p][axis]))
         xs = [_axis_value(values[p][axis]) for p in points]
-        for (label, key), color in zip(lines.items(), colors):
+        for (label, pair), color in zip(lines.items(), colors):
             for row, (field, scale) in enumerate((("violated", 100), ("quality_loss", 1))):
-                ds = [index[(key, p)][field] for p in points]
+                ds = [index[(*pair, p)][field] for p in points]
                 means = [d["mean"] * scale for d in ds]
                 lo = [(d["mean"] - d["ci95"][0]) * scale for d in ds]
                 hi = [(d["ci95"][1] - d["mean"]) * scale for d in ds]

@@ -397,13 +397,13 @@ def _check_config(config: Any) -> None:
     from kvcast.policies.registry import default_registry
     from kvcast.streamer.menus import build_menus
     from kvcast.streamer.simulate import simulate_session
-    from kvcast.traces.trace import Trace
+    from kvcast.traces.synthetic import constant
 
     registry = default_registry()
     profile = config.load_profile()
     menus = build_menus(profile, config.shape(), config.context_tokens[0], config.chunk_tokens,
                         config.recompute_cost(), levels=config.levels)
-    trace = Trace([0.0, 1e6], [config.mean_gbps[0] * 1e9])
+    trace = constant(config.mean_gbps[0] * 1e9)
     for spec in config.policies:
         try:
             simulate_session(registry.create(spec), menus, trace, slo_s=config.slo_s, rtt_s=config.rtt_s,

@@ -34,9 +34,9 @@ from kvcast.streamer.live import live_menus
 from kvcast.streamer.menus import ModelShape, build_menus, recompute_cost
 from kvcast.streamer.profile import Profile
 from kvcast.streamer.simulate import simulate_session
-from kvcast.traces.trace import Trace
+from kvcast.traces.synthetic import constant
 
-__all__ = ["HeadlineRow", "constant_trace", "headline_specs", "host_table", "map_actions", "plan_text", "resolve_spec",
+__all__ = ["HeadlineRow", "headline_specs", "host_table", "map_actions", "plan_text", "resolve_spec",
            "scaled_table"]
 
 
@@ -78,10 +78,6 @@ def resolve_spec(spec: str, profile: Profile) -> str | None:
 def headline_specs(levels: Sequence[str]) -> list[tuple[str, str, str]]:
     """The rows of `HEADLINE_ROWS` whose fixed level (if any) is among `levels`."""
     return [row for row in HEADLINE_ROWS if not row[0].startswith("fixed:") or row[0].split(":", 1)[1] in levels]
-
-
-def constant_trace(gbps: float) -> Trace:
-    return Trace([0.0, 1e6], [gbps * 1e9], name=f"constant {gbps:g} Gbps")
 
 
 def map_actions(scaled_actions: Sequence[str], scaled_tokens: int, scaled_chunk_tokens: int,
@@ -159,7 +155,7 @@ def host_table(measured: Sequence[MeasuredContext], host: HostProfile, profile: 
                registry: PolicyRegistry, measurer: ContextMeasurer, on_row: Any = None) -> list[HeadlineRow]:
     """The measured table: per method, one session per context on this host's menus at the headline bandwidth,
     its quality measured by applying its actions to that context."""
-    trace = constant_trace(config.headline_gbps)
+    trace = constant(config.headline_gbps * 1e9)
     menus = {m.context_id: live_menus(m.manifest, host) for m in measured}
     rows = []
     for spec, label, family, policy_spec in _runnable_specs(profile, on_row):
@@ -185,7 +181,7 @@ def scaled_table(measured: Sequence[MeasuredContext], profile: Profile, config: 
     shape = ModelShape.parse(config.scaled_model)
     menus = build_menus(profile, shape, config.scaled_context_tokens, sim.chunk_tokens,
                         recompute_cost(f"{gpu}/{config.scaled_model}"))
-    trace = constant_trace(config.headline_gbps)
+    trace = constant(config.headline_gbps * 1e9)
     ratio = sim.resolved_lossy_prefix_ratio(profile)
     rows = []
     for spec, label, family, policy_spec in _runnable_specs(profile, on_row):

@@ -26,6 +26,7 @@ from kvcast.streamer.config import SimulationConfig
 from kvcast.streamer.menus import build_menus, recompute_cost, resolve_levels, with_recompute_scale
 from kvcast.streamer.simulate import simulate_session
 from kvcast.streamer.sweep_config import RegimeSettings
+from kvcast.traces.synthetic import constant
 from kvcast.traces.trace import Trace
 
 __all__ = ["lossless_levels", "regime_map"]
@@ -71,7 +72,7 @@ def regime_map(settings: RegimeSettings, config: SimulationConfig) -> list[dict[
         every, near = menus_of(config.levels), menus_of(lossless)
         exact_menus = menus_of(("raw",)) if "raw" in lossless else None
         for gbps in settings.bandwidths_gbps:
-            trace = Trace([0.0, 1e6], [gbps * 1e9], name=f"constant {gbps:g} Gbps")
+            trace = constant(gbps * 1e9)
 
             def play(spec: str, menus: Any, slo_s: float, trace: Trace = trace) -> Any:
                 return simulate_session(registry.create(spec), menus, trace, slo_s=slo_s, rtt_s=config.rtt_s,

@@ -13,7 +13,7 @@ import numpy as np
 
 from kvcast.traces.trace import ChunkTrace, Trace
 
-__all__ = ["markov_on_off", "random_walk", "uniform_chunks"]
+__all__ = ["constant", "markov_on_off", "random_walk", "uniform_chunks"]
 
 SeedLike = int | np.random.Generator
 
@@ -42,6 +42,19 @@ def _non_negative(name: str, value: float) -> float:
     if not (0.0 <= value < math.inf):
         raise ValueError(f"{name} must be finite and >= 0, got {value}")
     return value
+
+
+def constant(bandwidth_bps: float, *, duration_s: float = 1e6, name: str = "") -> Trace:
+    """One bandwidth for `duration_s` (long enough for any session by default): a link with no variability, as
+    the regime map and the demo's headline tables use.
+
+    >>> constant(3e9).name, constant(3e9).mean_bps
+    ('constant 3 Gbps', 3000000000.0)
+    """
+    bandwidth_bps = _non_negative("bandwidth_bps", bandwidth_bps)
+    duration_s = _positive("duration_s", duration_s)
+    return Trace([0.0, duration_s], [bandwidth_bps], name=name or f"constant {bandwidth_bps / 1e9:g} Gbps",
+                 source=f"synthetic:constant(bandwidth_bps={bandwidth_bps:g})")
 
 
 def uniform_chunks(num_chunks: int, *, seed: SeedLike, low_bps: float = 0.1e9, high_bps: float = 10e9,
