@@ -7,7 +7,7 @@ and ``live/``):
 1. load the model (SmolLM2-135M-Instruct by default) and read the data (`kvcast.streamer.demo_data`: WikiText-2,
    LongChat and real traces from ``../shared`` when present, else kvcast's generated corpus and synthetic traces);
 2. measure this host's decode speed per level and prefill cost (`kvcast calibrate host`'s
-   `kvcast.streamer.host.measure_host_profile`);
+   `kvcast.streamer.host.measure_host_profile`), on the device the live step uses (the GPU where there is one);
 3. prefill each context once, store every chunk at every level (`kvcast store put`'s `put_context`) and measure
    each level's size and quality on the real model (`kvcast.streamer.demo_measure`);
 4. the headline tables (`kvcast.streamer.demo_headline`): CacheGen's comparison on this host, and scaled to a
@@ -289,9 +289,15 @@ def run_demo(config: DemoConfig, console: Any = None, *, quick: bool = False) ->
                 step.advance()
 
             positions = tuple(i * config.chunk_tokens for i in range(config.host_positions))
-            host, record = measure_host_profile(lm.model, fingerprint=fingerprint, levels=levels,
-                                                chunk_tokens=config.chunk_tokens, positions=positions,
-                                                repeats=config.host_repeats, progress=host_note)
+            # measured where the live step runs the model and decodes (`run_live`: the GPU where there is one)
+            live_device = "cuda" if torch.cuda.is_available() else "cpu"
+            lm.model.to(live_device)
+            try:
+                host, record = measure_host_profile(lm.model, fingerprint=fingerprint, levels=levels,
+                                                    chunk_tokens=config.chunk_tokens, positions=positions,
+                                                    repeats=config.host_repeats, progress=host_note)
+            finally:
+                lm.model.to("cpu")
             save_host_profile(record, data_dir / "host.json")
             results["host"] = {k: record[k] for k in ("decode_values_per_s", "skipped_levels", "chunk_tokens")}
             results["host"]["recompute"] = {k: v for k, v in record["recompute"].items() if k != "points"}

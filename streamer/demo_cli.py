@@ -52,6 +52,8 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
         threads: Annotated[int, typer.Option(help="torch threads (0: torch's default).")] = _DEMO.threads,
         workers: Annotated[int, typer.Option(help="Simulation worker processes (0: one per CPU).")] = _DEMO.workers,
         seed: Annotated[int, typer.Option(help="Seed of the questions, trace scaling and contexts.")] = _DEMO.seed,
+        live_policy: Annotated[str, typer.Option(help="Policy of the live step (a policy spec, e.g. fixed:kvcast-2 "
+                                                      "to stream every chunk at one level).")] = _DEMO.live_policy,
     ) -> None:
         """The whole of kvcast on real data: prefill contexts on SmolLM2-135M and store every chunk at every level,
         measure size and quality, simulate every policy over the traces, stream one context live through kvcast
@@ -61,7 +63,7 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> Non
 
         changes = dict(out=out, datasets=datasets, traces=tuple(traces) if traces else None, model=model,
                        levels=comma_list(levels) or None, headline_gbps=headline_gbps, slo_s=slo, threads=threads,
-                       workers=workers, seed=seed)
+                       workers=workers, seed=seed, live_policy=live_policy)
         if datasets is not None and not datasets.is_dir():
             fail(f"--datasets: {datasets} is not a folder")
         for path in traces or ():

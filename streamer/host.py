@@ -12,6 +12,10 @@ this host share one cost model. ``kvcast calibrate host`` measures it in about a
   on a cached prefix (as `kvcast.streamer.live.ModelCompute` does); ``kvcast.streamer.costfit`` fits
   ``c + a * len + b * len * (pos + len / 2)`` to the medians;
 * quality loss per level: the shipped codec profile's (measured on SmolLM2-135M), the estimate for any model.
+
+Both are measured on the model's device, as the live session runs there: on a CUDA device the objects decode on
+the GPU (`kvcast.streamer.live.CodecDecoder`) and every clock is read after the device is done
+(`wait_for_device`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from kvcast.streamer.costfit import fit_recompute_cost
 from kvcast.streamer.menus import RecomputeCost
 
 __all__ = ["HOST_PROFILE_FORMAT", "HostProfile", "HostProfileError", "load_host_profile", "measure_host_profile",
-           "save_host_profile"]
+           "save_host_profile", "wait_for_device"]
 
 HOST_PROFILE_FORMAT = "kvcast-host-profile/1"
 
@@ -51,6 +55,17 @@ class HostProfile:
         return values / self.decode_values_per_s.get(level, self.default_decode_values_per_s)
 
 
+def wait_for_device(device: Any) -> None:
+    """Return once the work queued on `device`'s current stream is done: CUDA runs kernels asynchronously, so a
+    clock read (or a completion reported to the engine) before this would miss the tail of the work. Nothing to
+    wait for on the CPU."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 class HostProfileError(ValueError):
     """A host profile file is malformed (the message names the file and the field)."""
 
@@ -59,7 +74,7 @@ def measure_host_profile(model: Any, *, fingerprint: Any = None, levels: Sequenc
                          chunk_tokens: int = 256, positions: Sequence[int] = (0, 512, 1024, 1536),
                          repeats: int = 3, seed: int = 0,
                          progress: Callable[[str], None] | None = None) -> tuple[HostProfile, dict[str, Any]]:
-    """Measure `model`'s prefill cost and the codec's decode speed on this machine.
+    """Measure `model`'s prefill cost and the codec's decode speed on this machine, on the model's device.
 
     Returns the profile and the JSON-ready record (`save_host_profile` writes it). Levels that cannot encode
     this model's KV (grid levels without a sensitivity table) are skipped and listed in the record.
@@ -77,22 +92,24 @@ def measure_host_profile(model: Any, *, fingerprint: Any = None, levels: Sequenc
     total = max(positions) + chunk_tokens
     vocab = int(model.config.vocab_size)
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (1, total), generator=g)
-    dtype = next(model.parameters()).dtype
+    param = next(model.parameters())
+    dtype, device = param.dtype, param.device
+    ids = torch.randint(0, vocab, (1, total), generator=g).to(device)
     with torch.no_grad():
         kv = kv_from_cache(model(ids, use_cache=True, logits_to_keep=1).cache)
+    host_kv = [(k.cpu(), v.cpu()) for k, v in kv]  # what a server encodes and stores
 
     decode_speed: dict[str, float] = {}
     skipped: dict[str, str] = {}
     # Every chunk of the context, as a stored context holds them: grid levels spend more bits near the context's
     # end, so one chunk would misstate a level's speed over a whole context.
     starts = range(0, total - chunk_tokens + 1, chunk_tokens)
+    chunks = [slice_kv(host_kv, s, s + chunk_tokens) for s in starts]
     codec.default_codec().pool.warm_up()
     for level in levels:
         try:
-            objects = [(codec.encode(slice_kv(kv, s, s + chunk_tokens), level, model=fingerprint, token_start=s,
-                                     context_end=total), kv_values(slice_kv(kv, s, s + chunk_tokens)))
-                       for s in starts]
+            objects = [(codec.encode(part, level, model=fingerprint, token_start=s, context_end=total),
+                        kv_values(part)) for s, part in zip(starts, chunks)]
         except CodecError as exc:
             skipped[level] = str(exc).split(";")[0]
             continue
@@ -100,7 +117,8 @@ def measure_host_profile(model: Any, *, fingerprint: Any = None, levels: Sequenc
         for _ in range(repeats + 1):  # the first round warms up
             t = time.perf_counter()
             for data, _values in objects:
-                codec.decode(data, dtype=dtype)
+                codec.decode(data, device=device, dtype=dtype)
+            wait_for_device(device)
             rounds.append(time.perf_counter() - t)
         decode_speed[level] = sum(v for _, v in objects) / statistics.median(rounds[1:])
         say(f"decode {level}: {decode_speed[level] / 1e6:.1f} M values/s")
@@ -115,6 +133,7 @@ def measure_host_profile(model: Any, *, fingerprint: Any = None, levels: Sequenc
                 t = time.perf_counter()
                 with torch.no_grad():
                     model(ids[:, pos:pos + length], cache=cache, use_cache=True, logits_to_keep=1)
+                wait_for_device(device)
                 times.append(time.perf_counter() - t)
             points.append((pos, length, statistics.median(times[1:])))
             say(f"prefill {length} tokens at {pos}: {points[-1][2] * 1e3:.1f} ms")
@@ -133,7 +152,9 @@ def measure_host_profile(model: Any, *, fingerprint: Any = None, levels: Sequenc
     record = {
         "format": HOST_PROFILE_FORMAT,
         "model": name,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "device": str(device),
+                    **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})},
         "measured_unix_s": time.time(),
         "chunk_tokens": chunk_tokens,
         "repeats": repeats,

@@ -32,7 +32,7 @@ from kvcast.codec.hf import KV, cache_from_kv, kv_from_cache, kv_tokens
 from kvcast.netsim.link import ChunkRequest, Link, TransferOutcome, TransferTiming
 from kvcast.policies.base import ChunkMenu, LevelOption, Policy
 from kvcast.streamer.engine import SessionResult, StreamingEngine
-from kvcast.streamer.host import HostProfile
+from kvcast.streamer.host import HostProfile, wait_for_device
 from kvcast.streamer.resources import Compute, Decoder, Done
 from kvcast.streamer.store import Manifest, Store, StoreError
 
@@ -83,14 +83,17 @@ class ContextAssembly:
 
 def prefill_chunk(model: Any, token_ids: Sequence[int] | torch.Tensor, prefix: KV | None) -> KV:
     """The KV of `token_ids` prefilled by `model` on the cache `prefix` (the KV of every token before them; None
-    at the context's start): what a chunk recomputed from its text holds, lossy prefix included."""
+    at the context's start): what a chunk recomputed from its text holds, lossy prefix included. Returns once the
+    model's device has computed it (`wait_for_device`), so a recompute is timed to its real end."""
     param = next(model.parameters())
     ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(1, -1).to(param.device)
     cache = None if prefix is None else cache_from_kv(prefix, model.config, dtype=param.dtype)
     start = 0 if prefix is None else kv_tokens(prefix)
     with torch.no_grad():
         out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
-    return [(k[:, :, start:], v[:, :, start:]) for k, v in kv_from_cache(out.cache)]
+    kv = [(k[:, :, start:], v[:, :, start:]) for k, v in kv_from_cache(out.cache)]
+    wait_for_device(param.device)
+    return kv
 
 
 def _concat(parts: Sequence[KV]) -> KV:
@@ -288,6 +291,7 @@ def answer(model: Any, kv: KV, prompt_ids: Sequence[int], *, max_new_tokens: int
             logits = out.logits[0, -1]
             if first_logits is None:
                 first_logits = logits.clone()
+                wait_for_device(param.device)  # the first token exists once the device has computed it
                 first_step_s = time.perf_counter() - t0
             nxt = int(logits.argmax())
             out_ids.append(nxt)

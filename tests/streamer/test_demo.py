@@ -67,6 +67,7 @@ def test_cli_defaults_are_the_config_defaults():
     assert params["out"] == c.out and params["model"] == c.model and params["threads"] == c.threads
     assert params["headline_gbps"] == c.headline_gbps and params["slo"] == c.slo_s and params["seed"] == c.seed
     assert params["quick"] is False and params["datasets"] is None and params["traces"] is None
+    assert params["live_policy"] == c.live_policy
 
 
 def test_cli_rejects_bad_input_before_any_work(tmp_path):
@@ -77,7 +78,8 @@ def test_cli_rejects_bad_input_before_any_work(tmp_path):
     for args, message in ((["--datasets", str(tmp_path / "none")], "is not a folder"),
                           (["--traces", str(tmp_path / "none")], "does not exist"),
                           (["--headline-gbps", "0"], "headline_gbps"),
-                          (["--levels", "nope"], "unknown level")):
+                          (["--levels", "nope"], "unknown level"),
+                          (["--live-policy", "nope"], "nope")):
         result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "out"), *args])
         assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "out" / "report.md").exists()

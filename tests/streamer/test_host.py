@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
+import torch
 
 from kvcast.streamer.host import HostProfileError, load_host_profile, measure_host_profile, save_host_profile
 from tests.factories import tiny_llama
@@ -67,3 +70,24 @@ def test_simulate_reads_the_host_profile(tmp_path):
     bad.write_text("{}")
     done = CliRunner().invoke(app, ["simulate", "--host-profile", str(bad), "--out", str(tmp_path / "x")])
     assert done.exit_code == 2 and "not a kvcast-host-profile/1" in done.output
+
+
+def test_every_timed_round_waits_for_the_models_device(monkeypatch):
+    """On a CUDA device kernels run asynchronously: each decode round and each prefill is timed to the device's
+    end (`wait_for_device`), which a slow stand-in makes visible on the CPU."""
+    import kvcast.streamer.host as host
+
+    waited = []
+
+    def slow_wait(device):
+        waited.append(device)
+        time.sleep(0.05)
+
+    monkeypatch.setattr(host, "wait_for_device", slow_wait)
+    model = tiny_llama(seed=1)
+    profile, record = measure_host_profile(model, levels=["raw"], chunk_tokens=32, positions=(0, 32), repeats=1)
+    assert set(waited) == {torch.device("cpu")} and record["machine"]["device"] == "cpu"
+    assert len(waited) == 2 + 2 * 2 * 2  # decode: warm-up + 1 round; prefill: 2 positions x 2 lengths x 2
+    values = 2 * 2 * 2 * 2 * 16 * 64  # K and V, 2 layers, 2 KV heads, 16 dims, 64 tokens in 2 chunks of 32
+    assert profile.decode_values_per_s["raw"] <= values / 0.05
+    assert all(p["seconds"] >= 0.05 for p in record["recompute"]["points"])

@@ -177,3 +177,59 @@ def test_assembly_refuses_a_prefix_with_holes_and_wrong_sizes(context):
         assembly.prefix(3)
     with pytest.raises(LiveError, match="expected 16"):
         assembly.put(1, slice_kv(kv, 0, 5))
+
+
+# --------------------------------------------------------------------------- CUDA: timed to the device's real end
+
+
+def slow_device(monkeypatch, seconds):
+    """Replace `wait_for_device` with one that takes `seconds` (a GPU still busy with queued kernels); returns
+    the devices it was asked to wait for."""
+    import kvcast.streamer.live as live
+
+    waited = []
+
+    def wait(device):
+        waited.append(device)
+        time.sleep(seconds)
+
+    monkeypatch.setattr(live, "wait_for_device", wait)
+    return waited
+
+
+def test_the_first_token_time_includes_waiting_for_the_device(model, context, monkeypatch):
+    ids, kv = context
+    waited = slow_device(monkeypatch, 0.2)
+    _, _, first_step_s = answer(model, kv, ids[-2:], max_new_tokens=3)
+    assert waited == [next(model.parameters()).device]  # once, for the first token
+    assert first_step_s >= 0.2
+
+
+def test_a_recompute_ends_when_the_device_is_done(model, context, monkeypatch):
+    ids, kv = context
+    store = MemoryStore()
+    manifest = store_context(store, "ctx", model, ids, kv)
+    waited = slow_device(monkeypatch, 0.2)
+    result = run(manifest, store, model, ids, default_registry().create("text"))
+    assert len(waited) == len(manifest.chunks)
+    for rec in result.session.chunks:
+        assert rec.action == TEXT and rec.recompute_end_s - rec.recompute_start_s >= 0.2
+
+
+def test_wait_for_device_synchronizes_the_current_cuda_stream_only(monkeypatch):
+    from kvcast.streamer.host import wait_for_device
+
+    synced = []
+
+    class Stream:
+        def __init__(self, device):
+            self.device = device
+
+        def synchronize(self):
+            synced.append(self.device)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    wait_for_device(torch.device("cpu"))
+    assert synced == []
+    wait_for_device(torch.device("cuda", 1))
+    assert synced == [torch.device("cuda", 1)]
