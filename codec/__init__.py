@@ -115,9 +115,11 @@ def encode(kv: KV, level: str, *, model: ModelFingerprint | None = None, token_s
 
 
 def decode(data: bytes | memoryview, device: Any = "cpu", dtype: Any = None, *,
-           expect_model: ModelFingerprint | None = None) -> KV:
-    """Decode an object made by `encode`; raises `CodecError` for corrupt, truncated or foreign data."""
-    return _default_codec().decode(data, device=device, dtype=dtype, expect_model=expect_model)
+           expect_model: ModelFingerprint | None = None, sensitivity: SensitivityTable | None = None) -> KV:
+    """Decode an object made by `encode`; raises `CodecError` for corrupt, truncated or foreign data.
+    `sensitivity`: the table a basis level was encoded with, where the codec's tables do not have it."""
+    return _default_codec().decode(data, device=device, dtype=dtype, expect_model=expect_model,
+                                   sensitivity=sensitivity)
 
 
 def inspect(data: bytes | memoryview) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from kvcast.codec.packing import FP16_MAX as _FP16_MAX
 from kvcast.codec.packing import pack_parts, split_payload, unpack_parts
 from kvcast.codec.pipeline import dequantize_absmax, quantize_absmax
 from kvcast.codec.pool import CoderPool
-from kvcast.codec.sensitivity import SensitivityTable, TableRegistry
+from kvcast.codec.sensitivity import SensitivityTable, TableRegistry, find_synthesis
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -200,7 +200,14 @@ class Codec:
         layers, heads, tokens, head_dim = shape
         channels = heads * head_dim
         sink_rows = max(0, min(tokens, spec.sink_tokens - token_start))
-        steps = channel_steps(table.channel_fisher(), spec.step)           # fp16 [2, L, C]
+        if spec.basis:
+            if table.basis is None:
+                raise CodecError(f"level {spec.name!r} codes in the sensitivity table's basis, and the table for "
+                                 f"{table.describe()} has none: recalibrate it (`kvcast calibrate`)")
+            steps = channel_steps(np.full((2, layers, channels), table.basis_scale), spec.step)  # one step
+            basis = torch.from_numpy(table.basis)                                           # [2, L, H, D, D]
+        else:
+            steps = channel_steps(table.channel_fisher(), spec.step)           # fp16 [2, L, C]
         keys = torch.stack([k[0] for k, _ in kv]).to(torch.float32).numpy() if spec.recency else None
         mult = token_multipliers(table, token_start, tokens, context_end, spec.recency, keys)
         params = {"sink_rows": sink_rows, "tokens_per_stream": spec.tokens_per_stream, "rounding": spec.rounding,
@@ -208,7 +215,10 @@ class Codec:
         calls = []
         for i in range(2):
             for layer in range(layers):
-                parts_meta, blob = pack_parts({"x": kv[layer][i][0], "steps": steps[i, layer], "multipliers": mult})
+                parts = {"x": kv[layer][i][0], "steps": steps[i, layer], "multipliers": mult}
+                if spec.basis:
+                    parts["basis"] = basis[i, layer]
+                parts_meta, blob = pack_parts(parts)
                 calls.append(({"op": "encode_grid", "parts": parts_meta, "params": params}, blob))
         results = self.pool.run(calls, total_symbols=2 * layers * tokens * channels)
         groups = [(reply, unpack_parts(reply["parts"], data)) for reply, data in results]
@@ -218,6 +228,8 @@ class Codec:
         header["grid"] = {"context_end": context_end, "sink_rows": sink_rows,
                           "tops": [[int(t) for t in reply["tops"]] for reply, _ in groups],
                           "raw_bits": [[int(b) for b in reply["raw_bits"]] for reply, _ in groups]}
+        if spec.basis:
+            header["grid"]["basis"] = table.basis_digest
         in_streams = spec.coder == "rans"  # format 2 keeps escaped values in their streams
         if not in_streams:
             header["grid"]["outliers"] = [int(p["outliers"].numel()) for _, p in groups]
@@ -237,7 +249,7 @@ class Codec:
         return pack(header, sections)
 
     def _decode_grid(self, h: dict[str, Any], sec, spec: LevelSpec, model: ModelFingerprint, tokens: int,
-                     out_dtype: torch.dtype, device) -> KV:
+                     out_dtype: torch.dtype, device, sensitivity: SensitivityTable | None = None) -> KV:
         layers, heads, dim = model.layers, model.kv_heads, model.head_dim
         p = parse_grid(h, sec, spec, model, tokens)
         offsets = np.concatenate([[0], np.cumsum(p.lengths)])
@@ -247,6 +259,7 @@ class Codec:
         dtype_name = str(out_dtype).removeprefix("torch.")
         steps, mult, means, sink, outliers = (torch.from_numpy(a.copy()) for a in (
             p.steps, p.multipliers, p.means, p.sink, p.outlier_values))
+        synthesis = torch.from_numpy(self.synthesis_for(h, model, sensitivity)) if spec.basis else None
         calls = []
         for gi in range(2 * layers):
             i, layer = divmod(gi, layers)
@@ -255,6 +268,8 @@ class Codec:
                      "classes": p.classes[i, layer], "cdf": p.cdfs[cdf_pos[gi]:cdf_pos[gi + 1]],
                      "sink": sink[i, layer], "outliers": outliers[out_pos[gi]:out_pos[gi + 1]],
                      "streams": p.payload[offsets[s0]:offsets[s1]]}
+            if synthesis is not None:
+                parts["synthesis"] = synthesis[i, layer]
             parts_meta, blob = pack_parts(parts)
             params = {"tops": p.tops[gi], "raw_bits": p.raw_bits[gi], "sink_rows": p.sink_rows, "heads": heads,
                       "tokens": tokens, "head_dim": dim, "tokens_per_stream": spec.tokens_per_stream,
@@ -267,12 +282,27 @@ class Codec:
         return [(ys[layer].unsqueeze(0).to(device), ys[layers + layer].unsqueeze(0).to(device))
                 for layer in range(layers)]
 
+    def synthesis_for(self, header: dict[str, Any], model: ModelFingerprint,
+                      sensitivity: SensitivityTable | None = None) -> np.ndarray:
+        """float32 ``[2, layers, kv_heads, head_dim, head_dim]``: the synthesis transforms of the basis an
+        object was coded in (its header's ``grid.basis`` digest): from `sensitivity`, one of the codec's tables,
+        or a flat table's identity (`kvcast.codec.sensitivity.find_synthesis`)."""
+        tables = [sensitivity] if sensitivity is not None else []
+        try:
+            return find_synthesis((header.get("grid") or {}).get("basis"),
+                                  (model.layers, model.kv_heads, model.head_dim), [*tables, *self.tables.tables()])
+        except CodecError as exc:
+            raise CodecError(f"{exc} (model {model.name!r}; tables searched: "
+                             f"{', '.join(str(f) for f in self.tables.folders) or 'none'})") from None
+
     # -- decode --------------------------------------------------------------------------------------
 
     def decode(self, data: bytes | memoryview, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               *, expect_model: ModelFingerprint | None = None) -> KV:
+               *, expect_model: ModelFingerprint | None = None, sensitivity: SensitivityTable | None = None) -> KV:
         """Decode an object to a KV list; `CodecError` for anything corrupt, truncated or mismatched. On a CUDA
-        `device`, format-2 entropy-coded objects decode on the GPU (`kvcast.codec.gpu`, bit-exact with the CPU)."""
+        `device`, format-2 entropy-coded objects decode on the GPU (`kvcast.codec.gpu`, bit-exact with the CPU;
+        a basis level's synthesis is one float32 matrix product per head there). `sensitivity`: the table a
+        basis level was encoded with, where the codec's tables (`Codec.tables`) do not have it."""
         obj = unpack(data)
         h = obj.header
         spec, model, tokens = header_basics(h)
@@ -289,9 +319,10 @@ class Codec:
         channels = heads * dim
         sec = obj.sections
         if spec.coder == "rans" and torch.device(device).type == "cuda":
-            return decode_batch([obj], device, out_dtype)[0]   # one launch, dequantization fused
+            return decode_batch([obj], device, out_dtype,   # one launch, dequantization fused
+                                synthesis=lambda digest: self.synthesis_for(h, model, sensitivity))[0]
         if spec.quantizer == "grid":
-            return self._decode_grid(h, sec, spec, model, tokens, out_dtype, device)
+            return self._decode_grid(h, sec, spec, model, tokens, out_dtype, device, sensitivity)
         if spec.quantizer == "fp16":
             values = section(sec, "values", "float16", (2, layers, heads, tokens, dim))
             x = torch.from_numpy(values.copy()).permute(0, 1, 3, 2, 4).reshape(2, layers, tokens, channels)

@@ -97,13 +97,13 @@ def bench_codec(settings: CodecBenchSettings = CodecBenchSettings()) -> dict[str
         pool.warm_up()
         for name in names:
             data = c.encode(kv, name, model=model, sensitivity=table)
-            c.decode(data)
+            c.decode(data, sensitivity=table)
             enc, dec = [], []
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 data = c.encode(kv, name, model=model, sensitivity=table)
                 t1 = time.perf_counter()
-                c.decode(data)
+                c.decode(data, sensitivity=table)
                 t2 = time.perf_counter()
                 enc.append(t1 - t0)
                 dec.append(t2 - t1)

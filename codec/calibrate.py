@@ -30,6 +30,7 @@ from kvcast.codec.sensitivity import (
     TABLES_DIR,
     SensitivityTable,
     binned,
+    fit_basis,
     profile_from_positions,
     score_profile,
     sink_scores,
@@ -48,7 +49,8 @@ def table_filename(name: str) -> str:
 
 def calibrate(model: Any, passages: list[torch.Tensor], *, name: str, context_tokens: int,
               continuation_tokens: int, sink_tokens: int = DEFAULT_SINK_TOKENS, seed: int = 0,
-              trim: float = DEFAULT_TRIM, source: str = "",
+              trim: float = DEFAULT_TRIM, basis_shrink: float = _CAL.basis_shrink,
+              long_passages: dict[int, list[torch.Tensor]] | None = None, source: str = "",
               progress: Callable[[str], None] | None = None) -> SensitivityTable:
     """The sensitivity table of `model` from `passages` (token ids ``[1, >= context + continuation]``).
 
@@ -56,26 +58,24 @@ def calibrate(model: Any, passages: list[torch.Tensor], *, name: str, context_to
     and its sink score (both binned profiles, fitted by alternation), ``F_c`` per channel from the squared
     gradients divided by ``w_t``. `trim`: the fraction of each passage's tokens that this model explains
     worst (largest Fisher / ``w_t``) left out of ``F_c``: a few such tokens would otherwise set every step.
+    The same tokens give each head's full Fisher matrix (whose diagonal is ``F_c``) and data covariance, from
+    which `kvcast.codec.sensitivity.fit_basis` makes the table's basis, `basis_shrink` its shrinkage.
+    `long_passages` (context length -> passages of that many tokens + the continuation) add the Fisher
+    correlations of those context lengths to the basis (averaged with this one's; the diagonal stays ``F_c``):
+    RoPE turns the queries with their absolute position, so a key basis fitted on one context length alone
+    does not hold for queries much further on.
     """
     fingerprint = fingerprint_from_config(model.config, name=name, dtype=model.dtype)
     layers, heads, dim = fingerprint.layers, fingerprint.kv_heads, fingerprint.head_dim
     sink_sum = torch.zeros(layers, heads, dim, dtype=torch.float64)
-    body_keys, body_grads = [], []
+    body_keys, body_grads, body_kv = [], [], []
     generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     for index, ids in enumerate(passages):
-        ctx = ids[:, :context_tokens]
-        fed = ids[:, context_tokens:context_tokens + continuation_tokens]
-        with torch.inference_mode():
-            kv = kv_from_cache(model(ctx, use_cache=True, logits_to_keep=1).cache)
-        leaves = [(k.clone().requires_grad_(True), v.clone().requires_grad_(True)) for k, v in kv]
-        cache = cache_from_kv(leaves, model.config, dtype=model.dtype)
-        with torch.enable_grad():
-            logp = torch.log_softmax(model(fed, cache=cache, use_cache=True).logits[0].float(), -1)
-            sampled = torch.multinomial(logp.detach().exp(), 1, generator=generator)
-            logp.gather(-1, sampled).sum().backward()
-        grads = torch.stack([torch.stack([k.grad[0], v.grad[0]]) for k, v in leaves], 1)  # [2, L, H, T, D]
-        body_grads.append((grads[:, :, :, sink_tokens:].float() ** 2).numpy())
+        kv, grads = _kv_and_gradients(model, ids, context_tokens, continuation_tokens, generator)
+        body_grads.append(grads[:, :, :, sink_tokens:].float().numpy())
+        body_kv.append(torch.stack([torch.stack([k[0] for k, _ in kv]), torch.stack([v[0] for _, v in kv])])[
+            :, :, :, sink_tokens:].float().numpy())                                     # [2, L, H, T, D]
         keys = torch.stack([k[0] for k, _ in kv])                                       # [L, H, T, D]
         sink_sum += torch.nn.functional.normalize(keys[:, :, 0].double(), dim=-1)
         body_keys.append(keys[:, :, sink_tokens:].float().numpy())
@@ -83,7 +83,7 @@ def calibrate(model: Any, passages: list[torch.Tensor], *, name: str, context_to
             progress(f"passage {index + 1}/{len(passages)} ({time.perf_counter() - started:.0f} s)")
     sink_key = (sink_sum / len(passages)).float().numpy()  # mean of unit vectors: shorter if they disagree
     scores = np.stack([sink_scores(k, sink_key) for k in body_keys])              # [passages, body]
-    fisher = np.stack([g.sum((0, 1, 2, 4), dtype=np.float64) for g in body_grads])  # per token
+    fisher = np.stack([np.square(g).sum((0, 1, 2, 4), dtype=np.float64) for g in body_grads])  # per token
     distance = np.arange(fisher.shape[1] - 1, -1, -1)
     # alternate: each profile is measured on the Fisher the other one leaves unexplained
     score_w = np.ones_like(fisher)
@@ -96,28 +96,101 @@ def calibrate(model: Any, passages: list[torch.Tensor], *, name: str, context_to
     # channels: Fisher per token divided by the token's modelled weight, so that F(t, c) ~ w_t * F_c
     token_w = dist_w[None, :] * score_w
     residual = fisher / token_w
-    channel_sum = np.zeros((2, layers, heads, dim))
+    matrix_sum = np.zeros((2, layers, heads, dim, dim))
+    covariance_sum = np.zeros((2, layers, heads, dim, dim))
     kept = 0
     for p, grads in enumerate(body_grads):
         keep = residual[p] <= np.quantile(residual[p], 1.0 - trim) if trim > 0 else np.ones(len(residual[p]), bool)
         kept += int(keep.sum())
-        channel_sum += np.einsum("klhtd,t->klhd", grads[:, :, :, keep], 1.0 / token_w[p, keep])
-    channel = channel_sum / (kept * continuation_tokens)
+        g = grads[:, :, :, keep].astype(np.float64) / np.sqrt(token_w[p, keep])[:, None]
+        matrix_sum += np.einsum("klhtd,klhte->klhde", g, g)
+        x = body_kv[p][:, :, :, keep].astype(np.float64)
+        x -= x.mean(3, keepdims=True)
+        covariance_sum += np.einsum("klhtd,klhte->klhde", x, x)
+    matrix = matrix_sum / (kept * continuation_tokens)      # full Fisher per head; its diagonal is F_c
+    channel = np.diagonal(matrix, axis1=-2, axis2=-1)
+    correlations, covariances = [_correlation(matrix)], [covariance_sum / kept]
+    # the keys' Fisher matrix depends on where the queries sit (RoPE turns them with their absolute position):
+    # passages of other context lengths give the basis the correlations of queries further on
+    for length, group in (long_passages or {}).items():
+        corr, cov = _long_context_matrices(model, group, length, continuation_tokens, sink_tokens, trim, generator,
+                                           edges, profile, sink_key, s_edges, s_profile)
+        correlations.append(corr)
+        covariances.append(cov)
+        if progress:
+            progress(f"basis: {len(group)} passages of {length} tokens ({time.perf_counter() - started:.0f} s)")
+    scale = np.sqrt(channel)
+    mixed = np.mean(correlations, axis=0) * scale[..., :, None] * scale[..., None, :]
+    basis, synthesis = fit_basis(mixed, np.mean(covariances, axis=0), basis_shrink)
     return SensitivityTable(
         model=fingerprint.to_dict(), kv_signature=fingerprint.kv_signature,
         key=channel[0].astype(np.float32), value=channel[1].astype(np.float32),
         distance_edges=edges, distance_profile=profile,
-        sink_key=sink_key, score_edges=s_edges, score_profile=s_profile,
+        sink_key=sink_key, score_edges=s_edges, score_profile=s_profile, basis=basis, synthesis=synthesis,
         meta={"source": source, "passages": len(passages), "context_tokens": context_tokens,
               "continuation_tokens": continuation_tokens, "sink_tokens": sink_tokens, "seed": seed, "trim": trim,
+              "basis_shrink": basis_shrink,
+              "basis_context_tokens": [context_tokens, *(long_passages or {})],
+              "basis_passages": [len(passages), *(len(v) for v in (long_passages or {}).values())],
               "estimator": "squared gradient of log p(sampled continuation token) w.r.t. the KV, per "
                            "continuation token",
               "seconds": round(time.perf_counter() - started, 1)})
 
 
+def _kv_and_gradients(model: Any, ids: torch.Tensor, context_tokens: int, continuation_tokens: int,
+                      generator: torch.Generator) -> tuple[list, torch.Tensor]:
+    """The context's KV and the gradient ``[2, L, H, T, D]`` of the log-likelihood of model-sampled
+    continuation tokens with respect to it."""
+    ctx = ids[:, :context_tokens]
+    fed = ids[:, context_tokens:context_tokens + continuation_tokens]
+    with torch.inference_mode():
+        kv = kv_from_cache(model(ctx, use_cache=True, logits_to_keep=1).cache)
+    leaves = [(k.clone().requires_grad_(True), v.clone().requires_grad_(True)) for k, v in kv]
+    cache = cache_from_kv(leaves, model.config, dtype=model.dtype)
+    with torch.enable_grad():
+        logp = torch.log_softmax(model(fed, cache=cache, use_cache=True).logits[0].float(), -1)
+        sampled = torch.multinomial(logp.detach().exp(), 1, generator=generator)
+        logp.gather(-1, sampled).sum().backward()
+    return kv, torch.stack([torch.stack([k.grad[0], v.grad[0]]) for k, v in leaves], 1)
+
+
+def _correlation(matrix: np.ndarray) -> np.ndarray:
+    d = np.sqrt(np.maximum(np.diagonal(matrix, axis1=-2, axis2=-1), 1e-300))
+    return matrix / d[..., :, None] / d[..., None, :]
+
+
+def _long_context_matrices(model: Any, passages: list[torch.Tensor], context_tokens: int, continuation_tokens: int,
+                           sink_tokens: int, trim: float, generator: torch.Generator, edges, profile, sink_key,
+                           s_edges, s_profile) -> tuple[np.ndarray, np.ndarray]:
+    """Fisher correlation matrices and data covariances per head from passages of `context_tokens`, with the
+    token weights of the profiles already fitted; one passage at a time (long contexts' gradients are large)."""
+    matrix_sum = covariance_sum = None
+    kept = 0
+    distance = np.arange(context_tokens - sink_tokens - 1, -1, -1)
+    for ids in passages:
+        kv, grads = _kv_and_gradients(model, ids, context_tokens, continuation_tokens, generator)
+        g = grads[:, :, :, sink_tokens:].double().numpy()
+        keys = torch.stack([k[0] for k, _ in kv])[:, :, sink_tokens:].float().numpy()
+        weight = binned(edges, profile, distance) * binned(s_edges, s_profile, sink_scores(keys, sink_key))
+        residual = np.square(g).sum((0, 1, 2, 4)) / weight
+        keep = residual <= np.quantile(residual, 1.0 - trim) if trim > 0 else np.ones(len(residual), bool)
+        kept += int(keep.sum())
+        g = g[:, :, :, keep] / np.sqrt(weight[keep])[:, None]
+        x = torch.stack([torch.stack([k[0] for k, _ in kv]), torch.stack([v[0] for _, v in kv])])[
+            :, :, :, sink_tokens:].double().numpy()[:, :, :, keep]
+        x -= x.mean(3, keepdims=True)
+        m, c = np.einsum("klhtd,klhte->klhde", g, g), np.einsum("klhtd,klhte->klhde", x, x)
+        matrix_sum = m if matrix_sum is None else matrix_sum + m
+        covariance_sum = c if covariance_sum is None else covariance_sum + c
+    return _correlation(matrix_sum), covariance_sum / kept
+
+
 def calibrate_model(model: str = _CAL.model, *, split: str = _CAL.split, passages: int = _CAL.passages,
                     context_tokens: int = _CAL.context_tokens, continuation_tokens: int = _CAL.continuation_tokens,
-                    trim: float = DEFAULT_TRIM, out_dir: Path | None = _CAL.out_dir,
+                    trim: float = DEFAULT_TRIM, basis_shrink: float = _CAL.basis_shrink,
+                    basis_long_tokens: tuple[int, ...] = _CAL.basis_long_tokens,
+                    basis_long_passages: int = _CAL.basis_long_passages,
+                    out_dir: Path | None = _CAL.out_dir,
                     datasets: Path | None = None, text_file: Path | None = None, progress: bool = True) -> Path:
     """Calibrate `model` (SmolLM2-135M-Instruct by default, else any causal-LM folder or hub id on this machine:
     `kvcast.codec.model.load_model`, which raises `ModelUnavailable`) on a WikiText-2 split (or a text file)
@@ -129,9 +202,17 @@ def calibrate_model(model: str = _CAL.model, *, split: str = _CAL.split, passage
     found = passages_from_text(read_text(source), loaded.tokenizer, passages,
                                context_tokens + continuation_tokens, source=str(source))
     note = (lambda msg: print(f"calibrate: {msg}", flush=True)) if progress else None
+    window = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 0)
+    long_passages = {}
+    for length in basis_long_tokens:
+        if basis_long_passages > 0 and length != context_tokens and (
+                not window or length + continuation_tokens <= window):
+            long_passages[length] = [p.token_ids for p in passages_from_text(
+                read_text(source), loaded.tokenizer, basis_long_passages, length + continuation_tokens,
+                source=str(source))]
     table = calibrate(loaded.model, [p.token_ids for p in found], name=loaded.name, context_tokens=context_tokens,
-                      continuation_tokens=continuation_tokens, trim=trim, source=f"{source.parent.name}/{source.name}",
-                      progress=note)
+                      continuation_tokens=continuation_tokens, trim=trim, basis_shrink=basis_shrink,
+                      long_passages=long_passages, source=f"{source.parent.name}/{source.name}", progress=note)
     return table.save(Path(TABLES_DIR if out_dir is None else out_dir) / table_filename(loaded.name))
 
 

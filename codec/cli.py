@@ -282,6 +282,16 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> dic
         trim: Annotated[float, typer.Option(
             help="Fraction of each passage's most sensitive tokens left out of the per-channel means "
                  "(secondary sinks).")] = _cal.trim,
+        basis_shrink: Annotated[float, typer.Option(
+            help="Shrinkage of each head's full Fisher matrix towards its diagonal before the basis of the "
+                 "kvcast-basis-* levels is fitted (0: trust the sample fully, 1: diagonal only).")]
+        = _cal.basis_shrink,
+        basis_long_tokens: Annotated[str, typer.Option(
+            help="Comma-separated longer context lengths whose Fisher correlations the basis also averages "
+                 "('' for none; lengths past the model's window are skipped).")]
+        = ",".join(str(n) for n in _cal.basis_long_tokens),
+        basis_long_passages: Annotated[int, typer.Option(help="Passages per longer context length.")]
+        = _cal.basis_long_passages,
         context_tokens: Annotated[int, typer.Option(help="Context tokens per passage.")]
         = _cal.context_tokens,
         continuation_tokens: Annotated[int, typer.Option(
@@ -308,8 +318,11 @@ def register(app: typer.Typer, bench: typer.Typer, evaluate: typer.Typer) -> dic
         _set_threads(threads)
         try:
             path = calibrate_model(model, split=split, passages=passages, context_tokens=context_tokens,
-                                   continuation_tokens=continuation_tokens, trim=trim, out_dir=out_dir,
-                                   datasets=datasets, text_file=text_file)
+                                   continuation_tokens=continuation_tokens, trim=trim, basis_shrink=basis_shrink,
+                                   basis_long_tokens=tuple(int(n) for n in basis_long_tokens.split(",")
+                                                           if n.strip()),
+                                   basis_long_passages=basis_long_passages, out_dir=out_dir, datasets=datasets,
+                                   text_file=text_file)
         except EvalError as exc:
             fail(str(exc), BAD_INPUT)
         except ModelUnavailable as exc:

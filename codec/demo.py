@@ -95,7 +95,8 @@ def run_demo(*, out: Path = _DEMO.out, context_tokens: int = _DEMO.context_token
             t0 = time.perf_counter()
             data = codec.encode(kv, level, model=fingerprint, sensitivity=plan.sensitivity(level))
             t1 = time.perf_counter()
-            decoded = codec.decode(data, dtype=torch.float32, expect_model=fingerprint)
+            decoded = codec.decode(data, dtype=torch.float32, expect_model=fingerprint,
+                                   sensitivity=plan.sensitivity(level))
             t2 = time.perf_counter()
             sums = QualitySums()
             sums.add(exact, continuation_logits(lm.model, decoded, fed), targets)

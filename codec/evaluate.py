@@ -426,7 +426,7 @@ def _score_level(row: _Row, kv: KV, fed: torch.Tensor, targets: torch.Tensor, ex
     t0 = time.perf_counter()
     data = codec.encode(kv, row.name, model=fingerprint, sensitivity=sensitivity)
     t1 = time.perf_counter()
-    decoded = codec.decode(data, dtype=torch.float32, expect_model=fingerprint)
+    decoded = codec.decode(data, dtype=torch.float32, expect_model=fingerprint, sensitivity=sensitivity)
     t2 = time.perf_counter()
     info = codec.inspect(data)
     values = int(info["values"])
@@ -461,7 +461,8 @@ def warm_up_levels(levels: Sequence[str], kv: KV, fingerprint: Any, table: Sensi
     codec.default_codec().pool.warm_up()
     part = slice_kv(kv, 0, min(16, kv_tokens(kv)))
     for level in levels:
-        codec.decode(codec.encode(part, level, model=fingerprint, sensitivity=_sensitivity(level, table)))
+        sensitivity = _sensitivity(level, table)
+        codec.decode(codec.encode(part, level, model=fingerprint, sensitivity=sensitivity), sensitivity=sensitivity)
 
 
 def _sensitivity(level: str, table: SensitivityTable | None) -> SensitivityTable | None:

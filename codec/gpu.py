@@ -17,8 +17,8 @@ header, never from the stream's bytes).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -27,12 +27,13 @@ import torch
 from kvcast.codec.container import Unpacked, unpack
 from kvcast.codec.errors import CodecError
 from kvcast.codec.extensions import CSRC, build_extension
-from kvcast.codec.grid import cdf_length, grid_geometry, parse_grid_streams
+from kvcast.codec.grid import cdf_length, grid_geometry, parse_grid_streams, per_head
 from kvcast.codec.header import CodedParts, GridParts, header_basics, parse_coded, parse_grid
 from kvcast.codec.packing import block_rows
 from kvcast.codec.pipeline import rans_geometry
 from kvcast.codec.rangecoder import check_cdf, iter_streams
 from kvcast.codec.rans import STATUS_MESSAGES, StreamGeometry, back_to_back, cum_tables, status_error
+from kvcast.codec.sensitivity import TableRegistry, find_synthesis
 
 STATE_LOW = 1 << 16
 LUT_BITS = 6
@@ -82,6 +83,9 @@ class Plan:
     half_levels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # absmax [G]
     anchors: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))    # delta [G, n_anchor, C]
     anchor_scale: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float16))  # delta [G, n_anchor]
+    basis: str | None = None                   # grid in a basis: its digest; `out_dtype` is then float32
+    final_dtype: torch.dtype | None = None     # the dtype asked for, where it differs from `out_dtype`
+    sink_rows: int = 0
 
     @property
     def groups(self) -> int:
@@ -123,7 +127,13 @@ def plan_batch(objects: Sequence[bytes | memoryview | Unpacked], dtype: torch.dt
         raise CodecError(f"unsupported output dtype {out_dtype}")
     if spec.quantizer == "grid":
         parts = [parse_grid(o.header, o.sections, spec, model, tokens) for o in unpacked]
-        return _plan_grid(parts, spec, model, tokens, out_dtype)
+        if not spec.basis:
+            return _plan_grid(parts, spec, model, tokens, out_dtype)
+        digests = {(o.header.get("grid") or {}).get("basis") for o in unpacked}
+        if len(digests) != 1:
+            raise CodecError("a GPU batch needs objects coded in one basis")
+        plan = _plan_grid(parts, spec, model, tokens, torch.float32)   # synthesis in float32, then the dtype
+        return replace(plan, basis=digests.pop(), final_dtype=out_dtype, sink_rows=parts[0].sink_rows)
     if spec.quantizer == "absmax_token":
         parts = [parse_coded(o.header, o.sections, spec, model, tokens) for o in unpacked]
         return _plan_absmax(parts, spec, model, tokens, out_dtype)
@@ -495,12 +505,32 @@ def upload_plan(plan: Plan, device: torch.device | str = "cuda") -> dict[str, An
 
 
 def decode_batch(objects: Sequence[bytes | memoryview | Unpacked], device: torch.device | str = "cuda",
-                 dtype: torch.dtype | None = None) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+                 dtype: torch.dtype | None = None, *,
+                 synthesis: Callable[[str], np.ndarray] | None = None) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     """Decode a batch of format-2 objects (one level, model shape and token count) on a CUDA device in one
-    launch; one KV list per object, views of one output tensor."""
+    launch; one KV list per object, views of one output tensor. Objects coded in a sensitivity basis take
+    `synthesis` (the basis digest -> its synthesis transforms; `Codec.synthesis_for` finds them), by default
+    from the shipped tables or a flat table's identity."""
     plan = plan_batch(objects, dtype)
     out = decode_plan_cuda(plan, device)
+    if plan.basis is not None:
+        if synthesis is None:   # the shipped tables (or a flat table's identity)
+            shape = (plan.layers, plan.heads, plan.head_dim)
+            synthesis = functools.partial(find_synthesis, shape=shape, tables=TableRegistry().tables())
+        out = synthesize(plan, out, torch.from_numpy(synthesis(plan.basis)).to(out.device))
     return split_kv(plan, out)
+
+
+def synthesize(plan: Plan, out: torch.Tensor, synthesis: torch.Tensor) -> torch.Tensor:
+    """The decoded basis components of a plan's non-sink tokens (float32 ``out``) back to keys and values:
+    per head ``x = synthesis[kv, layer, head] @ y``, then the dtype asked for."""
+    view = out.view(plan.objects, 2, plan.layers, plan.heads, plan.tokens, plan.head_dim)
+    n = plan.tokens - plan.sink_rows
+    for b, i, layer in np.ndindex(plan.objects, 2, plan.layers):   # as the CPU decoder does, group by group
+        body = view[b, i, layer, :, plan.sink_rows:].permute(1, 0, 2).reshape(n, plan.heads * plan.head_dim)
+        y = per_head(body, synthesis[i, layer]).reshape(n, plan.heads, plan.head_dim).permute(1, 0, 2)
+        view[b, i, layer, :, plan.sink_rows:] = y
+    return out.to(plan.final_dtype or out.dtype)
 
 
 def split_kv(plan: Plan, out: torch.Tensor) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:

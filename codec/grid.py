@@ -67,11 +67,22 @@ def grid_of(steps: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
     return multipliers.to(torch.float32).unsqueeze(1) * steps.to(torch.float32).unsqueeze(0)
 
 
+def per_head(rows: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """Rows ``[n, heads * head_dim]`` with each head's ``head_dim`` values multiplied by its matrix
+    (``[heads, head_dim, head_dim]``): ``out[n, h] = matrices[h] @ rows[n, h]``."""
+    heads, dim, _ = matrices.shape
+    n = rows.shape[0]
+    out = torch.einsum("hde,nhe->nhd", matrices.to(torch.float32), rows.reshape(n, heads, dim))
+    return out.reshape(n, heads * dim)
+
+
 def encode_grid_layer(x: torch.Tensor, steps: torch.Tensor, multipliers: torch.Tensor, *, sink_rows: int,
                       tokens_per_stream: int, rounding: float = 0.5, coder: str = "torchac", lane_symbols: int = 0,
-                      max_lanes: int = 32) -> dict[str, Any]:
+                      max_lanes: int = 32, basis: torch.Tensor | None = None) -> dict[str, Any]:
     """Encode one group ``[heads, tokens, head_dim]`` with fp16 `steps` ``[channels]`` and `multipliers`
-    ``[tokens]``. `rounding` 0.5 rounds to nearest; less widens the zero bin (a dead zone)."""
+    ``[tokens]``. `rounding` 0.5 rounds to nearest; less widens the zero bin (a dead zone). With a `basis`
+    ``[heads, head_dim, head_dim]``, the non-sink tokens are coded as ``y = basis[h] @ x`` per head (the
+    channels are then the basis components)."""
     heads, tokens, dim = x.shape
     channels = heads * dim
     x = x.to(torch.float32).permute(1, 0, 2).reshape(tokens, channels)
@@ -82,6 +93,12 @@ def encode_grid_layer(x: torch.Tensor, steps: torch.Tensor, multipliers: torch.T
     if peak > FP16_MAX:
         raise CodecError("KV values exceed the fp16 range")
     body = x[sink_rows:]
+    if basis is not None:
+        if tuple(basis.shape) != (heads, dim, dim):
+            raise CodecError(f"grid basis is {tuple(basis.shape)}, expected {(heads, dim, dim)}")
+        body = per_head(body, basis)
+        if body.numel() and float(body.abs().max()) > FP16_MAX:
+            raise CodecError("KV values in the basis exceed the fp16 range")
     n = body.shape[0]
     mean = (body.mean(0) if n else torch.zeros(channels)).to(torch.float16)
     u = (body - mean.to(torch.float32)).div_(grid_of(steps, multipliers)[sink_rows:])
@@ -414,6 +431,11 @@ def decode_grid_layer(parts: dict[str, Any], *, tops: list[int], raw_bits: list[
             raise CodecError(f"grid group: {n_escaped} escaped symbols but {outliers.numel()} stored outliers")
         if n_escaped:
             body[escaped] = outliers.to(torch.float32)
+    synthesis = parts.get("synthesis")
+    if synthesis is not None:
+        if tuple(synthesis.shape) != (heads, head_dim, head_dim):
+            raise CodecError("grid group: the synthesis transform has the wrong shape")
+        body = per_head(body, synthesis)
     x = torch.cat([sink.to(torch.float32), body]) if sink_rows else body
     return x.reshape(tokens, heads, head_dim).permute(1, 0, 2).to(out_dtype).contiguous()
 
@@ -443,7 +465,8 @@ def channel_steps(fisher: np.ndarray, step: float) -> torch.Tensor:
 
 def handle_encode_grid(meta: dict, blob: bytes) -> tuple[dict, bytes]:
     parts = unpack_parts(meta["parts"], blob)
-    res = encode_grid_layer(parts["x"], parts["steps"], parts["multipliers"], **meta["params"])
+    res = encode_grid_layer(parts["x"], parts["steps"], parts["multipliers"], basis=parts.get("basis"),
+                            **meta["params"])
     tops, raw_bits, lengths = res.pop("tops"), res.pop("raw_bits"), res.pop("lengths")
     parts_meta, out = pack_parts(res)
     return {"parts": parts_meta, "lengths": lengths, "tops": tops, "raw_bits": raw_bits}, out

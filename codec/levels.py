@@ -71,6 +71,10 @@ class LevelSpec:
     """``grid``: tokens at absolute positions below this are stored as fp16 (attention sinks)."""
     rounding: float = 0.5
     """``grid``: rounding offset; 0.5 rounds to nearest, less widens the zero bin."""
+    basis: bool = False
+    """``grid``: code each head's values in the sensitivity table's basis (`SensitivityTable.basis`,
+    ``y = A x`` per head, every component with the step ``lambda * m_t``) instead of per channel. The basis
+    stays in the table, not in the object: the object names it by digest, and a decoder needs that table."""
 
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
@@ -92,6 +96,8 @@ class LevelSpec:
                 raise CodecError(f"level {self.name!r}: grid needs an entropy coder, step > 0, 0 <= recency <= 2")
             if self.sink_tokens < 0 or not (0 < self.rounding <= 0.5) or self.delta_group:
                 raise CodecError(f"level {self.name!r}: grid needs sink_tokens >= 0, 0 < rounding <= 0.5, no deltas")
+        if self.basis and self.quantizer != "grid":
+            raise CodecError(f"level {self.name!r}: only grid levels code in a basis")
         if self.delta_group < 0 or (self.delta_group and self.coder not in ENTROPY_CODERS):
             raise CodecError(f"level {self.name!r}: delta coding needs an entropy coder")
         if self.tokens_per_stream < 1 or self.channels_per_stream < 1:
@@ -105,6 +111,8 @@ class LevelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if not self.basis:
+            del d["basis"]   # objects of levels without a basis keep the header (and bytes) they always had
         d["key_bins"] = [list(g) for g in self.key_bins]
         d["value_bins"] = [list(g) for g in self.value_bins]
         return d
@@ -176,8 +184,9 @@ def builtin_levels() -> list[LevelSpec]:
             error_bound=_ABSMAX_BOUND))
     levels.extend(grid_levels())
     # best quality first: top-1 agreement measured on SmolLM2, WikiText-2 test (docs/codec-experiments.md)
-    order = ["raw", "int8", "kvcast-4", "cachegen-delta-3", "kvcast-3", "cachegen-3", "cachegen-delta-2",
-             "cachegen-delta-1", "cachegen-2", "kvcast-2", "cachegen-1", "kvcast-1"]
+    order = ["raw", "int8", "kvcast-4", "kvcast-basis-3", "cachegen-delta-3", "kvcast-basis-2", "kvcast-3",
+             "cachegen-3", "kvcast-basis-1", "cachegen-delta-2", "cachegen-delta-1", "cachegen-2", "kvcast-2",
+             "cachegen-1", "kvcast-1"]
     by_name = {lv.name: lv for lv in levels}
     return [by_name[n] for n in order]
 
@@ -191,6 +200,14 @@ _GRID_LADDER = (
     ("kvcast-2", 7e-5, 0.5, "cachegen-2's quality or better"),
     ("kvcast-1", 1.2e-4, 0.5, "aggressive, ~80% top-1 agreement"),
 )
+_BASIS_BOUND = ("per head, |y - y'| <= step * m_t / 2 per component of y = A (x - mean), A the table's basis "
+                "(token multiplier shipped as fp16); sink tokens and escaped components are stored as fp16")
+# (name, lambda, token-weight strength, aim): coded in the table's sensitivity basis; docs/codec-experiments.md.
+_BASIS_LADDER = (
+    ("kvcast-basis-3", 2.5e-5, 1.0, "near kvcast-4's agreement at half its size"),
+    ("kvcast-basis-2", 4e-5, 1.0, "kvcast-3's quality in 23% fewer bits: 4.3x smaller than int8 on SmolLM2"),
+    ("kvcast-basis-1", 7e-5, 1.0, "about cachegen-3's KL in 35% of its bits"),
+)
 
 
 def grid_levels() -> list[LevelSpec]:
@@ -202,7 +219,15 @@ def grid_levels() -> list[LevelSpec]:
                      "modelled sensitivity (distance from the context's end x sink score), the first 4 tokens "
                      "at fp16, class-shared CDFs shipped per object, interleaved rANS coding, independent streams "
                      "per (256 tokens, class)."),
-        error_bound=_GRID_BOUND) for name, step, strength, aim in _GRID_LADDER]
+        error_bound=_GRID_BOUND) for name, step, strength, aim in _GRID_LADDER] + [LevelSpec(
+        name, "grid", coder="rans", step=step, recency=strength, sink_tokens=4, family="kvcast", basis=True,
+        description=(f"kvcast basis level ({aim}): each head's keys and values coded in the model table's "
+                     "sensitivity basis (its full Fisher matrix whitened, shrunk towards the diagonal, and the "
+                     f"whitened data's principal axes), one step lambda = {step:g} for every component, token "
+                     f"steps scaled by w_t^(-{strength:g}/2), the first 4 tokens at fp16, class-shared CDFs, "
+                     "interleaved rANS coding. The basis stays in the table (named by digest in the object): "
+                     "decoding needs the model's table."),
+        error_bound=_BASIS_BOUND) for name, step, strength, aim in _BASIS_LADDER]
 
 
 @dataclass

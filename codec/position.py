@@ -228,7 +228,8 @@ class _DocumentRun:
         n = self.settings.chunk_tokens
         data = codec.encode(self.exact_chunk(i), level, model=self.fingerprint, token_start=i * n,
                             context_end=self.settings.context_tokens, sensitivity=self.plan.sensitivity(level))
-        out = (codec.decode(data, dtype=torch.float32, expect_model=self.fingerprint), len(data))
+        out = (codec.decode(data, dtype=torch.float32, expect_model=self.fingerprint,
+                            sensitivity=self.plan.sensitivity(level)), len(data))
         if level in self.keep_levels:
             self._decoded[(i, level)] = out
         return out
@@ -577,7 +578,7 @@ def write_outputs(results: dict[str, Any], out_dir: Path, profile: Path | None =
     """``summary.json``, ``table.md``, ``position.png`` (and ``profile.json``: `profile` with this run merged in)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "summary.json", "markdown": out_dir / "table.md", "plot": out_dir / "position.png"}
-    paths["json"].write_text(json.dumps(finite(results), indent=2) + "\n", encoding="utf-8")
+    paths["json"].write_text(json.dumps(finite(results), indent=2, default=str) + "\n", encoding="utf-8")
     paths["markdown"].write_text(markdown_table(results), encoding="utf-8")
     plot_positions(results, paths["plot"])
     if profile is not None:

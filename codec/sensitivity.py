@@ -23,7 +23,9 @@ fingerprint (`SensitivityTable.matches`) and refuses a table made for another mo
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +66,13 @@ class SensitivityTable:
     meta: dict[str, Any] = field(default_factory=dict)
     kv_signature: KVSignature | None = None
     """The `KVSignature` of the calibrated model (None in tables made without one)."""
+    basis: np.ndarray | None = None
+    """float32 ``[2, layers, kv_heads, head_dim, head_dim]`` (keys, values): per head the analysis transform
+    ``A`` of the levels that code in the sensitivity basis (`LevelSpec.basis`): ``y = A x`` whitens the head's
+    full Fisher matrix (shrunk towards its diagonal) and decorrelates the whitened data (`fit_basis`). None in
+    tables made without one."""
+    synthesis: np.ndarray | None = None
+    """float32, the shape of `basis`: ``A^-1`` per head, stored so that every decoder uses the same numbers."""
 
     def __post_init__(self) -> None:
         shape = (int(self.model["layers"]), int(self.model["kv_heads"]), int(self.model["head_dim"]))
@@ -91,6 +100,14 @@ class SensitivityTable:
             if se.ndim != 1 or sp.ndim != 1 or len(se) != len(sp) + 1 or np.any(np.diff(se) <= 0) or not np.all(
                     np.isfinite(sp)) or np.any(sp <= 0):
                 raise CodecError("sensitivity table: score bins must rise and the score profile be positive")
+
+        if (self.basis is None) != (self.synthesis is None):
+            raise CodecError("sensitivity table: basis and synthesis go together")
+        if self.basis is not None:
+            full = (2, *shape, shape[-1])
+            for name, arr in (("basis", self.basis), ("synthesis", self.synthesis)):
+                if arr.shape != full or arr.dtype != np.float32 or not np.all(np.isfinite(arr)):
+                    raise CodecError(f"sensitivity table: {name} must be finite float32 {full}")
 
     # -- use --------------------------------------------------------------------------------------------
 
@@ -121,6 +138,20 @@ class SensitivityTable:
         signature = str(self.kv_signature) if self.kv_signature is not None else "no KV signature"
         return (f"{self.model.get('name')!r} (layers={layers}, kv_heads={heads}, head_dim={dim}, "
                 f"rope={self.model.get('rope')}, {signature})")
+
+    @property
+    def basis_digest(self) -> str | None:
+        """SHA-256 (hex) of the basis and synthesis bytes: objects coded in the basis name it, and a decoder
+        uses only a table with the same digest. None without a basis."""
+        if self.basis is None:
+            return None
+        return basis_digest(self.basis, self.synthesis)
+
+    @property
+    def basis_scale(self) -> float:
+        """The geometric mean of the channel Fisher values: a basis level's components all get the step
+        ``lambda / sqrt(basis_scale)`` (the basis is scaled to match, `fit_basis`)."""
+        return float(np.exp(np.mean(np.log(np.maximum(self.channel_fisher().astype(np.float64), 1e-30)))))
 
     def channel_fisher(self) -> np.ndarray:
         """float32 ``[2, layers, kv_heads * head_dim]`` (keys first)."""
@@ -156,6 +187,8 @@ class SensitivityTable:
                    "distance_profile": self.distance_profile}
         if self.sink_key is not None:
             tensors.update(sink_key=self.sink_key, score_edges=self.score_edges, score_profile=self.score_profile)
+        if self.basis is not None:
+            tensors.update(basis=self.basis, synthesis=self.synthesis)
         save_file(tensors, str(path), metadata=meta)
         return path
 
@@ -181,7 +214,8 @@ class SensitivityTable:
             return cls(model=model, key=tensors["key"], value=tensors["value"],
                        distance_edges=tensors["distance_edges"], distance_profile=tensors["distance_profile"],
                        sink_key=tensors.get("sink_key"), score_edges=tensors.get("score_edges"),
-                       score_profile=tensors.get("score_profile"), meta=extra, kv_signature=signature)
+                       score_profile=tensors.get("score_profile"), meta=extra, kv_signature=signature,
+                       basis=tensors.get("basis"), synthesis=tensors.get("synthesis"))
         except CodecError as exc:
             raise CodecError(f"{path}: {exc}") from None
         except (KeyError, TypeError, ValueError) as exc:
@@ -192,10 +226,80 @@ class SensitivityTable:
                 name: str = "") -> SensitivityTable:
         """A flat table (every channel and distance equally sensitive): for models nobody calibrated, and tests."""
         shape = (layers, kv_heads, head_dim)
+        identity = identity_basis(layers, kv_heads, head_dim)
         return cls(model={"name": name, "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim},
                    key=np.full(shape, fisher, np.float32), value=np.full(shape, fisher, np.float32),
                    distance_edges=np.array([0.0, 1e9], np.float32), distance_profile=np.ones(1, np.float32),
-                   meta={"kind": "uniform"})
+                   meta={"kind": "uniform"}, basis=identity, synthesis=identity)
+
+
+def identity_basis(layers: int, kv_heads: int, head_dim: int) -> np.ndarray:
+    """The basis of a flat table: every head's identity (a basis level then codes every channel with one step).
+    Its digest is known without a table, so such objects decode anywhere (`Codec.synthesis_for`)."""
+    return np.broadcast_to(np.eye(head_dim, dtype=np.float32), (2, layers, kv_heads, head_dim, head_dim)).copy()
+
+
+def basis_digest(basis: np.ndarray, synthesis: np.ndarray) -> str:
+    """SHA-256 (hex) of a basis and its synthesis, as objects name them."""
+    return hashlib.sha256(np.ascontiguousarray(basis, dtype=np.float32).tobytes()
+                          + np.ascontiguousarray(synthesis, dtype=np.float32).tobytes()).hexdigest()
+
+
+def find_synthesis(digest: str, shape: tuple[int, int, int], tables: Iterable[SensitivityTable]) -> np.ndarray:
+    """float32 ``[2, layers, kv_heads, head_dim, head_dim]``: the synthesis transforms of the basis with this
+    `digest`, from the first of `tables` that has it, or the identity's of a flat table of this KV `shape`
+    (``(layers, kv_heads, head_dim)``); `CodecError` if none has it."""
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise CodecError("a basis level's header lacks the basis digest: corrupt object")
+    for table in tables:
+        if table.basis_digest == digest and table.synthesis is not None:
+            if table.shape != tuple(shape):
+                raise CodecError("the table with the object's basis is for another KV shape: corrupt object")
+            return table.synthesis
+    identity = identity_basis(*shape)
+    if basis_digest(identity, identity) == digest:
+        return identity
+    raise CodecError(f"the object was coded in the sensitivity basis {digest[:16]}..., and no table at hand has "
+                     "it: decode with the table the encoder used (`sensitivity=`, or a codec whose tables folder "
+                     "holds it: Codec(tables=TableRegistry([folder])))")
+
+
+def fit_basis(fisher: np.ndarray, covariance: np.ndarray, shrink: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Per-head analysis and synthesis transforms from full Fisher matrices and data covariances (both
+    ``[..., D, D]``): ``A = V^T L^(1/2) U^T`` where ``U L U^T`` is the Fisher shrunk towards its diagonal,
+    ``(1 - shrink) S + shrink diag(S)``, and ``V`` the eigenvectors of the whitened data's covariance
+    ``A0 C A0^T``, divided by ``sqrt(basis_scale)`` (the geometric mean of the Fisher diagonals, see
+    `SensitivityTable.basis_scale`). A uniform step on ``y = A x`` then spends bits where the model's loss is
+    sensitive, in the directions the data actually vary; ``shrink`` guards against directions a finite sample
+    calls harmless.
+
+    >>> import numpy as np
+    >>> s = np.array([[2.0, 1.0], [1.0, 2.0]]); c = np.eye(2)
+    >>> a, b = fit_basis(s, c, shrink=0.0)
+    >>> bool(np.allclose(a.T @ a * 2.0, s, atol=1e-5)) and bool(np.allclose(a @ b, np.eye(2), atol=1e-5))
+    True
+    """
+    if not 0.0 <= shrink <= 1.0:
+        raise CodecError(f"basis shrink must be in [0, 1], got {shrink}")
+    fisher = np.asarray(fisher, dtype=np.float64)
+    covariance = np.asarray(covariance, dtype=np.float64)
+    analysis = np.zeros_like(fisher)
+    for idx in np.ndindex(*fisher.shape[:-2]):
+        s = fisher[idx]
+        diag = np.diag(np.diag(s))
+        s = (1.0 - shrink) * s + shrink * diag
+        ev, u = np.linalg.eigh((s + s.T) / 2)
+        floor = max(float(np.max(np.diag(s))), 1e-30) * 1e-8
+        a0 = (u * np.sqrt(np.maximum(ev, floor))).T
+        cy = a0 @ covariance[idx] @ a0.T
+        _, v = np.linalg.eigh((cy + cy.T) / 2)
+        analysis[idx] = v.T @ a0
+    # scaled by the typical channel's sqrt(Fisher), so that components have the magnitude of the KV and the
+    # levels' steps (lambda / sqrt(basis_scale), shipped as fp16) stay in fp16's normal range
+    diagonal = np.diagonal(fisher, axis1=-2, axis2=-1)
+    analysis /= math.sqrt(float(np.exp(np.mean(np.log(np.maximum(diagonal, 1e-30))))))
+    synthesis = np.linalg.inv(analysis)
+    return analysis.astype(np.float32), synthesis.astype(np.float32)
 
 
 def binned(edges: np.ndarray, profile: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -97,6 +97,15 @@ class CalibrateSettings:
     trim: float = 0.01
     """Fraction of each passage's most sensitive tokens left out of the per-channel means (secondary
     sinks)."""
+    basis_shrink: float = 0.5
+    """Shrinkage of each head's full Fisher matrix towards its diagonal before the table's basis is fitted
+    (`kvcast.codec.sensitivity.fit_basis`): 0 trusts the sample's off-diagonal terms fully, 1 ignores them."""
+    basis_long_tokens: tuple[int, ...] = (7680,)
+    """Context lengths whose Fisher correlations the basis also averages (passages of that many tokens plus the
+    continuation; lengths beyond the model's window are skipped): keys' sensitivity turns with the queries'
+    absolute position (RoPE), so a basis from 2,048-token contexts alone fails on 8K contexts."""
+    basis_long_passages: int = 4
+    """Passages per length of `basis_long_tokens`."""
     out_dir: Path | None = None
     """Folder of the table; None: the codec's shipped tables folder (``codec/tables``), where it finds
     them."""

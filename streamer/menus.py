@@ -185,7 +185,7 @@ def decode_values_per_s(profile: Profile, level: str) -> float | None:
 LEVEL_SETS: Mapping[str, str] = MappingProxyType({
     "all": "every level of the profile",
     "cachegen": "CacheGen's levels cachegen-<n> (CacheGen's menu)",
-    "kvcast": "kvcast's levels kvcast-<n>",
+    "kvcast": "kvcast's levels kvcast-<n> and kvcast-basis-<n>",
     "baselines": "the uncompressed and 8-bit baselines raw and int8",
 })
 """Named level sets of `resolve_levels` (``kvcast simulate --levels``).
@@ -199,7 +199,7 @@ and ``int8`` to the planners: compare controllers on the codec's own set, and st
 table mixes menus. On the default menu (``all``) the CacheGen controllers keep to CacheGen's levels while the
 other controllers may use every level: that comparison is CacheGen (codec and controller) against kvcast."""
 
-_SET_PATTERNS = {"cachegen": re.compile(r"cachegen-\d+"), "kvcast": re.compile(r"kvcast-\d+"),
+_SET_PATTERNS = {"cachegen": re.compile(r"cachegen-\d+"), "kvcast": re.compile(r"kvcast-(basis-)?\d+"),
                  "baselines": re.compile(r"raw|int8")}
 
 

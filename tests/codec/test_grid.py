@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -12,22 +14,31 @@ from kvcast import codec
 from kvcast.codec.api import Codec, ModelFingerprint
 from kvcast.codec.grid import channel_steps, token_multipliers
 from kvcast.codec.pool import CoderPool
-from kvcast.codec.sensitivity import TABLES_DIR, SensitivityTable, TableRegistry, profile_from_positions
+from kvcast.codec.sensitivity import TABLES_DIR, SensitivityTable, TableRegistry, fit_basis, profile_from_positions
 from tests.factories import DTYPES, make_kv, tiny_llama
 
-GRID = [lv for lv in codec.levels() if codec.describe(lv)["quantizer"] == "grid"]
+GRID = [lv for lv in codec.levels()
+        if codec.describe(lv)["quantizer"] == "grid" and not codec.describe(lv).get("basis")]
+BASIS = [lv for lv in codec.levels() if codec.describe(lv).get("basis")]
 
 
 def random_table(layers, heads, dim, seed=0, name=""):
-    """A table with channel sensitivities spread over four decades and a rising distance profile."""
+    """A table with channel sensitivities spread over four decades, a rising distance profile and a basis fitted
+    to random correlated Fisher matrices (whose diagonals are the channel sensitivities)."""
     rng = np.random.default_rng(seed)
     shape = (layers, heads, dim)
+    key = (10.0 ** rng.uniform(-9, -5, shape)).astype(np.float32)
+    value = (10.0 ** rng.uniform(-9, -5, shape)).astype(np.float32)
+    mix = rng.normal(size=(2, *shape, dim)) / math.sqrt(dim)
+    corr = mix @ np.swapaxes(mix, -1, -2) + np.eye(dim)
+    corr /= np.sqrt(np.einsum("...ii->...i", corr))[..., None, :] * np.sqrt(np.einsum("...ii->...i", corr))[..., None]
+    scale = np.sqrt(np.stack([key, value]).astype(np.float64))
+    fisher = corr * scale[..., None, :] * scale[..., None]
+    basis, synthesis = fit_basis(fisher, np.eye(dim) + 0.5 * corr, shrink=0.3)
     return SensitivityTable(
-        model={"name": name, "layers": layers, "kv_heads": heads, "head_dim": dim},
-        key=(10.0 ** rng.uniform(-9, -5, shape)).astype(np.float32),
-        value=(10.0 ** rng.uniform(-9, -5, shape)).astype(np.float32),
+        model={"name": name, "layers": layers, "kv_heads": heads, "head_dim": dim}, key=key, value=value,
         distance_edges=np.array([0, 1, 4, 16, 64, 1e6], np.float32),
-        distance_profile=np.array([30, 8, 2, 1, 0.5], np.float32))
+        distance_profile=np.array([30, 8, 2, 1, 0.5], np.float32), basis=basis, synthesis=synthesis)
 
 
 def grid_bound(kv, table, level, token_start, context_end):
@@ -103,6 +114,81 @@ def test_ladder_trades_bits_for_error_and_recent_tokens_get_finer_steps():
     err, x = value_error(loud, codec.decode(fine))
     bound = grid_bound(loud, table, "kvcast-4", 0, 400)
     assert bool((err <= bound * (1 + 1e-5) + (x.abs() + bound) * 2 ** -10).all())  # + fp16 output rounding
+
+
+def basis_error(kv, out, table, sink_rows):
+    """|A (x - x')| per component of the non-sink tokens, and |A x|, as [2, L, T, C]."""
+    ref = torch.stack([torch.stack([p[0][0].float(), p[1][0].float()]) for p in kv], dim=1)   # [2, L, H, T, D]
+    got = torch.stack([torch.stack([p[0][0].float(), p[1][0].float()]) for p in out], dim=1)
+    a = torch.from_numpy(table.basis)                                                       # [2, L, H, D, D]
+    y_err = torch.einsum("klhde,klhte->klhtd", a, (ref - got)[:, :, :, sink_rows:]).abs()
+    y = torch.einsum("klhde,klhte->klhtd", a, ref[:, :, :, sink_rows:]).abs()
+    def flat(t):
+        return t.permute(0, 1, 3, 2, 4).reshape(*t.shape[:2], t.shape[3], t.shape[2] * t.shape[4])
+    return flat(y_err), flat(y)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(level=st.sampled_from(BASIS), layers=st.integers(1, 3), heads=st.sampled_from([1, 2, 3]),
+       tokens=st.integers(1, 300), dim=st.sampled_from([1, 4, 16, 64]), dtype=st.sampled_from(list(DTYPES)),
+       token_start=st.integers(0, 6), extra_context=st.integers(0, 500), seed=st.integers(0, 2**16))
+def test_basis_levels_round_trip_within_the_documented_bound_in_the_basis(level, layers, heads, tokens, dim, dtype,
+                                                                          token_start, extra_context, seed):
+    kv = make_kv(layers, heads, tokens, dim, DTYPES[dtype], seed, scale=0.05)
+    table = random_table(layers, heads, dim, seed)
+    context_end = token_start + tokens + extra_context
+    data = codec.encode(kv, level, token_start=token_start, context_end=context_end, sensitivity=table)
+    assert codec.inspect(data)["grid"]["basis"] == table.basis_digest
+    out = codec.decode(data, dtype=torch.float32, sensitivity=table)
+    sinks = max(0, min(tokens, 4 - token_start))
+    err, x = value_error(kv, out)
+    assert bool((err[:, :, :sinks] <= x[:, :, :sinks].abs() * 2 ** -10 + 2 ** -24).all())    # sinks: fp16
+    y_err, y = basis_error(kv, out, table, sinks)
+    spec = codec.describe(level)
+    step = float(channel_steps(np.full((1, 1, 1), table.basis_scale, np.float32), spec["step"]).float())
+    mult = token_multipliers(table, token_start, tokens, context_end, spec["recency"]).float()[sinks:]
+    bound = step * mult.view(1, 1, -1, 1) / 2
+    # escaped components are fp16; the synthesis and the analysis here are float32 products
+    slack = (y + bound) * 2 ** -10 + 1e-4 * float(y.max() if y.numel() else 0) + 2 ** -24
+    assert bool((y_err <= bound * (1 + 1e-4) + slack).all()), float((y_err - bound).max())
+
+
+def test_basis_objects_decode_only_with_their_table(tmp_path):
+    kv = make_kv(2, 3, 90, 16, torch.float16, seed=4, scale=0.05)
+    table, other = random_table(2, 3, 16, seed=1, name="m"), random_table(2, 3, 16, seed=2, name="m")
+    data = codec.encode(kv, "kvcast-basis-2", sensitivity=table)
+    with pytest.raises(codec.CodecError, match="sensitivity basis"):
+        codec.decode(data)
+    with pytest.raises(codec.CodecError, match="sensitivity basis"):
+        codec.decode(data, sensitivity=other)
+    direct = codec.decode(data, sensitivity=table)
+    table.save(tmp_path / "m.safetensors")      # or a codec whose tables folder holds it
+    found = Codec(tables=TableRegistry([tmp_path])).decode(data)
+    assert all(torch.equal(a, b) for p, q in zip(direct, found) for a, b in zip(p, q))
+    back = SensitivityTable.load(tmp_path / "m.safetensors")
+    assert back.basis_digest == table.basis_digest and np.array_equal(back.synthesis, table.synthesis)
+    # a flat table's basis is the identity, whose digest every decoder knows
+    flat = SensitivityTable.uniform(2, 3, 16)
+    assert len(codec.decode(codec.encode(kv, "kvcast-basis-2", sensitivity=flat))) == 2
+    bare = SensitivityTable(model=table.model, key=table.key, value=table.value,
+                            distance_edges=table.distance_edges, distance_profile=table.distance_profile)
+    with pytest.raises(codec.CodecError, match="has none"):
+        codec.encode(kv, "kvcast-basis-2", sensitivity=bare)
+    with pytest.raises(codec.CodecError, match="basis and synthesis go together"):
+        SensitivityTable(model=table.model, key=table.key, value=table.value, distance_edges=table.distance_edges,
+                         distance_profile=table.distance_profile, basis=table.basis)
+
+
+def test_basis_ladder_trades_bits_for_error_in_the_basis():
+    kv = make_kv(3, 2, 400, 16, torch.float16, seed=9, scale=0.05)
+    table = random_table(3, 2, 16, seed=2)
+    stats = []
+    for level in BASIS:
+        data = codec.encode(kv, level, sensitivity=table)
+        y_err, _ = basis_error(kv, codec.decode(data, dtype=torch.float32, sensitivity=table), table, 4)
+        stats.append((codec.inspect(data)["bits_per_value"], float((y_err ** 2).mean())))
+    assert [b for b, _ in stats] == sorted((b for b, _ in stats), reverse=True)
+    assert [e for _, e in stats] == sorted(e for _, e in stats)
 
 
 def test_grid_bytes_do_not_depend_on_worker_processes():

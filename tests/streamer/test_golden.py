@@ -2,7 +2,8 @@
 
 Recorded after merging the new baselines (cake, cake-cachegen, rate, slack; cachegen-code charging the RTT), the
 default GPU decode speeds from `kvcast bench gpu` on an H100 (``streamer/gpu_bench_h100.json``) and the planners'
-objectives, the position-dependent quality profile and its measured text-over-lossy-prefix penalty, with
+objectives, the position-dependent quality profile and its measured text-over-lossy-prefix penalty, and the
+sensitivity-basis levels (``kvcast-basis-*``) in the default profile, with
 ``kvcast simulate --contexts 2 --policies <POLICIES> --no-chunk-log`` on the shipped synthetic traces: 7 traces x
 2 contexts x 12 policies = 168 sessions. Floats are compared to 1e-12 relative (libm may differ in the last ulp);
 everything else exactly. A deliberate change of the engine, a policy or the defaults re-records both files by

@@ -108,7 +108,7 @@ def test_all_zero_trace_is_reported_or_skipped(trace_dir, tmp_path):
 
 @pytest.mark.parametrize("levels, menu", [
     ("cachegen", ["cachegen-3", "cachegen-2", "cachegen-1"]),
-    ("kvcast", ["kvcast-4", "kvcast-3", "kvcast-2", "kvcast-1"]),
+    ("kvcast", ["kvcast-4", "kvcast-basis-3", "kvcast-basis-2", "kvcast-3", "kvcast-basis-1", "kvcast-2", "kvcast-1"]),
     ("cachegen,baselines", ["raw", "int8", "cachegen-3", "cachegen-2", "cachegen-1"]),
     ("kvcast-2,cachegen-1,raw", ["raw", "kvcast-2", "cachegen-1"]),
     ("all", None),

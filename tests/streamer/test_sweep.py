@@ -235,8 +235,9 @@ def test_regime_map_reproduces_the_issue_numbers(tmp_path):
     assert h100["lossless_ttft_s"] == pytest.approx(0.54, abs=0.005)
     assert a100["text_ttft_s"] == pytest.approx(1.83, abs=0.005)
     # hybrid's plan depends on the profile's quality model and the GPU decode speeds, both measured since the
-    # issue's figure was taken (0.555 s with the H100-measured speeds and the position-dependent profile)
-    assert a100["hybrid_ttft_s"] == pytest.approx(0.55, abs=0.01)
+    # issue's figure was taken (0.555 s with the H100-measured speeds and the position-dependent profile; 0.564 s
+    # once the kvcast-basis-* levels joined the profile, with the slowest measured GPU decode speed)
+    assert a100["hybrid_ttft_s"] == pytest.approx(0.56, abs=0.01)
     # the issue's 0.029 KL/token scored every chunk with the flat per-level loss; the position-dependent profile
     # scores the far chunks of a 16K context nearly free (docs/quality-by-position.md), so the plan costs less
     assert 0 < a100["hybrid_quality_loss"] <= 0.029
