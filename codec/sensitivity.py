@@ -8,9 +8,11 @@ channel the quantizer step ``lambda / sqrt(F_i)``, which minimises that KL for a
 water-filling at high rate), and scale the step per token by the distance profile.
 
 Tables are produced from real text by ``kvcast calibrate`` and stored as safetensors (tensors + a JSON
-metadata string; never pickle) in ``codec/tables/`` (shipped) or any folder the user names. The decoder
-never needs one, because the steps it uses travel in the object; the encoder looks a table up by the model
-fingerprint (`SensitivityTable.matches`) and refuses a table made for another model:
+metadata string; never pickle) in ``codec/tables/`` (shipped) or any folder the user names. The decoder of a
+per-channel grid level never needs one, because the steps it uses travel in the object; a basis level's
+decoder needs the table's synthesis transforms, which the object names by digest (`find_synthesis`). The
+encoder looks a table up by the model fingerprint (`SensitivityTable.matches`) and refuses a table made for
+another model:
 
 * by what determines the KV, not by name: a table records the `kvcast.codec.fingerprint.KVSignature` of the
   model it was calibrated on (metadata ``kv_signature``); a fingerprint with a signature (from

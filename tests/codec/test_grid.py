@@ -281,6 +281,37 @@ def test_calibrate_builds_a_table_that_drives_the_grid_levels(tmp_path):
     assert coder.encode(kv, "kvcast-2", model=renamed) != b""
 
 
+def test_calibrate_fits_a_basis_whose_diagonal_is_the_channel_table_and_mixes_longer_contexts(tmp_path):
+    from kvcast.codec.calibrate import calibrate
+    from kvcast.codec.hf import fingerprint_from_config, kv_from_cache
+
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(0)
+    passages = [torch.randint(0, 97, (1, 48), generator=g) for _ in range(3)]
+    longer = [torch.randint(0, 97, (1, 88), generator=g) for _ in range(2)]
+    kw = dict(name="tiny", context_tokens=40, continuation_tokens=8, sink_tokens=2, trim=0.05)
+    plain = calibrate(model, passages, **kw)
+    mixed = calibrate(model, passages, long_passages={80: longer}, **kw)
+    # the per-channel table does not depend on the basis' extra passages
+    assert np.array_equal(plain.key, mixed.key) and np.array_equal(plain.value, mixed.value)
+    assert mixed.meta["basis_context_tokens"] == [40, 80] and mixed.meta["basis_passages"] == [3, 2]
+    assert plain.basis_digest != mixed.basis_digest
+    for table in (plain, mixed):
+        eye = np.broadcast_to(np.eye(16), table.basis.shape)
+        assert np.allclose(np.einsum("klhde,klhef->klhdf", table.basis, table.synthesis), eye, atol=1e-4)
+    # without long passages and without shrinkage the basis whitens the full Fisher matrix, whose diagonal is the
+    # channel table: A^T A = S / basis_scale, so diag(A^T A) * basis_scale = F_c
+    exact = calibrate(model, passages, basis_shrink=0.0, **kw)
+    diag = np.einsum("klhdc,klhdc->klhc", exact.basis.astype(np.float64), exact.basis.astype(np.float64))
+    assert np.allclose(diag * exact.basis_scale, np.stack([exact.key, exact.value]), rtol=1e-3)
+    fingerprint = fingerprint_from_config(model.config, name="tiny", dtype=torch.float32)
+    with torch.no_grad():
+        kv = kv_from_cache(model(passages[0][:, :40], use_cache=True).cache)
+    data = codec.encode(kv, "kvcast-basis-2", model=fingerprint, sensitivity=mixed)
+    out = codec.decode(data, sensitivity=mixed)
+    assert len(out) == 2 and all(torch.isfinite(t).all() for p in out for t in p)
+
+
 def test_sink_scores_find_tokens_that_point_like_the_sink():
     table = random_table(2, 2, 8)
     rng = np.random.default_rng(0)
