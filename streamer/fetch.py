@@ -103,12 +103,14 @@ async def fetch_context(server: str, context_id: str, *, model: Any, policy: Pol
                         host: HostProfile, token: str | None = None, question: str | Sequence[int] = "",
                         max_new_tokens: int = 16, pacer: TracePacer | None = None, reset_server_pacing: bool = False,
                         retries: int = 3, stall_timeout_s: float = 5.0,
-                        prior_throughput_bps: float | None = None) -> FetchResult:
+                        prior_throughput_bps: float | None = None, sensitivity: Any = None) -> FetchResult:
     """Load `context_id` from `server` into `model`'s cache under `policy` and answer `question`.
 
     `model` is a `kvcast.codec.model.LoadedModel` (its tokenizer encodes the question when it is a string).
     `pacer` paces the client's reads to follow a trace (client-side replay); `reset_server_pacing` restarts a
     pacing server's trace clock first (``POST /v1/pacing/reset``), so the session meets the trace at t = 0.
+    `sensitivity`: the model's sensitivity table, where the server stored basis levels made with a table this
+    kvcast does not ship.
     """
     started = time.perf_counter()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -139,7 +141,7 @@ async def fetch_context(server: str, context_id: str, *, model: Any, policy: Pol
         link.set_deadline(loop.time() + 2 * slo_s)  # after twice the SLO, give up on transfers and recompute
         try:
             live = await load_context(manifest, link, model.model, token_ids, policy=policy, slo_s=slo_s,
-                                      host=host, prior_throughput_bps=prior_throughput_bps)
+                                      host=host, prior_throughput_bps=prior_throughput_bps, sensitivity=sensitivity)
         except LiveError as exc:
             raise FetchError(str(exc)) from None
     prompt = (model.tokenizer(question, add_special_tokens=False)["input_ids"] if isinstance(question, str)

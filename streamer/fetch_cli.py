@@ -56,6 +56,9 @@ def fetch(
     out: Annotated[Path | None, typer.Option(help="Also write fetch.json, chunks.jsonl, timeline.png here.")]
     = None,
     threads: Annotated[int, typer.Option(help="Torch threads (0: torch's default).")] = 0,
+    tables: Annotated[Path | None, typer.Option(
+        help="Folder of sensitivity tables (kvcast calibrate --out-dir): the model's table, for kvcast-basis-* "
+             "objects stored with a table kvcast does not ship.")] = None,
 ) -> None:
     """Stream a stored context from kvcast serve under a policy, answer with the model, report the timings."""
     import asyncio
@@ -94,6 +97,14 @@ def fetch(
         loaded = load_model(model, progress=not as_json)
     except ModelUnavailable as exc:
         fail(str(exc), FAILED)
+    table = None
+    if tables is not None:
+        from kvcast import codec
+
+        try:
+            table = codec.TableRegistry([tables]).find(loaded.fingerprint())
+        except codec.CodecError as exc:
+            fail(f"--tables {tables}: {exc}")
     profile_path = host_profile or host_profile_path(loaded.name)
     try:
         host = load_host_profile(profile_path)
@@ -105,7 +116,7 @@ def fetch(
     try:
         result = asyncio.run(fetch_context(server, context_id, model=loaded, policy=chosen, slo_s=slo, host=host,
                                            token=secret, question=question, max_new_tokens=max_new_tokens,
-                                           pacer=pacer, reset_server_pacing=reset_pacing))
+                                           pacer=pacer, reset_server_pacing=reset_pacing, sensitivity=table))
     except FetchError as exc:
         fail(str(exc), FAILED)
     doc = result.to_json()

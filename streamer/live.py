@@ -121,11 +121,13 @@ class CodecDecoder(Decoder):
     """Decodes each loaded object with the codec in a worker thread into `assembly`, cast to `dtype`, on
     `device`: on the CPU the codec's coder processes do the entropy decoding; on a CUDA device the GPU decoder
     does (`kvcast.codec.gpu`: pinned host buffers, its own CUDA stream), so chunk i decodes while chunk i+1
-    arrives."""
+    arrives. `sensitivity`: the table the objects' basis levels were encoded with, where the codec's own tables
+    do not have it (`kvcast.codec.decode`)."""
 
     def __init__(self, assembly: ContextAssembly, *, dtype: torch.dtype = torch.float32,
-                 expect_model: Any = None, device: str | torch.device = "cpu") -> None:
+                 expect_model: Any = None, device: str | torch.device = "cpu", sensitivity: Any = None) -> None:
         self.assembly = assembly
+        self.sensitivity = sensitivity
         self.dtype = dtype
         self.expect_model = expect_model
         self.device = torch.device(device)
@@ -139,11 +141,12 @@ class CodecDecoder(Decoder):
 
         def work() -> None:
             if self._stream is None:
-                kv = codec.decode(payload, dtype=self.dtype, expect_model=self.expect_model)
+                kv = codec.decode(payload, dtype=self.dtype, expect_model=self.expect_model,
+                                  sensitivity=self.sensitivity)
             else:
                 with torch.cuda.stream(self._stream):
                     kv = codec.decode(payload, device=self.device, dtype=self.dtype,
-                                      expect_model=self.expect_model)
+                                      expect_model=self.expect_model, sensitivity=self.sensitivity)
                 self._stream.synchronize()
             self.assembly.put(chunk, kv)
 
@@ -252,16 +255,17 @@ class LiveResult:
 
 async def load_context(manifest: Manifest, link: Link, model: Any, token_ids: Sequence[int], *, policy: Policy,
                        slo_s: float, host: HostProfile, levels: Sequence[str] | None = None,
-                       prior_throughput_bps: float | None = None, kv_dtype: torch.dtype = torch.float32
-                       ) -> LiveResult:
+                       prior_throughput_bps: float | None = None, kv_dtype: torch.dtype = torch.float32,
+                       sensitivity: Any = None) -> LiveResult:
     """Load `manifest`'s context over `link` under `policy` with the model's real decode and prefill; the
-    returned KV is what the model continues on (`answer`)."""
+    returned KV is what the model continues on (`answer`). `sensitivity`: the model's table, for basis-level
+    objects encoded with a table the codec does not ship (`CodecDecoder`)."""
     if len(token_ids) != manifest.tokens:
         raise LiveError(f"{len(token_ids)} token ids given, the context has {manifest.tokens}")
     codec.default_codec().pool.warm_up()  # a serving host keeps its coder processes running: not timed
     assembly = ContextAssembly([c.tokens for c in manifest.chunks])
     device = next(model.parameters()).device if hasattr(model, "parameters") else torch.device("cpu")
-    decoder = CodecDecoder(assembly, dtype=kv_dtype, device=device)
+    decoder = CodecDecoder(assembly, dtype=kv_dtype, device=device, sensitivity=sensitivity)
     compute = ModelCompute(assembly, model, token_ids, [c.start_token for c in manifest.chunks])
     try:
         engine = StreamingEngine(policy, live_menus(manifest, host, levels=levels), link, slo_s=slo_s,

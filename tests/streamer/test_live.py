@@ -233,3 +233,45 @@ def test_wait_for_device_synchronizes_the_current_cuda_stream_only(monkeypatch):
     assert synced == []
     wait_for_device(torch.device("cuda", 1))
     assert synced == [torch.device("cuda", 1)]
+
+
+def test_basis_levels_made_with_a_private_table_decode_live_only_with_that_table(model, context):
+    """A kvcast-basis-* object names its table's basis by digest: a host without that table refuses the chunk
+    with the codec's error; given the table (``sensitivity=``, ``kvcast fetch --tables``) it decodes exactly as
+    the codec does."""
+    from tests.codec.test_grid import random_table
+
+    ids, kv = context
+    cfg = model.config
+    table = random_table(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
+                         seed=3, name="tiny")
+    fp = fingerprint_from_config(model.config, name="tiny").to_dict()
+    store, chunks = MemoryStore(), []
+    for index, start in enumerate(range(0, TOKENS, CHUNK)):
+        data = codec.encode(slice_kv(kv, start, start + CHUNK), "kvcast-basis-2", token_start=start,
+                            context_end=TOKENS, sensitivity=table)
+        key = object_key(fp, ids, start, start + CHUNK, "kvcast-basis-2")
+        store.put_object(key, data)
+        chunks.append(ChunkEntry(index, start, CHUNK, {
+            "kvcast-basis-2": ObjectEntry(key, len(data), hashlib.sha256(data).hexdigest())}))
+    store.put_manifest(Manifest(context_id="basis", model=fp, token_ids_sha256=token_ids_digest(ids), tokens=TOKENS,
+                                chunk_tokens=CHUNK, levels=("kvcast-basis-2",), chunks=tuple(chunks),
+                                created_s=time.time()))
+    manifest = store.get_manifest("basis")
+
+    async def go(sensitivity):
+        link = StoreLink(store, manifest)
+        try:
+            return await load_context(manifest, link, model, ids, policy=default_registry().create(
+                "fixed:kvcast-basis-2"), slo_s=5.0, host=HOST, sensitivity=sensitivity)
+        finally:
+            link.close()
+
+    with pytest.raises(codec.CodecError, match="sensitivity basis"):
+        asyncio.run(go(None))
+    result = asyncio.run(go(table))
+    want = [codec.decode(store.get_object(c.objects["kvcast-basis-2"].key), dtype=torch.float32, sensitivity=table)
+            for c in manifest.chunks]
+    for layer, (k, v) in enumerate(result.kv):
+        assert torch.equal(k, torch.cat([w[layer][0] for w in want], 2))
+        assert torch.equal(v, torch.cat([w[layer][1] for w in want], 2))
