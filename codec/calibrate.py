@@ -74,8 +74,7 @@ def calibrate(model: Any, passages: list[torch.Tensor], *, name: str, context_to
     for index, ids in enumerate(passages):
         kv, grads = _kv_and_gradients(model, ids, context_tokens, continuation_tokens, generator)
         body_grads.append(grads[:, :, :, sink_tokens:].float().numpy())
-        body_kv.append(torch.stack([torch.stack([k[0] for k, _ in kv]), torch.stack([v[0] for _, v in kv])])[
-            :, :, :, sink_tokens:].float().numpy())                                     # [2, L, H, T, D]
+        body_kv.append(_body_kv(kv, sink_tokens).float().numpy())                       # [2, L, H, T, D]
         keys = torch.stack([k[0] for k, _ in kv])                                       # [L, H, T, D]
         sink_sum += torch.nn.functional.normalize(keys[:, :, 0].double(), dim=-1)
         body_keys.append(keys[:, :, sink_tokens:].float().numpy())
@@ -100,13 +99,10 @@ def calibrate(model: Any, passages: list[torch.Tensor], *, name: str, context_to
     covariance_sum = np.zeros((2, layers, heads, dim, dim))
     kept = 0
     for p, grads in enumerate(body_grads):
-        keep = residual[p] <= np.quantile(residual[p], 1.0 - trim) if trim > 0 else np.ones(len(residual[p]), bool)
-        kept += int(keep.sum())
-        g = grads[:, :, :, keep].astype(np.float64) / np.sqrt(token_w[p, keep])[:, None]
-        matrix_sum += np.einsum("klhtd,klhte->klhde", g, g)
-        x = body_kv[p][:, :, :, keep].astype(np.float64)
-        x -= x.mean(3, keepdims=True)
-        covariance_sum += np.einsum("klhtd,klhte->klhde", x, x)
+        m, c, n = _weighted_sums(grads, body_kv[p], token_w[p], residual[p], trim)
+        matrix_sum += m
+        covariance_sum += c
+        kept += n
     matrix = matrix_sum / (kept * continuation_tokens)      # full Fisher per head; its diagonal is F_c
     channel = np.diagonal(matrix, axis1=-2, axis2=-1)
     correlations, covariances = [_correlation(matrix)], [covariance_sum / kept]
@@ -154,6 +150,23 @@ def _kv_and_gradients(model: Any, ids: torch.Tensor, context_tokens: int, contin
     return kv, torch.stack([torch.stack([k.grad[0], v.grad[0]]) for k, v in leaves], 1)
 
 
+def _body_kv(kv: list, sink_tokens: int) -> torch.Tensor:
+    """Keys and values past the sink tokens, ``[2, L, H, T, D]``."""
+    return torch.stack([torch.stack([k[0] for k, _ in kv]), torch.stack([v[0] for _, v in kv])])[:, :, :, sink_tokens:]
+
+
+def _weighted_sums(grads: np.ndarray, body: np.ndarray, weight: np.ndarray, residual: np.ndarray,
+                   trim: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """One passage's sums over its kept tokens (all but the `trim` fraction with the largest `residual`): the
+    Fisher matrix per head of the gradients divided by the token weight, the covariance per head of the
+    centred keys and values, and the number of tokens kept."""
+    keep = residual <= np.quantile(residual, 1.0 - trim) if trim > 0 else np.ones(len(residual), bool)
+    g = grads[:, :, :, keep].astype(np.float64) / np.sqrt(weight[keep])[:, None]
+    x = body[:, :, :, keep].astype(np.float64)
+    x -= x.mean(3, keepdims=True)
+    return np.einsum("klhtd,klhte->klhde", g, g), np.einsum("klhtd,klhte->klhde", x, x), int(keep.sum())
+
+
 def _correlation(matrix: np.ndarray) -> np.ndarray:
     d = np.sqrt(np.maximum(np.diagonal(matrix, axis1=-2, axis2=-1), 1e-300))
     return matrix / d[..., :, None] / d[..., None, :]
@@ -170,18 +183,12 @@ def _long_context_matrices(model: Any, passages: list[torch.Tensor], context_tok
     for ids in passages:
         kv, grads = _kv_and_gradients(model, ids, context_tokens, continuation_tokens, generator)
         g = grads[:, :, :, sink_tokens:].double().numpy()
-        keys = torch.stack([k[0] for k, _ in kv])[:, :, sink_tokens:].float().numpy()
-        weight = binned(edges, profile, distance) * binned(s_edges, s_profile, sink_scores(keys, sink_key))
-        residual = np.square(g).sum((0, 1, 2, 4)) / weight
-        keep = residual <= np.quantile(residual, 1.0 - trim) if trim > 0 else np.ones(len(residual), bool)
-        kept += int(keep.sum())
-        g = g[:, :, :, keep] / np.sqrt(weight[keep])[:, None]
-        x = torch.stack([torch.stack([k[0] for k, _ in kv]), torch.stack([v[0] for _, v in kv])])[
-            :, :, :, sink_tokens:].double().numpy()[:, :, :, keep]
-        x -= x.mean(3, keepdims=True)
-        m, c = np.einsum("klhtd,klhte->klhde", g, g), np.einsum("klhtd,klhte->klhde", x, x)
+        body = _body_kv(kv, sink_tokens).double().numpy()
+        weight = binned(edges, profile, distance) * binned(s_edges, s_profile, sink_scores(body[0], sink_key))
+        m, c, n = _weighted_sums(g, body, weight, np.square(g).sum((0, 1, 2, 4)) / weight, trim)
         matrix_sum = m if matrix_sum is None else matrix_sum + m
         covariance_sum = c if covariance_sum is None else covariance_sum + c
+        kept += n
     return _correlation(matrix_sum), covariance_sum / kept
 
 

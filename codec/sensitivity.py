@@ -25,6 +25,7 @@ another model:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -141,10 +142,11 @@ class SensitivityTable:
         return (f"{self.model.get('name')!r} (layers={layers}, kv_heads={heads}, head_dim={dim}, "
                 f"rope={self.model.get('rope')}, {signature})")
 
-    @property
+    @functools.cached_property
     def basis_digest(self) -> str | None:
         """SHA-256 (hex) of the basis and synthesis bytes: objects coded in the basis name it, and a decoder
-        uses only a table with the same digest. None without a basis."""
+        uses only a table with the same digest. None without a basis. Hashed once per table (6 MB for SmolLM2;
+        every encode and decode of a basis level asks for it)."""
         if self.basis is None:
             return None
         return basis_digest(self.basis, self.synthesis)
